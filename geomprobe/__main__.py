@@ -1,0 +1,3 @@
+from geomprobe.cli import main
+
+main()

@@ -1,0 +1,243 @@
+"""Datasets and class-incremental task splits.
+
+Every dataset is an :class:`ImageDataset`: images (N, C, H, W) and labels (N,) int64. Pixel
+values come out of :meth:`ImageDataset.batch` as float32 in [-1, 1].
+
+- ``digits``: embedded (scikit-learn's ``load_digits``, 1797 8x8 images, 10 classes), resized
+  bilinearly to ``image_size`` (8, 16 or 32), fixed stratified 80/20 train/test split (seed 0).
+- ``mnist`` / ``fashion-mnist``: standard IDX files (``train-images-idx3-ubyte[.gz]``, ...)
+  in ``--data-root``, zero-padded from 28x28 to 32x32 as in the paper.
+- ``cifar10``: the binary version (``data_batch_1.bin`` .. ``data_batch_5.bin``, ``test_batch.bin``),
+  in ``--data-root`` or ``--data-root/cifar-10-batches-bin``.
+- ``imagenet32``: downsampled ImageNet npz files (``train_data_batch_1.npz`` .. ``_10``,
+  ``val_data.npz``; labels 1..1000 stored, 0..999 returned).
+
+There is no download code path: files the user has not supplied are an error naming the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from geomprobe.errors import DataError, UsageError
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagenet32")
+DIGITS_IMAGE_SIZES = (8, 16, 32)
+DEFAULT_TASKS = {"digits": 5, "mnist": 5, "fashion-mnist": 5, "cifar10": 5, "imagenet32": 20}
+
+
+@dataclass
+class ImageDataset:
+    """Images with integer labels.
+
+    images: (N, C, H, W), float32 in [-1, 1] or uint8 in [0, 255] (converted per batch).
+    labels: (N,) int64 in 0..num_classes-1.
+    """
+
+    name: str
+    split: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def batch(self, indices: torch.Tensor | np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0 (B, C, H, W) float32 in [-1, 1], y (B,) int64) for the given row indices."""
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        x = self.images[idx]
+        if x.dtype == torch.uint8:
+            x = x.float() / 127.5 - 1.0
+        return x.float(), self.labels[idx]
+
+    def subset(self, classes: list[int] | tuple[int, ...]) -> "ImageDataset":
+        """Rows whose label is in ``classes`` (labels keep their original values)."""
+        bad = [c for c in classes if not 0 <= c < self.num_classes]
+        if bad:
+            raise UsageError(f"class {bad[0]} is outside 0..{self.num_classes - 1} for dataset {self.name}")
+        mask = torch.isin(self.labels, torch.as_tensor(list(classes), dtype=torch.long))
+        return ImageDataset(self.name, self.split, self.images[mask], self.labels[mask], self.num_classes)
+
+    def take(self, indices: torch.Tensor | np.ndarray | list[int]) -> "ImageDataset":
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return ImageDataset(self.name, self.split, self.images[idx], self.labels[idx], self.num_classes)
+
+
+def load_dataset(
+    name: str, split: str = "train", image_size: int | None = None, data_root: str | Path | None = None
+) -> ImageDataset:
+    """Load ``name`` (one of :data:`DATASETS`) for ``split`` ``train`` or ``test``."""
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if split not in ("train", "test"):
+        raise UsageError(f"unknown split {split!r}; expected train or test")
+    if name == "digits":
+        return load_digits(split, image_size or 16)
+    if image_size not in (None, 32):
+        raise UsageError(f"dataset {name} is 32x32; --image-size {image_size} is only for digits")
+    if data_root is None:
+        raise UsageError(f"dataset {name} is read from local files: pass --data-root DIR (see data/README.md)")
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(f"data root not found: {root}")
+    if name in ("mnist", "fashion-mnist"):
+        return load_idx_dataset(name, root, split)
+    if name == "cifar10":
+        return load_cifar10(root, split)
+    return load_imagenet32(root, split)
+
+
+def load_digits(split: str = "train", image_size: int = 16) -> ImageDataset:
+    """scikit-learn digits resized to ``image_size``, [-1, 1], fixed stratified split."""
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    if image_size not in DIGITS_IMAGE_SIZES:
+        raise UsageError(f"digits image size must be one of {DIGITS_IMAGE_SIZES}, got {image_size}")
+    bunch = sk_load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    if image_size != 8:
+        images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = (images.clamp(0, 1) * 2.0 - 1.0).contiguous()
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.2, random_state=0, stratify=labels.numpy()
+    )
+    idx = np.sort(train_idx if split == "train" else test_idx)
+    return ImageDataset("digits", split, images[idx], labels[idx], 10)
+
+
+def _open_maybe_gz(root: Path, stem: str) -> bytes:
+    for candidate in (root / stem, root / (stem + ".gz")):
+        if candidate.is_file():
+            raw = candidate.read_bytes()
+            if candidate.suffix == ".gz":
+                try:
+                    raw = gzip.decompress(raw)
+                except (OSError, EOFError) as exc:
+                    raise DataError(f"corrupt gzip file {candidate}: {exc}") from exc
+            return raw
+    raise DataError(f"missing file {root / stem} (or {stem}.gz)")
+
+
+def read_idx(raw: bytes, source: str) -> np.ndarray:
+    """Decode an IDX file (the MNIST format): magic 0x0000 08 <ndim>, big-endian dims, uint8 data."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{source} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{source} is truncated (header)")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    count = int(np.prod(dims)) if dims else 0
+    if len(raw) != header + count:
+        raise DataError(f"{source} has {len(raw) - header} data bytes, expected {count} for shape {dims}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_idx_dataset(name: str, root: Path, split: str) -> ImageDataset:
+    prefix = "train" if split == "train" else "t10k"
+    img_stem, lab_stem = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+    images = read_idx(_open_maybe_gz(root, img_stem), str(root / img_stem))
+    labels = read_idx(_open_maybe_gz(root, lab_stem), str(root / lab_stem))
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DataError(f"{root / img_stem}: shape {images.shape} does not match labels {labels.shape}")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{root / lab_stem}: label {labels.max()} outside 0..9")
+    padded = np.zeros((images.shape[0], 1, 32, 32), dtype=np.uint8)
+    h, w = images.shape[1:]
+    top, left = (32 - h) // 2, (32 - w) // 2
+    padded[:, 0, top : top + h, left : left + w] = images
+    return ImageDataset(name, split, torch.from_numpy(padded), torch.from_numpy(labels.astype(np.int64)), 10)
+
+
+def load_cifar10(root: Path, split: str) -> ImageDataset:
+    base = root / "cifar-10-batches-bin" if (root / "cifar-10-batches-bin").is_dir() else root
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
+    images, labels = [], []
+    for n in names:
+        path = base / n
+        if not path.is_file():
+            raise DataError(f"missing file {path}")
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size % 3073 != 0:
+            raise DataError(f"{path} is not a CIFAR-10 binary batch (size {raw.size} is not a multiple of 3073)")
+        rec = raw.reshape(-1, 3073)
+        if rec[:, 0].max(initial=0) > 9:
+            raise DataError(f"{path}: label outside 0..9")
+        labels.append(rec[:, 0].astype(np.int64))
+        images.append(rec[:, 1:].reshape(-1, 3, 32, 32))
+    return ImageDataset("cifar10", split, torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), 10)
+
+
+def load_imagenet32(root: Path, split: str) -> ImageDataset:
+    names = [f"train_data_batch_{i}.npz" for i in range(1, 11)] if split == "train" else ["val_data.npz"]
+    images, labels = [], []
+    for n in names:
+        candidates = [root / n, root / "Imagenet32_train_npz" / n, root / "Imagenet32_val_npz" / n]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise DataError(f"missing file {root / n}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data, lab = z["data"], np.asarray(z["labels"])
+        except (KeyError, ValueError, OSError) as exc:
+            raise DataError(f"{path} is not an ImageNet32 npz with 'data' and 'labels': {exc}") from exc
+        if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != lab.shape[0]:
+            raise DataError(f"{path}: data shape {data.shape} is not (N, 3072) matching labels")
+        images.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(lab.astype(np.int64) - 1)
+    y = np.concatenate(labels)
+    if y.size and (y.min() < 0 or y.max() > 999):
+        raise DataError(f"ImageNet32 labels must be 1..1000 in {root}")
+    return ImageDataset("imagenet32", split, torch.from_numpy(np.concatenate(images)), torch.from_numpy(y), 1000)
+
+
+def task_splits(num_classes: int, num_tasks: int) -> list[list[int]]:
+    """Class-incremental tasks: ``num_tasks`` groups of consecutive classes, in label order.
+
+    Example: ``task_splits(10, 5) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]``.
+    """
+    if num_tasks <= 0:
+        raise UsageError(f"number of tasks must be positive, got {num_tasks}")
+    if num_tasks > num_classes:
+        raise UsageError(f"{num_tasks} tasks is more than the {num_classes} classes")
+    if num_classes % num_tasks != 0:
+        raise UsageError(f"{num_classes} classes cannot be split evenly into {num_tasks} tasks")
+    per = num_classes // num_tasks
+    return [list(range(k * per, (k + 1) * per)) for k in range(num_tasks)]
+
+
+def parse_classes(spec: str | None, num_classes: int) -> list[int] | None:
+    """``"0,1"`` or ``"0..9"`` (inclusive) to a sorted class list; ``None``/"" means all."""
+    if spec is None or spec.strip() == "" or spec.strip() == "all":
+        return None
+    text = spec.replace(" ", "")
+    try:
+        if ".." in text:
+            a, b = text.split("..")
+            classes = list(range(int(a), int(b) + 1))
+        else:
+            classes = sorted({int(c) for c in text.split(",")})
+    except ValueError:
+        raise UsageError(f"malformed class list {spec!r}; use e.g. '0,1' or '0..9'") from None
+    if not classes:
+        raise UsageError(f"class list {spec!r} is empty")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise UsageError(f"class {bad[0]} is outside 0..{num_classes - 1}")
+    return classes

@@ -1,0 +1,81 @@
+"""DDPM noising, the per-sample denoising loss and DDIM sampling.
+
+Shapes: x0, noise, x_t are (B, C, H, W) float32; t is (B,) int64 scheduler indices in
+0..N-1; y is (B,) int64 class labels; alphas_cumprod is (N,) float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from geomprobe.models import ddim_from
+
+
+def alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar_t for each t, shaped (B, 1, 1, 1) to broadcast over images."""
+    return alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (the DDPM forward process)."""
+    a = alpha_bar(alphas_cumprod, t)
+    return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+
+
+def predict_noise(unet: UNet2DModel, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """eps_theta(x_t, t, y): (B, C, H, W)."""
+    return unet(x_t, t, class_labels=y).sample
+
+
+def per_sample_loss(
+    unet: UNet2DModel,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    target: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample DDPM loss 1/2 ||eps - eps_theta(x_t, t, y)||^2, summed over pixels (paper eq. 2).
+
+    Returns (B,) float32. ``target`` replaces eps as the regression target (used for the
+    "true Fisher" probe, where target = eps_theta(x_t).detach() + xi); x_t is always built
+    from ``noise``.
+    """
+    x_t = add_noise(x0, noise, t, alphas_cumprod)
+    eps_hat = predict_noise(unet, x_t, t, y)
+    tgt = noise if target is None else target
+    return 0.5 * (tgt - eps_hat).pow(2).flatten(1).sum(1)
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    labels: torch.Tensor,
+    num_inference_steps: int = 50,
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """DDIM samples (eta = 0) for ``labels`` (B,), returned as (B, C, H, W) float32 in [-1, 1] on CPU.
+
+    Initial noise comes from ``generator`` on the CPU, so samples are the same on CPU and CUDA.
+    """
+    device = next(unet.parameters()).device
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    was_training = unet.training
+    unet.eval()
+    out = []
+    for start in range(0, len(labels), batch_size):
+        y = labels[start : start + batch_size].to(device)
+        x = torch.randn(len(y), cfg.in_channels, size, size, generator=generator).to(device)
+        ddim = ddim_from(scheduler)
+        ddim.set_timesteps(num_inference_steps)
+        for t in ddim.timesteps:
+            eps = unet(x, t.to(device).expand(len(y)), class_labels=y).sample
+            x = ddim.step(eps, t, x, eta=0.0).prev_sample
+        out.append(x.clamp(-1, 1).cpu())
+    unet.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)

@@ -1,0 +1,262 @@
+"""The training loop: one obvious loop (batch, loss, extra loss terms, step, log, checkpoint).
+
+``train`` trains a UNet on a dataset from scratch or resumes it; ``training_loop`` is the loop
+itself, reused by the continual runner, which adds loss terms (EWC penalties, distillation)
+through ``extra_loss``.
+
+Reproducibility: one CPU ``torch.Generator`` draws batch indices, timesteps and noise, so a run
+is the same on CPU and CUDA up to kernel differences, and its state is saved with every
+checkpoint; ``--resume`` continues bit-for-bit where the last checkpoint stopped (on CPU).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from geomprobe.data import ImageDataset, load_dataset, parse_classes
+from geomprobe.diffusion import per_sample_loss
+from geomprobe.errors import DataError, UsageError
+from geomprobe.models import (
+    ModelInfo,
+    build_scheduler,
+    build_unet,
+    get_preset,
+    load_checkpoint,
+    load_optimizer_state,
+    load_train_state,
+    resolve_device,
+    save_checkpoint,
+)
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (saved in the checkpoint's metadata)."""
+
+    dataset: str = "digits"
+    model: str = "small3"
+    image_size: int = 16
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    classes: str | None = None
+    data_root: str | None = None
+    checkpoint_every: int = 500
+    log_every: int = 10
+    device: str = "auto"
+
+    def validate(self) -> None:
+        get_preset(self.model)
+        if self.steps < 0:
+            raise UsageError(f"--steps must be >= 0, got {self.steps}")
+        if self.batch_size <= 0:
+            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.checkpoint_every <= 0 or self.log_every <= 0:
+            raise UsageError("--checkpoint-every and --log-every must be positive")
+
+
+def generator_state_to_json(gen: torch.Generator) -> str:
+    return base64.b64encode(gen.get_state().numpy().tobytes()).decode()
+
+
+def generator_state_from_json(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """Flatten an optimizer state dict into safetensors-compatible tensors + JSON param groups."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for name, value in st.items():
+            tensors[f"{pid}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, sd["param_groups"]
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def sample_training_batch(
+    data: ImageDataset, batch_size: int, num_train_timesteps: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x0, y, t, noise) for one step, all drawn from ``gen`` on the CPU."""
+    idx = torch.randint(0, len(data), (batch_size,), generator=gen)
+    x0, y = data.batch(idx)
+    t = torch.randint(0, num_train_timesteps, (batch_size,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    return x0, y, t, noise
+
+
+ExtraLoss = Callable[[UNet2DModel, int], dict[str, torch.Tensor]]
+
+
+def training_loop(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    optimizer: torch.optim.Optimizer,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    start_step: int,
+    end_step: int,
+    extra_loss: ExtraLoss | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+    log_every: int = 10,
+    checkpoint_every: int = 500,
+    progress: Callable[[int, float], None] | None = None,
+) -> float:
+    """Run steps ``start_step+1 .. end_step``; return the last step's total loss.
+
+    Each step: batch -> mean per-sample DDPM loss -> + extra loss terms -> Adam step ->
+    log (every ``log_every``) -> checkpoint (every ``checkpoint_every`` and at the end).
+    """
+    device = next(unet.parameters()).device
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    unet.train()
+    loss_value = float("nan")
+    for step in range(start_step + 1, end_step + 1):
+        x0, y, t, noise = (v.to(device) for v in next_batch())
+        terms = {"denoise": per_sample_loss(unet, x0, noise, t, y, alphas_cumprod).mean()}
+        if extra_loss is not None:
+            terms.update(extra_loss(unet, step))
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+        if progress is not None:
+            progress(step, loss_value)
+        if on_log is not None and (step % log_every == 0 or step == end_step):
+            on_log(step, {"loss": loss_value, **{k: float(v.detach()) for k, v in terms.items()}})
+        if on_checkpoint is not None and (step % checkpoint_every == 0 or step == end_step):
+            on_checkpoint(step)
+    return loss_value
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    final_loss: float
+    num_parameters: int
+    seconds: float
+    resumed_from: int = 0
+    log: list[dict] = field(default_factory=list)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines past ``last_step`` (written after the checkpoint a resume restarts from)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) a UNet on ``config.dataset``; the checkpoint directory is ``out``."""
+    import time
+
+    config.validate()
+    out = Path(out)
+    device = resolve_device(config.device)
+    data = load_dataset(config.dataset, "train", config.image_size, config.data_root)
+    classes = parse_classes(config.classes, data.num_classes)
+    if classes is not None:
+        data = data.subset(classes)
+    if len(data) == 0:
+        raise DataError("no training images selected")
+
+    torch.manual_seed(config.seed)
+    unet = build_unet(config.model, data.image_size, data.channels, data.num_classes)
+    scheduler = build_scheduler()
+    gen = torch.Generator().manual_seed(config.seed)
+    start_step = 0
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise UsageError(f"output directory {out} is not empty; pass --resume to continue it or choose another --out")
+        ckpt = load_checkpoint(out)
+        saved = ckpt.info.extra.get("train_config", {})
+        for key in ("dataset", "model", "image_size", "batch_size", "lr", "seed", "classes"):
+            if key in saved and saved[key] != getattr(config, key):
+                raise UsageError(f"--resume with {key}={getattr(config, key)!r} but {out} was trained with {saved[key]!r}")
+        unet = ckpt.unet
+        state = load_train_state(out)
+        if state is None:
+            raise DataError(f"{out} has no train_state.json; it cannot be resumed")
+        start_step = int(state["step"])
+        gen.set_state(generator_state_from_json(state["generator"]))
+    unet.to(device)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
+    if start_step > 0:
+        tensors = load_optimizer_state(out)
+        if tensors is None:
+            raise DataError(f"{out} has no optimizer.safetensors; it cannot be resumed")
+        restore_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, load_train_state(out)["param_groups"])
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / TRAIN_LOG
+    _truncate_log(log_path, start_step)
+    log_rows: list[dict] = []
+
+    def on_log(step: int, values: dict[str, float]) -> None:
+        row = {"step": step, **values}
+        log_rows.append(row)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_checkpoint(step: int) -> None:
+        tensors, groups = optimizer_state_tensors(optimizer)
+        info = ModelInfo(
+            preset=config.model, dataset=config.dataset, image_size=data.image_size, channels=data.channels,
+            num_classes=data.num_classes, seed=config.seed, step=step,
+            extra={"train_config": asdict(config)},
+        )
+        train_state = {"step": step, "generator": generator_state_to_json(gen), "param_groups": groups}
+        save_checkpoint(out, unet, scheduler, info, optimizer_state=tensors, train_state=train_state)
+
+    t0 = time.time()
+    if start_step >= config.steps:
+        final = float("nan")
+        if start_step == 0:
+            on_checkpoint(0)
+    else:
+        final = training_loop(
+            unet, scheduler, optimizer,
+            lambda: sample_training_batch(data, config.batch_size, scheduler.config.num_train_timesteps, gen),
+            start_step, config.steps, on_log=on_log, on_checkpoint=on_checkpoint,
+            log_every=config.log_every, checkpoint_every=config.checkpoint_every, progress=progress,
+        )
+    return TrainResult(out, config.steps, final, sum(p.numel() for p in unet.parameters()), time.time() - t0, start_step, log_rows)
+
+
+def read_train_log(out: str | Path) -> list[dict]:
+    path = Path(out) / TRAIN_LOG
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def smoothed(values: Iterable[float], window: int = 20) -> list[float]:
+    vals = list(values)
+    return [sum(vals[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(vals))]
