@@ -146,10 +146,8 @@ class Checkpoint:
     path: Path | None = None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+STAGING = ".staging"
+STAGING_COMPLETE = "COMPLETE"
 
 
 def save_checkpoint(
@@ -160,32 +158,58 @@ def save_checkpoint(
     optimizer_state: dict[str, torch.Tensor] | None = None,
     train_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically: build it in ``<dir>.tmp-ckpt`` then swap it in."""
+    """Write a checkpoint into ``directory`` so that a crash never leaves a mixed state.
+
+    Everything is first written to ``directory/.staging/``; a ``COMPLETE`` marker then commits
+    it and the entries are moved into place. A reader finishes a committed staging area
+    (roll forward) and discards an uncommitted one. Other files in ``directory`` (the
+    training log, gradient stores) are left alone.
+    """
     from geomprobe import __version__
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp-ckpt")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    scheduler.save_pretrained(tmp / "scheduler")
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory / STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    unet.save_pretrained(staging / "unet", safe_serialization=True)
+    scheduler.save_pretrained(staging / "scheduler")
     info.version = __version__
-    (tmp / CHECKPOINT_META).write_text(json.dumps(asdict(info), indent=2))
+    (staging / CHECKPOINT_META).write_text(json.dumps(asdict(info), indent=2))
     if optimizer_state is not None:
-        save_file({k: v.contiguous().cpu() for k, v in optimizer_state.items()}, str(tmp / "optimizer.safetensors"))
+        save_file({k: v.contiguous().cpu() for k, v in optimizer_state.items()}, str(staging / "optimizer.safetensors"))
     if train_state is not None:
-        (tmp / "train_state.json").write_text(json.dumps(train_state))
-    old = directory.with_name(directory.name + ".old-ckpt")
-    if directory.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old.exists():
-        shutil.rmtree(old)
+        (staging / "train_state.json").write_text(json.dumps(train_state))
+    (staging / STAGING_COMPLETE).write_text("")
+    finish_staged_checkpoint(directory)
     return directory
+
+
+def finish_staged_checkpoint(directory: str | Path) -> None:
+    """Move a committed ``.staging`` area into place; drop an uncommitted one."""
+    directory = Path(directory)
+    staging = directory / STAGING
+    if not staging.is_dir():
+        return
+    if not (staging / STAGING_COMPLETE).is_file():
+        shutil.rmtree(staging)
+        return
+    for entry in sorted(staging.iterdir()):
+        if entry.name == STAGING_COMPLETE:
+            continue
+        target = directory / entry.name
+        old = directory / (entry.name + ".old")
+        if old.exists():  # left by a crash in the middle of an earlier swap
+            shutil.rmtree(old)
+        if target.is_dir():
+            os.replace(target, old)
+            os.replace(entry, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(entry, target)
+    shutil.rmtree(staging)
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -194,11 +218,12 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     meta = directory / CHECKPOINT_META
     if not directory.is_dir():
         raise DataError(f"checkpoint directory not found: {directory}")
+    finish_staged_checkpoint(directory)
     if not meta.is_file() or not (directory / "unet" / "config.json").is_file():
         raise DataError(f"not a geomprobe checkpoint (expected {meta} and unet/config.json): {directory}")
     try:
         info = ModelInfo(**json.loads(meta.read_text()))
-        unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True)
+        unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True, low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
     except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot load checkpoint {directory}: {str(exc).splitlines()[0]}") from exc

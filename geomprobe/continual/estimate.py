@@ -1,0 +1,107 @@
+"""The Fisher of one task at its optimum theta*_k, with the builders of :mod:`geomprobe.fisher`.
+
+Probe data: ``n`` images of the task (without replacement when the task has that many), t drawn
+uniformly from the ``--t-range`` timesteps, fresh Gaussian noise, all from one seeded generator.
+The kinds map to the fisher package's builders:
+
+    diag   diagonal_from_model        per-sample gradients in chunks, squares averaged
+    rank1  rank1_from_model           mu by a batched backward, mu^T g_i by one jvp (paper eq. 6)
+    rankk  power_iteration_from_model stochastic power iteration on fresh minibatches (App. E.4.1),
+           or lowrank_from_model      Lanczos on the n fixed samples (``method="lanczos"``)
+    full   GramFisher(G)              the n x P per-sample gradients (exact empirical Fisher)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from geomprobe.data import ImageDataset
+from geomprobe.errors import UsageError
+from geomprobe.timesteps import TimestepSpec
+
+RANKK_METHODS = ("power", "lanczos")
+
+
+def probe_batches(
+    data: ImageDataset, n: int, timesteps: TimestepSpec, generator: torch.Generator, batch_size: int = 64
+):
+    """``n`` probe samples of ``data`` as a list of :class:`geomprobe.probe.grads.ProbeBatch`."""
+    from geomprobe.probe.grads import ProbeBatch
+
+    if n <= 0:
+        raise UsageError(f"--fisher-samples must be positive, got {n}")
+    if len(data) >= n:
+        idx = torch.randperm(len(data), generator=generator)[:n]
+    else:
+        idx = torch.randint(0, len(data), (n,), generator=generator)
+    ts = torch.tensor(timesteps.timesteps, dtype=torch.long)
+    batches = []
+    for s in range(0, n, batch_size):
+        x0, y = data.batch(idx[s : s + batch_size])
+        t = ts[torch.randint(0, len(ts), (len(y),), generator=generator)]
+        noise = torch.randn(x0.shape, generator=generator)
+        batches.append(ProbeBatch(x0, noise, t, y))
+    return batches
+
+
+def estimate_task_fisher(
+    kind: str,
+    unet: torch.nn.Module,
+    names: Sequence[str],
+    data: ImageDataset,
+    alphas_cumprod: torch.Tensor,
+    timesteps: TimestepSpec,
+    n: int,
+    generator: torch.Generator,
+    rank: int = 5,
+    method: str = "power",
+    batch_size: int = 64,
+    power_iterations: int = 20,
+):
+    """A Fisher object of ``kind`` (diag | rank1 | rankk | full) for ``data`` at the model's parameters.
+
+    Returns a :class:`geomprobe.fisher.FisherMatrix`: DiagonalFisher, Rank1Fisher, LowRankFisher
+    (rank ``rank``) or GramFisher holding G (n, P) float32.
+    """
+    from geomprobe.fisher import GramFisher
+    from geomprobe.fisher.model import (
+        diagonal_from_model,
+        lowrank_from_model,
+        model_info,
+        power_iteration_from_model,
+        rank1_from_model,
+    )
+    from geomprobe.probe.grads import per_sample_grads
+
+    was_training = unet.training
+    unet.eval()  # no dropout in these UNets, but keep the estimate independent of the mode
+    try:
+        batches = probe_batches(data, n, timesteps, generator, batch_size)
+        if kind == "rank1":
+            return rank1_from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text)
+        if kind == "diag":
+            return diagonal_from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text)
+        if kind == "rankk":
+            if method == "lanczos":
+                return lowrank_from_model(unet, names, batches, alphas_cumprod, k=rank, t_range=timesteps.text,
+                                          seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            if method != "power":
+                raise UsageError(f"unknown rank-k method {method!r}; expected one of {', '.join(RANKK_METHODS)}")
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+            def fresh():  # a new minibatch per power step, drawn from the same generator
+                while True:
+                    yield probe_batches(data, batch_size, timesteps, generator, batch_size)[0]
+
+            fisher = power_iteration_from_model(unet, names, fresh, alphas_cumprod, k=rank,
+                                                num_iters=power_iterations, seed=seed, t_range=timesteps.text)
+            fisher.info.n = batch_size * (power_iterations + 5)
+            return fisher
+        if kind == "full":
+            G = torch.cat([per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod).cpu() for b in batches])
+            return GramFisher(G, info=model_info(unet, names, batches, timesteps.text))
+        raise UsageError(f"unknown Fisher kind {kind!r}; expected diag, rank1, rankk or full")
+    finally:
+        unet.train(was_training)

@@ -1,0 +1,139 @@
+"""Continual-learning metrics (DESIGN section 6): FID per task, AFID@k, forgetting, accuracy.
+
+``fid[k][i]`` below is FID_i(m_k): the FID on task i's held-out split of samples from the model
+after training task k (0-based, i <= k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from geomprobe.diffusion import ddim_sample
+from geomprobe.errors import UsageError
+
+
+def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor, feature_net: nn.Module | None = None) -> float:
+    """FID between two sets of inputs, computed by torchmetrics' FrechetInceptionDistance.
+
+    real_features, fake_features: (N, ...) inputs of ``feature_net`` (default: flatten, so the
+    inputs are features (N, d) themselves). Covariances use the unbiased (N - 1) normaliser;
+    both sets need N >= 2. Returns ||m1 - m2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in feature units^2.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if len(real_features) < 2 or len(fake_features) < 2:
+        raise UsageError("FID needs at least 2 real and 2 generated samples")
+    net = feature_net if feature_net is not None else _Flatten(int(real_features[0].numel()))
+    metric = FrechetInceptionDistance(feature=net, normalize=False)
+    for s in range(0, len(real_features), 512):
+        metric.update(real_features[s : s + 512], real=True)
+    for s in range(0, len(fake_features), 512):
+        metric.update(fake_features[s : s + 512], real=False)
+    return float(metric.compute().double())
+
+
+class _Flatten(nn.Module):
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).double()
+
+
+def inception_feature_net(weights_path: str):
+    """torchmetrics' Inception-v3 pool features (2048-d) from a local weights file.
+
+    Needs the optional ``torch-fidelity`` package (torchmetrics' Inception implementation);
+    images are converted from [-1, 1] floats to uint8 RGB before the network.
+    """
+    from pathlib import Path
+
+    if not Path(weights_path).is_file():
+        raise UsageError(f"--inception-weights file not found: {weights_path}")
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights_path))
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"--fid-features inception needs torch-fidelity installed ({exc})") from None
+
+    class _ToUint8RGB(nn.Module):
+        num_features = 2048
+
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        @torch.no_grad()
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            return self.net(x)
+
+    return _ToUint8RGB()
+
+
+@dataclass
+class TaskEvaluation:
+    """FID_i(m_k) and classifier accuracy on the generated samples of task i."""
+
+    fid: float
+    accuracy: float
+    n_generated: int
+    n_reference: int
+
+
+def evaluate_task(
+    unet,
+    scheduler,
+    classes: list[int],
+    reference_images: torch.Tensor,
+    feature_net: nn.Module,
+    classifier: nn.Module | None,
+    n_generated: int,
+    generator: torch.Generator,
+    sample_steps: int = 50,
+) -> TaskEvaluation:
+    """Generate ``n_generated`` DDIM samples balanced over ``classes`` and score them.
+
+    reference_images: (R, C, H, W) in [-1, 1], task i's held-out split. Accuracy is the
+    fraction of generated images the classifier assigns to the label they were drawn for.
+    """
+    labels = torch.tensor(classes, dtype=torch.long).repeat((n_generated + len(classes) - 1) // len(classes))[:n_generated]
+    samples = ddim_sample(unet, scheduler, labels, num_inference_steps=sample_steps, generator=generator)
+    fid = frechet_distance(reference_images, samples, feature_net)
+    acc = float("nan")
+    if classifier is not None:
+        from geomprobe.continual.classifier import classifier_accuracy
+
+        acc = classifier_accuracy(classifier, samples, labels)
+    return TaskEvaluation(fid=fid, accuracy=acc, n_generated=len(samples), n_reference=len(reference_images))
+
+
+def afid(fid: dict[int, dict[int, float]]) -> dict[str, float]:
+    """AFID@k = mean_{i<=k} FID_i(m_k), keyed by the number of tasks seen ("1".."T")."""
+    return {str(k + 1): sum(row.values()) / len(row) for k, row in sorted(fid.items())}
+
+
+def forgetting(fid: dict[int, dict[int, float]]) -> float:
+    """mean over tasks k of FID_k(m_T) - FID_k(m_k); the last task contributes 0 (DESIGN section 6)."""
+    last = max(fid)
+    return sum(fid[last][k] - fid[k][k] for k in range(last + 1)) / (last + 1)
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    """(mean, standard error = sample std / sqrt(n)); the error is NaN for a single value."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(values) / n
+    if n == 1:
+        return m, float("nan")
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)

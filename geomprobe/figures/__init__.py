@@ -1,0 +1,154 @@
+"""Every paper figure and table from stored results (``geomprobe figures``); nothing is recomputed.
+
+Figure families live in their own modules:
+
+* :mod:`geomprobe.figures.spectra` - Fig. 1, 2, 3a-d, 6 from ``spectrum.json`` / ``cosine_maps.h5``;
+* :mod:`geomprobe.figures.continual` - Fig. 4, per-task FID curves, Tables 1, 5, 6 from ``metrics.jsonl``;
+* :mod:`geomprobe.figures.samples` - Fig. 5 from the sample grids the continual runner saves.
+
+:func:`make_figures` discovers the inputs under run directories, makes whatever they allow and
+reports each figure it could not make with the command that would produce its input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from geomprobe.errors import DataError
+from geomprobe.figures.continual import (
+    fig4_average_fid,
+    fig_task_fid,
+    table1_final_afid,
+    table5_low_rank,
+    table6_finetune,
+)
+from geomprobe.figures.results import (
+    ContinualRuns,
+    SpectrumResult,
+    check_run_dirs,
+    find_continual,
+    find_spectra,
+    read_cosine_maps,
+    read_metrics,
+    read_spectrum,
+)
+from geomprobe.figures.samples import fig5_samples_across_tasks, find_sample_grids
+from geomprobe.figures.spectra import (
+    fig1_scaled_identity_mse,
+    fig2_cosine_maps,
+    fig3a_mu_cosine,
+    fig3b_eigenvalues,
+    fig3c_eigengap_ratio,
+    fig3d_approximation_errors,
+    fig6_model_sizes,
+)
+from geomprobe.figures.style import FigureOutput
+
+__all__ = [
+    "FigureReport",
+    "make_figures",
+    "fig1_scaled_identity_mse",
+    "fig2_cosine_maps",
+    "fig3a_mu_cosine",
+    "fig3b_eigenvalues",
+    "fig3c_eigengap_ratio",
+    "fig3d_approximation_errors",
+    "fig4_average_fid",
+    "fig5_samples_across_tasks",
+    "fig6_model_sizes",
+    "fig_task_fid",
+    "table1_final_afid",
+    "table5_low_rank",
+    "table6_finetune",
+    "read_spectrum",
+    "read_cosine_maps",
+    "read_metrics",
+    "SpectrumResult",
+    "ContinualRuns",
+]
+
+
+@dataclass
+class FigureReport:
+    """What :func:`make_figures` wrote and what it could not make (name, reason with the producing command)."""
+
+    out_dir: Path
+    made: list[FigureOutput] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        return [f for fig in self.made for f in fig.files]
+
+
+def _primary_spectra(spectra: Sequence[SpectrumResult]) -> list[tuple[SpectrumResult, str]]:
+    """(spectrum, stem suffix) for Fig. 1-3: no suffix when there is one spectrum, else the model/dir label."""
+    if len(spectra) == 1:
+        return [(spectra[0], "")]
+    from geomprobe.figures.spectra import model_variant_labels
+
+    labels = model_variant_labels(spectra)
+    return [(s, "_" + "".join(c if c.isalnum() else "-" for c in lab).strip("-")) for s, lab in zip(spectra, labels)]
+
+
+def make_figures(
+    run_dirs: Iterable[str | Path],
+    out_dir: str | Path,
+    on_figure: Callable[[str], None] | None = None,
+) -> FigureReport:
+    """Make every figure and table the results under ``run_dirs`` allow; write them to ``out_dir``.
+
+    A figure whose inputs are missing is skipped and listed in ``report.skipped`` with the
+    command that produces them. Raises :class:`DataError` only when nothing at all could be made.
+    ``on_figure(name)`` is called before each figure (for progress displays).
+    """
+    run_dirs = check_run_dirs(run_dirs)
+    out_dir = Path(out_dir)
+    report = FigureReport(out_dir=out_dir)
+
+    def attempt(name: str, make: Callable[[], FigureOutput | list[FigureOutput]]) -> None:
+        if on_figure is not None:
+            on_figure(name)
+        try:
+            result = make()
+        except DataError as exc:
+            report.skipped.append((name, str(exc)))
+            return
+        report.made.extend(result if isinstance(result, list) else [result])
+
+    try:
+        spectra = find_spectra(run_dirs)
+    except DataError as exc:
+        spectra = []
+        for name in ("fig1", "fig2", "fig3a", "fig3b", "fig3c", "fig3d", "fig6"):
+            report.skipped.append((name, str(exc)))
+    for spectrum, suffix in _primary_spectra(spectra):
+        attempt("fig1" + suffix, lambda s=spectrum, x=suffix: fig1_scaled_identity_mse(s, out_dir, "fig1_scaled_identity_mse" + x))
+        attempt("fig2" + suffix, lambda s=spectrum, x=suffix: fig2_cosine_maps(s, out_dir, stem="fig2_cosine_maps" + x))
+        attempt("fig3a" + suffix, lambda s=spectrum, x=suffix: fig3a_mu_cosine(s, out_dir, "fig3a_mu_cosine" + x))
+        attempt("fig3b" + suffix, lambda s=spectrum, x=suffix: fig3b_eigenvalues(s, out_dir, stem="fig3b_eigenvalues" + x))
+        attempt("fig3c" + suffix, lambda s=spectrum, x=suffix: fig3c_eigengap_ratio(s, out_dir, "fig3c_eigengap_ratio" + x))
+        attempt("fig3d" + suffix, lambda s=spectrum, x=suffix: fig3d_approximation_errors(s, out_dir, "fig3d_approximation_errors" + x))
+    if spectra:
+        attempt("fig6", lambda: fig6_model_sizes(spectra, out_dir))
+
+    try:
+        runs = find_continual(run_dirs)
+    except DataError as exc:
+        runs = {}
+        for name in ("fig4", "fig7", "table1", "table5", "table6"):
+            report.skipped.append((name, str(exc)))
+    if runs:
+        attempt("fig4", lambda: fig4_average_fid(runs, out_dir))
+        attempt("fig7", lambda: [fig_task_fid(run, out_dir) for run in runs.values()])
+        attempt("table1", lambda: table1_final_afid(runs, out_dir))
+        attempt("table5", lambda: table5_low_rank(runs, out_dir))
+        attempt("table6", lambda: table6_finetune(runs, out_dir))
+    attempt("fig5", lambda: fig5_samples_across_tasks(find_sample_grids(run_dirs), out_dir))
+
+    if not report.made:
+        reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped[:2])
+        raise DataError(f"no figure could be made from {', '.join(map(str, run_dirs))} ({reasons})")
+    return report

@@ -1,0 +1,338 @@
+"""Continual-learning figures and tables (paper Fig. 4, Fig. 7-14, Tables 1, 5, 6) from ``metrics.jsonl``.
+
+Numbers are read from the runner's rows (DESIGN section 9): AFID@k and forgetting from the
+summary rows, FID_i(m_k) from the per-task rows. Across seeds we show the mean and the
+standard error (sample standard deviation / sqrt(number of seeds)); with one seed there is
+no error band and the caption says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from geomprobe.errors import DataError
+from geomprobe.figures.results import (
+    CONTINUAL_COMMAND,
+    ContinualRuns,
+    mean_and_standard_error,
+    order_strategies,
+)
+from geomprobe.figures.style import FigureOutput, atomic_write_text, new_figure, save_figure, series_style, write_caption
+
+AFID_PANEL_SIZE = (4.8, 4.0)  # inches per dataset panel of Fig. 4
+LEGEND_WIDTH = 1.8
+TASK_PANEL_SIZE = (3.0, 2.8)  # inches per task panel of the per-task FID figure
+TASK_PANEL_COLUMNS = 5
+
+
+def _strategy_styles(strategies: Iterable[str]) -> dict[str, dict]:
+    """One colour and marker per strategy, stable across figures (by the paper's table order)."""
+    return {name: series_style(i) for i, name in enumerate(order_strategies(strategies))}
+
+
+def _seed_note(seeds: Sequence[int]) -> str:
+    if len(seeds) < 2:
+        return f"one seed ({', '.join(map(str, seeds)) or 'none'}): no standard-error band"
+    return f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): bands are +- one standard error"
+
+
+def _runs_details(runs: Sequence[ContinualRuns]) -> list[str]:
+    lines = []
+    for run in runs:
+        nets = ", ".join(sorted(run.feature_nets)) or "unknown"
+        gen = ", ".join(str(n) for n in sorted(run.n_generated)) or "unknown"
+        models = ", ".join(sorted(run.models)) or "unknown (no manifest.json with the runner's config)"
+        lines += [
+            f"model: [{run.dataset}] {models}",
+            f"[{run.dataset}] strategies: {', '.join(run.strategies)}; tasks: {run.num_tasks}",
+            f"seeds: [{run.dataset}] {', '.join(map(str, run.seeds))}; FID feature network: {nets}; n generated per task: {gen}",
+        ]
+    return lines
+
+
+def _as_run_list(runs) -> list[ContinualRuns]:
+    if isinstance(runs, ContinualRuns):
+        return [runs]
+    if isinstance(runs, dict):
+        return list(runs.values())
+    return list(runs)
+
+
+# ---------------------------------------------------------------- Fig. 4
+
+
+def afid_curve(run: ContinualRuns, strategy: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(k = tasks seen, mean AFID@k, standard error, seeds) for one strategy from its summary rows."""
+    per_seed = run.afid.get(strategy, {})
+    ks = sorted({k for afid in per_seed.values() for k in afid})
+    stats = [mean_and_standard_error([afid.get(k, math.nan) for afid in per_seed.values()]) for k in ks]
+    return (np.array(ks), np.array([s[0] for s in stats]), np.array([s[1] for s in stats]), len(per_seed))
+
+
+def fig4_layout(num_datasets: int) -> tuple[float, float]:
+    return (AFID_PANEL_SIZE[0] * num_datasets + LEGEND_WIDTH, AFID_PANEL_SIZE[1])
+
+
+def fig4_average_fid(runs, out_dir: str | Path, stem: str = "fig4_average_fid") -> FigureOutput:
+    """Fig. 4: AFID@k against the number of tasks seen, one line per strategy, one panel per dataset."""
+    runs = [r for r in _as_run_list(runs) if r.afid]
+    if not runs:
+        raise DataError(f"no continual summary rows (with 'afid') found; they are written by {CONTINUAL_COMMAND}")
+    styles = _strategy_styles(s for r in runs for s in r.afid)
+    fig, axes = new_figure(*fig4_layout(len(runs)), ncols=len(runs))
+    handles = {}
+    for ax, run in zip(axes[0], runs):
+        for strategy in order_strategies(run.afid):
+            ks, mean, se, _ = afid_curve(run, strategy)
+            (line,) = ax.plot(ks, mean, lw=1.6, ms=4, label=strategy, **styles[strategy])
+            if np.isfinite(se).any():
+                ax.fill_between(ks, mean - np.nan_to_num(se), mean + np.nan_to_num(se), color=styles[strategy]["color"],
+                                alpha=0.18, lw=0)
+            handles[strategy] = line
+        ax.set_xlabel("tasks seen k")
+        ax.set_ylabel("average FID  AFID@k (lower is better)")
+        ax.set_xticks(range(1, run.num_tasks + 1))
+        ax.set_title(f"{run.dataset}")
+        ax.grid(True, axis="y", color="0.85", lw=0.6)
+    ordered = order_strategies(handles)
+    fig.legend([handles[s] for s in ordered], ordered, loc="outside right upper", frameon=False, title="strategy")
+    fig.suptitle("Fig. 4: average FID during continual learning", fontsize=10)
+    out_dir = Path(out_dir)
+    files = save_figure(fig, out_dir, stem)
+    finals = []
+    for run in runs:
+        for strategy in order_strategies(run.afid):
+            ks, mean, se, _ = afid_curve(run, strategy)
+            finals.append(f"{run.dataset} {strategy}: AFID@{ks[-1]} = {mean[-1]:.2f}")
+    body = (
+        "Average FID over the tasks seen so far, AFID@k = mean_{i<=k} FID_i(m_k), after each task k "
+        "(paper Fig. 4). " + "; ".join(_seed_note(r.seeds) for r in runs) + ". " + "; ".join(finals) + "."
+    )
+    paths = [p for r in runs for p in r.paths]
+    caption = write_caption(out_dir, stem, "Fig. 4: AFID@k per strategy", body, paths, _runs_details(runs))
+    return FigureOutput(stem, files + [caption], paths)
+
+
+# ---------------------------------------------------------------- Fig. 7-14 style
+
+
+def task_fid_curve(run: ContinualRuns, strategy: str, task: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(after_task k >= task, mean FID_task(m_k), standard error) over seeds for one strategy."""
+    per_seed = run.fid.get(strategy, {})
+    ks = sorted({k for cells in per_seed.values() for (k, i) in cells if i == task})
+    stats = [mean_and_standard_error([cells.get((k, task), math.nan) for cells in per_seed.values()]) for k in ks]
+    return np.array(ks), np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+
+
+def task_fid_layout(num_tasks: int) -> tuple[int, int, tuple[float, float]]:
+    cols = min(TASK_PANEL_COLUMNS, num_tasks)
+    rows = math.ceil(num_tasks / cols)
+    return rows, cols, (TASK_PANEL_SIZE[0] * cols + LEGEND_WIDTH, TASK_PANEL_SIZE[1] * rows + 0.4)
+
+
+def fig_task_fid(run: ContinualRuns, out_dir: str | Path, stem: str | None = None) -> FigureOutput:
+    """Per-task FID curves (paper Fig. 7-14): panel i shows FID_i(m_k) after each task k >= i, one line per strategy."""
+    if not run.fid:
+        raise DataError(f"no per-task FID rows for {run.dataset}; they are written by {CONTINUAL_COMMAND}")
+    stem = stem or f"fig7_task_fid_{_slug(run.dataset)}"
+    tasks = sorted({i for per_seed in run.fid.values() for cells in per_seed.values() for (_, i) in cells})
+    styles = _strategy_styles(run.fid)
+    rows, cols, size = task_fid_layout(len(tasks))
+    fig, axes = new_figure(*size, nrows=rows, ncols=cols, sharey=True)
+    for ax in axes.ravel()[len(tasks):]:
+        ax.set_axis_off()
+    handles = {}
+    last_task = max(k for per_seed in run.fid.values() for cells in per_seed.values() for (k, _) in cells)
+    for ax, task in zip(axes.ravel(), tasks):
+        for strategy in order_strategies(run.fid):
+            ks, mean, se = task_fid_curve(run, strategy, task)
+            if ks.size == 0:
+                continue
+            (line,) = ax.plot(ks, mean, lw=1.4, ms=3.5, **styles[strategy])
+            if np.isfinite(se).any():
+                ax.fill_between(ks, mean - np.nan_to_num(se), mean + np.nan_to_num(se), color=styles[strategy]["color"],
+                                alpha=0.18, lw=0)
+            handles[strategy] = line
+        ax.set_title(f"task {task}")
+        ax.set_xlim(-0.3, last_task + 0.3)
+        ax.set_xticks(range(0, last_task + 1))
+        ax.set_xlabel("after training task k")
+        ax.grid(True, axis="y", color="0.85", lw=0.6)
+    for r in range(rows):
+        axes[r, 0].set_ylabel("FID on task i")
+    ordered = order_strategies(handles)
+    fig.legend([handles[s] for s in ordered], ordered, loc="outside right upper", frameon=False, title="strategy")
+    fig.suptitle(f"Per-task FID during continual learning: {run.dataset}", fontsize=10)
+    out_dir = Path(out_dir)
+    files = save_figure(fig, out_dir, stem)
+    body = (
+        f"FID_i(m_k) of each task i (one panel per task) measured after training each task k >= i, {run.dataset} "
+        f"(paper Fig. 7-14 style). A rising curve is forgetting. {_seed_note(run.seeds)}."
+    )
+    caption = write_caption(out_dir, stem, f"Per-task FID curves: {run.dataset}", body, run.paths, _runs_details([run]))
+    return FigureOutput(stem, files + [caption], list(run.paths))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "dataset"
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _format(mean: float, se: float) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    return f"{mean:.2f} ± {se:.2f}" if math.isfinite(se) else f"{mean:.2f}"
+
+
+def final_metrics(run: ContinualRuns, strategy: str) -> dict:
+    """AFID@T and forgetting of one strategy: mean, standard error and number of seeds."""
+    per_seed = run.afid.get(strategy, {})
+    finals = [afid[max(afid)] for afid in per_seed.values() if afid]
+    tasks = max((max(afid) for afid in per_seed.values() if afid), default=0)
+    afid_mean, afid_se, m = mean_and_standard_error(finals)
+    f_mean, f_se, _ = mean_and_standard_error(run.forgetting.get(strategy, {}).values())
+    return {"tasks": tasks, "afid_mean": afid_mean, "afid_se": afid_se, "forgetting_mean": f_mean,
+            "forgetting_se": f_se, "seeds": m}
+
+
+def _csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if isinstance(v, float) and not math.isfinite(v) else (f"{v:.6g}" if isinstance(v, float) else v)
+                         for v in row])
+    return buf.getvalue()
+
+
+def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _write_table(out_dir: Path, stem: str, title: str, note: str, md_header, md_rows, csv_header, csv_rows,
+                 paths: list[Path]) -> FigureOutput:
+    from geomprobe.figures.style import _display_path
+
+    sources = ", ".join(_display_path(p) for p in paths)
+    md = f"**{title}**\n\n" + _markdown(md_header, md_rows) + f"\n{note}\n\nData source: {sources}\n"
+    files = [atomic_write_text(out_dir / f"{stem}.md", md), atomic_write_text(out_dir / f"{stem}.csv", _csv_text(csv_header, csv_rows))]
+    return FigureOutput(stem, files, paths)
+
+
+def _select(runs: Sequence[ContinualRuns], keep: Callable[[str], bool]) -> list[tuple[ContinualRuns, str]]:
+    return [(run, s) for run in runs for s in order_strategies(run.afid) if keep(s)]
+
+
+def table1_final_afid(runs, out_dir: str | Path, stem: str = "table1") -> FigureOutput:
+    """Table 1: AFID at the final task and average forgetting per strategy (rows) and dataset (columns)."""
+    runs = [r for r in _as_run_list(runs) if r.afid]
+    if not runs:
+        raise DataError(f"Table 1 needs continual summary rows; they are written by {CONTINUAL_COMMAND}")
+    strategies = order_strategies(s for r in runs for s in r.afid)
+    md_header = ["Method"] + [f"{r.dataset} {col}" for r in runs for col in ("AFID ↓", "F ↓")]
+    md_rows, csv_rows = [], []
+    for strategy in strategies:
+        cells = [strategy]
+        for run in runs:
+            if strategy not in run.afid:
+                cells += ["", ""]
+                continue
+            m = final_metrics(run, strategy)
+            cells += [_format(m["afid_mean"], m["afid_se"]), _format(m["forgetting_mean"], m["forgetting_se"])]
+            csv_rows.append([strategy, run.dataset, m["tasks"], m["afid_mean"], m["afid_se"], m["forgetting_mean"],
+                             m["forgetting_se"], m["seeds"]])
+        md_rows.append(cells)
+    seeds = sorted({s for r in runs for s in r.seeds})
+    note = (f"AFID = average FID at the final task (AFID@T), F = average forgetting (DESIGN section 6), mean ± standard "
+            f"error over seeds {seeds}" + (" (one seed: no error)" if len(seeds) < 2 else "") +
+            ". Lower is better. Paper Table 1 reports MNIST/FMNIST/CIFAR-10/ImageNet-1k with 3 seeds.")
+    paths = [p for r in runs for p in r.paths]
+    return _write_table(Path(out_dir), stem, "Table 1: average FID at the final task and average forgetting", note,
+                        md_header, md_rows,
+                        ["strategy", "dataset", "tasks", "afid_mean", "afid_se", "forgetting_mean", "forgetting_se", "seeds"],
+                        csv_rows, paths)
+
+
+RANK_STRATEGY = re.compile(r"^rank(?P<k>\d+|k)(?:@(?P<k2>\d+))?\+gd$")
+
+
+def rank_of_strategy(strategy: str) -> int | None:
+    """k of a low-rank EWC + distillation strategy (``rank1+gd``, ``rank3+gd``, ``rankk@3+gd``), else None."""
+    m = RANK_STRATEGY.match(strategy.replace("+gd", "") + "+gd") if strategy.endswith("+gd") else None
+    if m is None:
+        return None
+    k = m.group("k")
+    if k == "k":
+        return int(m.group("k2")) if m.group("k2") else None
+    return int(k)
+
+
+def table5_low_rank(runs, out_dir: str | Path, stem: str = "table5") -> FigureOutput:
+    """Table 5: rank-k ablation with distillation: final FID and average forgetting per rank (rows) and dataset."""
+    runs = [r for r in _as_run_list(runs) if r.afid]
+    selected = _select(runs, lambda s: rank_of_strategy(s) is not None)
+    if not any(rank_of_strategy(s) not in (None, 1) for _, s in selected):
+        raise DataError(
+            "Table 5 needs continual runs with low-rank EWC of rank >= 2 and distillation, e.g. "
+            "geomprobe continual --dataset digits --fisher rankk --rank 3 --gd --out runs/cl-rank3 "
+            "(next to a rank1 --gd run)"
+        )
+    datasets = [r for r in runs if any(rr is r for rr, _ in selected)]
+    strategies = sorted({s for _, s in selected}, key=lambda s: (rank_of_strategy(s), s))
+    md_header = ["Method"] + [f"{r.dataset} {col}" for r in datasets for col in ("Final FID", "Avg forgetting")]
+    md_rows, csv_rows = [], []
+    for strategy in strategies:
+        k = rank_of_strategy(strategy)
+        cells = [f"GD + rank-{k}" + (" (mean-gradient)" if k == 1 else "")]
+        for run in datasets:
+            if strategy not in run.afid:
+                cells += ["", ""]
+                continue
+            m = final_metrics(run, strategy)
+            cells += [_format(m["afid_mean"], m["afid_se"]), _format(m["forgetting_mean"], m["forgetting_se"])]
+            csv_rows.append([strategy, k, run.dataset, m["afid_mean"], m["afid_se"], m["forgetting_mean"],
+                             m["forgetting_se"], m["seeds"]])
+        md_rows.append(cells)
+    note = ("Final FID = AFID at the final task; mean ± standard error over seeds. Rank-1 uses c* mu mu^T from the mean "
+            "gradient; rank-k uses the runner's top-k eigenpairs (paper Table 5: stochastic power iteration).")
+    paths = [p for r in datasets for p in r.paths]
+    return _write_table(Path(out_dir), stem, "Table 5: low-rank Fisher ablations (with generative distillation)", note,
+                        md_header, md_rows,
+                        ["strategy", "rank", "dataset", "final_fid_mean", "final_fid_se", "forgetting_mean",
+                         "forgetting_se", "seeds"], csv_rows, paths)
+
+
+FINETUNE_STRATEGIES = ("finetune", "none", "lambda0")
+
+
+def table6_finetune(runs, out_dir: str | Path, stem: str = "table6") -> FigureOutput:
+    """Table 6: continual fine-tuning without regularisation (lambda = 0, no distillation), one row per dataset."""
+    runs = [r for r in _as_run_list(runs) if r.afid]
+    selected = _select(runs, lambda s: s in FINETUNE_STRATEGIES)
+    if not selected:
+        raise DataError(
+            "Table 6 needs a continual run without regularisation (strategy 'finetune': --fisher none --no-gd, or "
+            f"--lambda 0); {CONTINUAL_COMMAND} includes it"
+        )
+    md_rows, csv_rows = [], []
+    for run, strategy in sorted(selected, key=lambda x: x[0].dataset):
+        m = final_metrics(run, strategy)
+        md_rows.append([run.dataset, _format(m["afid_mean"], m["afid_se"]), _format(m["forgetting_mean"], m["forgetting_se"])])
+        csv_rows.append([run.dataset, strategy, m["afid_mean"], m["afid_se"], m["forgetting_mean"], m["forgetting_se"], m["seeds"]])
+    note = "Final FID = AFID at the final task; mean ± standard error over seeds when there are several."
+    paths = [p for r, _ in selected for p in r.paths]
+    return _write_table(Path(out_dir), stem, "Table 6: continual fine-tuning with no regularisation (lambda = 0)", note,
+                        ["Dataset", "Final FID", "Avg forgetting"], md_rows,
+                        ["dataset", "strategy", "final_fid_mean", "final_fid_se", "forgetting_mean", "forgetting_se",
+                         "seeds"], csv_rows, sorted(set(paths)))

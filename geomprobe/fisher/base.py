@@ -1,0 +1,233 @@
+"""The one Fisher protocol and its HDF5 format.
+
+Every representation of an empirical Fisher F (P x P, symmetric positive semi-definite) answers
+the same questions (the nngeometry/curvlinops pattern, STYLE.md):
+
+    mv(v)        F v                     v: (P,) or (P, m)  ->  same shape
+    quad(v)      v^T F v                 v: (P,)            ->  0-dim tensor
+    trace()      tr F                                        ->  float
+    frobenius()  ||F||_F                                     ->  float
+    diag()       diag F                                      ->  (P,)
+    top_eigen(k) leading eigenpairs      -> (eigenvalues (r,) descending, eigenvectors (P, r)),
+                 r = min(k, rank of the representation)
+    penalty(theta, theta_star, strength) strength/2 (theta - theta*)^T F (theta - theta*)
+                 (the EWC term, DESIGN section 6; differentiable in theta)
+    save(path) / load(path)   HDF5 with attributes; ``load_fisher`` dispatches on ``kind``.
+
+Vectors are torch tensors (numpy arrays are accepted and converted). Arithmetic happens in the
+promoted dtype of the argument and the stored tensors, so a float64 test reference stays
+float64; ``penalty`` returns the dtype of ``theta`` so it adds cleanly to a float32 loss.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import h5py
+import numpy as np
+import torch
+
+from geomprobe.errors import DataError, UsageError
+
+FORMAT_VERSION = 1
+DENSE_LIMIT = 20_000  # to_dense() refuses larger P: a 20k x 20k float32 matrix is 1.6 GB
+
+
+@dataclass
+class FisherInfo:
+    """Where a Fisher came from (saved as HDF5 attributes).
+
+    ``t_range``: the t-spec or band it covers (e.g. ``"700"`` or ``"low-snr"``); ``n``: number of
+    per-sample gradients it was estimated from; ``checkpoint``: ``{"path": ..., "checksum": ...}``
+    of the model; ``param_names`` / ``param_shapes``: the flat layout of a (P,) vector;
+    ``centered``: covariance (G - 1 mu^T) instead of second moment; ``extra``: anything else
+    (JSON-serialisable).
+    """
+
+    t_range: str = ""
+    n: int = 0
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    param_names: list[str] = field(default_factory=list)
+    param_shapes: list[list[int]] = field(default_factory=list)
+    centered: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def as_tensor(v: Any) -> torch.Tensor:
+    """A torch tensor view of ``v`` (numpy arrays are wrapped without copying)."""
+    if isinstance(v, torch.Tensor):
+        return v
+    return torch.as_tensor(np.asarray(v))
+
+
+def promoted(a: torch.Tensor, *others: torch.Tensor) -> torch.dtype:
+    dtype = a.dtype if a.is_floating_point() else torch.get_default_dtype()
+    for o in others:
+        dtype = torch.promote_types(dtype, o.dtype)
+    return dtype
+
+
+class FisherMatrix(ABC):
+    """Abstract empirical Fisher (P x P). Subclasses store one representation of it."""
+
+    kind: ClassVar[str] = ""
+    _registry: ClassVar[dict[str, type["FisherMatrix"]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            FisherMatrix._registry[cls.kind] = cls
+
+    def __init__(self, info: FisherInfo | None = None):
+        self.info = info if info is not None else FisherInfo()
+
+    # ---- the protocol
+    @property
+    @abstractmethod
+    def P(self) -> int:
+        """Number of parameters (the matrix is P x P)."""
+
+    @abstractmethod
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """F v for v of shape (P,) or (P, m); returns the same shape."""
+
+    def quad(self, v: torch.Tensor) -> torch.Tensor:
+        """v^T F v for v of shape (P,); a 0-dim tensor."""
+        v = self._check_vector(v)
+        return torch.dot(v.to(promoted(v, *self._tensors())), self.mv(v))
+
+    @abstractmethod
+    def trace(self) -> float:
+        """tr F."""
+
+    @abstractmethod
+    def frobenius(self) -> float:
+        """||F||_F."""
+
+    @abstractmethod
+    def diag(self) -> torch.Tensor:
+        """diag F, shape (P,)."""
+
+    @abstractmethod
+    def top_eigen(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Leading eigenpairs: eigenvalues (r,) descending and orthonormal eigenvectors (P, r).
+
+        r = min(k, rank of the representation); eigenvector signs are arbitrary.
+        """
+
+    @abstractmethod
+    def penalty(self, theta: torch.Tensor, theta_star: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """EWC term strength/2 (theta - theta*)^T F (theta - theta*): a 0-dim tensor in theta's dtype.
+
+        theta: (P,) flat parameters (requires_grad for training); theta_star: (P,) anchor
+        (treated as a constant). The gradient in theta is strength * F (theta - theta*).
+        """
+
+    def to_dense(self) -> torch.Tensor:
+        """The explicit (P, P) matrix in float64 (small P only; for tests and inspection)."""
+        if self.P > DENSE_LIMIT:
+            raise UsageError(f"refusing to form a dense {self.P} x {self.P} Fisher (limit P <= {DENSE_LIMIT})")
+        return self.mv(torch.eye(self.P, dtype=torch.float64))
+
+    # ---- storage
+    @abstractmethod
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        """The stored tensors (used for dtype promotion)."""
+
+    @abstractmethod
+    def _write(self, f: h5py.File) -> None:
+        """Write the representation's datasets and attributes."""
+
+    @classmethod
+    @abstractmethod
+    def _read(cls, f: h5py.File, info: FisherInfo) -> "FisherMatrix":
+        """Rebuild from an open file written by ``_write``."""
+
+    def save(self, path: str | Path) -> Path:
+        """Write an HDF5 file (to ``path.tmp``, renamed when complete). Returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with h5py.File(tmp, "w") as f:
+            f.attrs["kind"] = self.kind
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["P"] = self.P
+            info = asdict(self.info)
+            for key in ("t_range", "n", "centered"):
+                f.attrs[key] = info[key]
+            for key in ("checkpoint", "param_names", "param_shapes", "extra"):
+                f.attrs[key] = json.dumps(info[key])
+            self._write(f)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FisherMatrix":
+        """Read a file written by ``save``; the kind in the file must match ``cls`` (or use load_fisher)."""
+        fisher = load_fisher(path)
+        if cls is not FisherMatrix and not isinstance(fisher, cls):
+            raise DataError(f"{path} holds a {fisher.kind!r} Fisher, not {cls.kind!r}")
+        return fisher
+
+    # ---- helpers for subclasses
+    def _check_vector(self, v: Any, allow_matrix: bool = False) -> torch.Tensor:
+        v = as_tensor(v)
+        ok = v.dim() == 1 or (allow_matrix and v.dim() == 2)
+        if not ok or v.shape[0] != self.P:
+            want = "(P,) or (P, m)" if allow_matrix else "(P,)"
+            raise UsageError(f"expected a vector of shape {want} with P={self.P}, got {tuple(v.shape)}")
+        return v
+
+    def _difference(self, theta: torch.Tensor, theta_star: torch.Tensor) -> torch.Tensor:
+        theta = self._check_vector(theta)
+        theta_star = self._check_vector(theta_star)
+        return theta - theta_star.detach().to(theta.dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(P={self.P}, n={self.info.n}, t_range={self.info.t_range!r})"
+
+
+def _info_from_attrs(f: h5py.File) -> FisherInfo:
+    def js(key, default):
+        return json.loads(f.attrs[key]) if key in f.attrs else default
+
+    return FisherInfo(
+        t_range=str(f.attrs.get("t_range", "")),
+        n=int(f.attrs.get("n", 0)),
+        checkpoint=js("checkpoint", {}),
+        param_names=js("param_names", []),
+        param_shapes=js("param_shapes", []),
+        centered=bool(f.attrs.get("centered", False)),
+        extra=js("extra", {}),
+    )
+
+
+def load_fisher(path: str | Path) -> FisherMatrix:
+    """Load any Fisher file written by ``FisherMatrix.save``, dispatching on its ``kind`` attribute."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Fisher file not found: {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            kind = f.attrs.get("kind")
+            if isinstance(kind, bytes):
+                kind = kind.decode()
+            if kind not in FisherMatrix._registry:
+                raise DataError(f"{path}: unknown Fisher kind {kind!r}")
+            return FisherMatrix._registry[kind]._read(f, _info_from_attrs(f))
+    except OSError as exc:
+        raise DataError(f"cannot read Fisher file {path}: {exc}") from exc
+    except KeyError as exc:
+        raise DataError(f"{path}: malformed Fisher file (missing {exc})") from exc
+
+
+def read_tensor(f: h5py.File, name: str) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(f[name][()]))
+
+
+def write_tensor(f: h5py.File, name: str, t: torch.Tensor) -> None:
+    f.create_dataset(name, data=t.detach().cpu().numpy(), fletcher32=True)

@@ -1,0 +1,255 @@
+"""Sources of per-sample gradient rows, streamed in blocks, and the statistics one pass gives.
+
+A *row source* is the n x P matrix G of per-sample gradients (row i = g_i) that can be read
+block by block, any number of times: an in-memory tensor (:class:`TensorRows`), one timestep of
+a gradient store (:class:`StoreRows`), several sources stacked (:class:`ConcatRows`, for SNR bands
+pooled from per-t stores), or any re-iterable of (b, P) blocks (:class:`IterableRows`).
+
+:func:`gram_statistics` reads a source once per *block pair* and returns everything the
+analysis needs (DESIGN section 6): the Gram matrix K = G G^T / n (n x n, float64), the column
+sums (-> mu) and the column sums of squares (-> diag F). Memory is bounded by ``max_memory``:
+two row blocks plus K and three (P,) vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from geomprobe.errors import UsageError
+
+
+class RowSource(Protocol):
+    """n x P per-sample gradients readable in row blocks, repeatedly, always in the same order."""
+
+    n: int
+    P: int
+
+    def blocks(self, rows: int) -> Iterator[torch.Tensor]:
+        """Yield consecutive (b, P) float tensors, b <= rows, covering rows 0..n-1 in order."""
+        ...
+
+
+class TensorRows:
+    """An in-memory G (n, P) (torch or numpy). Blocks are views, no copy."""
+
+    def __init__(self, G: torch.Tensor | np.ndarray):
+        G = G if isinstance(G, torch.Tensor) else torch.from_numpy(np.asarray(G))
+        if G.dim() != 2:
+            raise UsageError(f"G must be (n, P), got shape {tuple(G.shape)}")
+        self.G = G
+        self.n, self.P = int(G.shape[0]), int(G.shape[1])
+
+    def blocks(self, rows: int) -> Iterator[torch.Tensor]:
+        rows = max(1, int(rows))
+        for a in range(0, self.n, rows):
+            yield self.G[a : a + rows]
+
+
+class StoreRows:
+    """One entry (a timestep or a band key) of a gradient store, read with ``store.iter_blocks``."""
+
+    def __init__(self, store: Any, t: Any):
+        self.store, self.t = store, t
+        self.n, self.P = int(store.n(t)), int(store.P)
+
+    def blocks(self, rows: int) -> Iterator[torch.Tensor]:
+        for block in self.store.iter_blocks(self.t, rows=max(1, int(rows))):
+            yield block if isinstance(block, torch.Tensor) else torch.from_numpy(np.asarray(block))
+
+
+class IterableRows:
+    """Rows from a re-iterable of (b, P) blocks: a list of blocks, or a function returning a fresh iterator.
+
+    Block sizes are those of the iterable (``rows`` is ignored). ``n`` and ``P`` are counted by one
+    pass when not given. A one-shot iterator (a generator) is refused, because the Fisher
+    statistics need more than one pass; wrap the code that makes it in a function instead.
+    """
+
+    def __init__(self, blocks: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]], n: int | None = None, P: int | None = None):
+        if callable(blocks):
+            self._factory = blocks
+        else:
+            if iter(blocks) is blocks:
+                raise UsageError(
+                    "a one-shot iterator of row blocks can be read only once; pass a list of blocks "
+                    "or a function that returns a fresh iterator"
+                )
+            self._factory = lambda: blocks
+        if n is None or P is None:
+            n_count, P_seen = 0, None
+            for b in self._iter():
+                n_count += b.shape[0]
+                P_seen = b.shape[1]
+            if P_seen is None:
+                raise UsageError("the row-block source is empty")
+            n, P = n_count, P_seen
+        self.n, self.P = int(n), int(P)
+
+    def _iter(self) -> Iterator[torch.Tensor]:
+        for b in self._factory():
+            b = b if isinstance(b, torch.Tensor) else torch.from_numpy(np.asarray(b))
+            if b.dim() != 2:
+                raise UsageError(f"row blocks must be (b, P), got shape {tuple(b.shape)}")
+            yield b
+
+    def blocks(self, rows: int) -> Iterator[torch.Tensor]:
+        return self._iter()
+
+
+class ConcatRows:
+    """Several sources with the same P stacked vertically (e.g. all t of an SNR band)."""
+
+    def __init__(self, sources: Sequence[RowSource]):
+        if not sources:
+            raise UsageError("ConcatRows needs at least one source")
+        Ps = {s.P for s in sources}
+        if len(Ps) != 1:
+            raise UsageError(f"sources have different P: {sorted(Ps)}")
+        self.sources = list(sources)
+        self.n, self.P = sum(s.n for s in sources), Ps.pop()
+
+    def blocks(self, rows: int) -> Iterator[torch.Tensor]:
+        for s in self.sources:
+            yield from s.blocks(rows)
+
+
+def as_row_source(obj: Any) -> RowSource:
+    """A :class:`RowSource` from a tensor/array (n, P), a list of blocks, a block factory or a source."""
+    if hasattr(obj, "blocks") and hasattr(obj, "n") and hasattr(obj, "P"):
+        return obj
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return TensorRows(obj)
+    return IterableRows(obj)
+
+
+# --------------------------------------------------------------------------- memory budget
+
+
+def rows_per_block(P: int, max_memory: int, reserved: int = 0, live_blocks: int = 2, bytes_per_value: int = 4) -> int:
+    """Largest block height b such that ``live_blocks`` blocks of (b, P) plus ``reserved`` bytes fit.
+
+    Raises :class:`UsageError` when not even one row fits (the message names the minimum).
+    """
+    free = int(max_memory) - int(reserved)
+    per_row = live_blocks * P * bytes_per_value
+    if free < per_row:
+        need = reserved + per_row
+        raise UsageError(
+            f"--max-memory {max_memory / 2**20:.1f} MiB is too small for P={P:,} and n rows: need at least {need / 2**20:.1f} MiB"
+        )
+    return int(free // per_row)
+
+
+def gram_reserved_bytes(n: int, P: int) -> int:
+    """Bytes held besides the row blocks by :func:`gram_statistics`: K (n, n) and three (P,) float64 vectors."""
+    return 8 * n * n + 3 * 8 * P
+
+
+# --------------------------------------------------------------------------- one-pass statistics
+
+
+@dataclass
+class GramStatistics:
+    """What one pass over G gives (float64).
+
+    ``K``: (n, n) Gram matrix G G^T / n; ``column_sum``: (P,) = G^T 1; ``column_sumsq``: (P,) =
+    column sums of G^2; ``n``, ``P``. Everything in DESIGN section 6 follows from these.
+    """
+
+    K: np.ndarray
+    column_sum: np.ndarray
+    column_sumsq: np.ndarray
+    n: int
+    P: int
+
+    @property
+    def mu(self) -> np.ndarray:
+        """Mean gradient G^T 1 / n, (P,)."""
+        return self.column_sum / self.n
+
+    @property
+    def diag_fisher(self) -> np.ndarray:
+        """diag F = column means of G^2, (P,)."""
+        return self.column_sumsq / self.n
+
+
+def gram_statistics(
+    source: RowSource | Any,
+    max_memory: int = 2**30,
+    compute_dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> GramStatistics:
+    """K = G G^T / n, G^T 1 and column sums of G^2 from row blocks, in bounded memory.
+
+    Block pairs (I, J) with J <= I are multiplied, so a source larger than the budget is read
+    about (number of blocks + 1) / 2 times; when G fits in one block it is read once.
+    ``compute_dtype``: dtype of the block products (default: the block's own dtype, so float32
+    stores use float32 matmuls); products are accumulated in float64. ``progress(done, total)``
+    is called after each block pair.
+    """
+    source = as_row_source(source)
+    n, P = source.n, source.P
+    rows = rows_per_block(P, max_memory, gram_reserved_bytes(n, P), live_blocks=2)
+    rows = min(rows, n)
+    n_blocks = -(-n // rows) if n else 0
+    total_pairs = n_blocks * (n_blocks + 1) // 2
+    K = np.zeros((n, n), dtype=np.float64)
+    column_sum = torch.zeros(P, dtype=torch.float64)
+    column_sumsq = torch.zeros(P, dtype=torch.float64)
+    done = 0
+    a = 0
+    for outer in source.blocks(rows):
+        dtype = compute_dtype or (outer.dtype if outer.is_floating_point() and outer.dtype != torch.float16 else torch.float32)
+        Bi = outer.to(dtype)
+        bi = Bi.shape[0]
+        column_sum += Bi.sum(0, dtype=torch.float64)
+        column_sumsq += Bi.pow(2).sum(0, dtype=torch.float64)
+        K[a : a + bi, a : a + bi] = (Bi @ Bi.T).double().numpy()
+        done += 1
+        if progress:
+            progress(done, total_pairs)
+        b = 0
+        if a > 0:
+            for inner in source.blocks(rows):
+                if b >= a:
+                    break
+                Bj = inner.to(dtype)
+                bj = Bj.shape[0]
+                block = (Bi @ Bj.T).double().numpy()
+                K[a : a + bi, b : b + bj] = block
+                K[b : b + bj, a : a + bi] = block.T
+                b += bj
+                done += 1
+                if progress:
+                    progress(done, total_pairs)
+        a += bi
+    if a != n:
+        raise UsageError(f"row source announced n={n} rows but yielded {a}")
+    K /= max(n, 1)
+    return GramStatistics(K=K, column_sum=column_sum.numpy(), column_sumsq=column_sumsq.numpy(), n=n, P=P)
+
+
+def project_rows(source: RowSource | Any, vectors: torch.Tensor, max_memory: int = 2**30) -> torch.Tensor:
+    """G V for V (P, m): (n, m) float64, one pass."""
+    source = as_row_source(source)
+    V = vectors.double()
+    rows = min(source.n, rows_per_block(source.P, max_memory, 8 * V.numel() * 2, live_blocks=2))
+    return torch.cat([b.double() @ V for b in source.blocks(rows)])
+
+
+def transpose_times(source: RowSource | Any, weights: torch.Tensor, max_memory: int = 2**30) -> torch.Tensor:
+    """G^T W for W (n,) or (n, m): (P,) or (P, m) float64, one pass."""
+    source = as_row_source(source)
+    W = weights.double()
+    out = torch.zeros((source.P,) + tuple(W.shape[1:]), dtype=torch.float64)
+    rows = min(source.n, rows_per_block(source.P, max_memory, 8 * out.numel() * 2, live_blocks=2))
+    a = 0
+    for b in source.blocks(rows):
+        bb = b.shape[0]
+        out += b.double().T @ W[a : a + bb]
+        a += bb
+    return out

@@ -1,0 +1,53 @@
+"""The probe engine: per-sample gradients (torch.func) and the HDF5 gradient store.
+
+Public API (shapes: B samples, P selected parameters, rows concatenate parameters in ``names`` order)::
+
+    select_parameters(unet, regex) -> list[str]
+    param_layout(unet, names) -> ParamLayout            (row <-> named tensors)
+    per_sample_grads(unet, names, x0, noise, t, y, alphas_cumprod, target=None) -> (B, P) float32
+    per_sample_losses(unet, x0, noise, t, y, alphas_cumprod, target=None) -> (B,)
+    mean_gradient(unet, names, x0 | batches, noise, t, y, alphas_cumprod, target=None) -> (P,)
+    directional_derivatives(unet, names, x0, noise, t, y, alphas_cumprod, v) -> (B,)   v: (P,)
+    true_fisher_target(unet, x0, noise, t, y, alphas_cumprod, xi) -> (B, C, H, W)
+    RandomProjection(P, K, seed).project(G) -> (B, K)
+    GradientStore(path): .timesteps .n(t) .P .iter_blocks(t, rows) .load(t) .labels(t) .meta(t)
+                         .param_view(row) .param_names .manifest .checkpoint .inputs(t)
+    extract_gradients(ExtractConfig(...), out, ...) -> ExtractResult   (the ``grads`` command)
+"""
+
+from geomprobe.probe.extract import ExtractConfig, ExtractResult, extract_gradients
+from geomprobe.probe.grads import (
+    ParamLayout,
+    ProbeBatch,
+    chunk_size_for,
+    directional_derivatives,
+    mean_gradient,
+    param_layout,
+    parse_memory,
+    per_sample_grads,
+    per_sample_losses,
+    select_parameters,
+    true_fisher_target,
+)
+from geomprobe.probe.projection import RandomProjection
+from geomprobe.probe.store import GradientStore, key_for
+
+__all__ = [
+    "ExtractConfig",
+    "ExtractResult",
+    "GradientStore",
+    "ParamLayout",
+    "ProbeBatch",
+    "RandomProjection",
+    "chunk_size_for",
+    "directional_derivatives",
+    "extract_gradients",
+    "key_for",
+    "mean_gradient",
+    "param_layout",
+    "parse_memory",
+    "per_sample_grads",
+    "per_sample_losses",
+    "select_parameters",
+    "true_fisher_target",
+]

@@ -1,0 +1,428 @@
+"""The HDF5 gradient store (DESIGN section 5): writer pieces and the :class:`GradientStore` reader.
+
+A store is a directory::
+
+    manifest.json        tool version, command line, seed, config, checkpoint checksum, created
+                         time, keys, P, parameter layout and the shards with their row ranges,
+                         sizes and SHA-256 checksums
+    shard-00000.h5       rows [0, shard_rows) of every key
+    shard-00001.h5       rows [shard_rows, 2 shard_rows) ...
+
+A *key* names one set of rows: ``t700`` for a fixed timestep, ``band-low-snr`` for a band, where
+each row has its own t. Per shard and key::
+
+    grads/{key}              float32 or float16 [n, P], chunked by rows, fletcher32
+    meta/{key}/labels        int64 [n]
+    meta/{key}/sample_index  int64 [n]   row index in the dataset split
+    meta/{key}/loss          float32 [n] per-sample loss at the stored parameters
+    meta/{key}/t             int64 [n]   the timestep of each row
+    meta/{key}/alpha_bar     float64 [n]
+    meta/{key}/x0, noise     float32 [n, C, H, W]  (the inputs: every row is reproducible)
+    meta/{key}/xi            float32 [n, C, H, W]  only for target=true
+
+Attributes of ``grads/{key}``: ``t`` (int, or the band name), ``alpha_bar`` and ``snr`` (for a band:
+their means over the band's timesteps), ``key``. File attributes: ``target``, ``param_names``,
+``param_shapes``, ``param_slices``, ``projection``, ``checkpoint`` (JSON), ``row_start``,
+``row_stop``, ``complete``.
+
+Shards are written to ``shard-NNNNN.h5.tmp`` and renamed when complete (:class:`ShardWriter`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from geomprobe.errors import DataError, UsageError
+
+MANIFEST = "manifest.json"
+STORE_KIND = "geomprobe-gradient-store"
+FORMAT_VERSION = 1
+TARGET_CHUNK_BYTES = 1 << 20
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+def key_for(t: int | str) -> str:
+    """The store key of a timestep (``700 -> 't700'``) or band (``'low-snr' -> 'band-low-snr'``)."""
+    if isinstance(t, (int, np.integer)):
+        return f"t{int(t)}"
+    text = str(t)
+    if text.isdigit():
+        return f"t{text}"
+    if text.startswith("t") and text[1:].isdigit():
+        return text
+    if text.startswith("band-"):
+        return text
+    return f"band-{text}"
+
+
+def key_label(key: str) -> int | str:
+    """Inverse of :func:`key_for` for listing: ``'t700' -> 700``, ``'band-low-snr'`` unchanged."""
+    return int(key[1:]) if key.startswith("t") and key[1:].isdigit() else key
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    """The parsed manifest, ``None`` if there is none; malformed JSON is a :class:`DataError`."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != STORE_KIND:
+        raise DataError(f"{path} is not a geomprobe gradient-store manifest")
+    return manifest
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes one shard to ``<final>.tmp`` and renames it to ``final`` on a clean exit.
+
+    Usage::
+
+        with ShardWriter(path, file_attrs) as w:
+            w.create_key("t700", n, P, "float32", {"t": 700, ...}, sample_shape=(C, H, W), with_xi=False)
+            w.write_rows("t700", a, b, grads=(b-a, P), labels=..., sample_index=..., loss=..., t=...,
+                         alpha_bar=..., x0=..., noise=..., xi=None)
+    """
+
+    def __init__(self, final: str | Path, attrs: dict[str, Any]):
+        self.final = Path(final)
+        self.tmp = self.final.with_name(self.final.name + ".tmp")
+        self.attrs = attrs
+        self.f: h5py.File | None = None
+        self.bytes = 0
+
+    def __enter__(self) -> "ShardWriter":
+        if self.tmp.exists():
+            self.tmp.unlink()
+        self.f = h5py.File(self.tmp, "w")
+        for k, v in self.attrs.items():
+            self.f.attrs[k] = v
+        self.f.attrs["complete"] = False
+        return self
+
+    def create_key(
+        self,
+        key: str,
+        n: int,
+        P: int,
+        dtype: str,
+        key_attrs: dict[str, Any],
+        sample_shape: Sequence[int],
+        with_xi: bool,
+        compression: str | None = None,
+    ) -> None:
+        f = self.f
+        itemsize = np.dtype(dtype).itemsize
+        rows_per_chunk = int(max(1, min(n, TARGET_CHUNK_BYTES // max(1, P * itemsize))))
+        ds = f.create_dataset(
+            f"grads/{key}", shape=(n, P), dtype=dtype, chunks=(rows_per_chunk, P),
+            fletcher32=True, compression=compression,
+        )
+        for k, v in key_attrs.items():
+            ds.attrs[k] = v
+        m = f.require_group(f"meta/{key}")
+        img_chunk = (max(1, min(n, 64)), *sample_shape)
+        for name, dt in (("labels", "int64"), ("sample_index", "int64"), ("t", "int64"), ("loss", "float32"), ("alpha_bar", "float64")):
+            m.create_dataset(name, shape=(n,), dtype=dt, chunks=(max(1, n),), fletcher32=True)
+        for name in ("x0", "noise") + (("xi",) if with_xi else ()):
+            m.create_dataset(name, shape=(n, *sample_shape), dtype="float32", chunks=img_chunk, fletcher32=True)
+
+    def write_rows(self, key: str, a: int, b: int, grads: np.ndarray, **meta: np.ndarray | None) -> None:
+        f = self.f
+        f[f"grads/{key}"][a:b] = grads
+        self.bytes += grads.nbytes
+        for name, value in meta.items():
+            if value is not None:
+                f[f"meta/{key}/{name}"][a:b] = value
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.f.attrs["complete"] = True
+            self.f.close()
+            os.replace(self.tmp, self.final)
+        else:
+            # A crash leaves the .tmp behind (as a kill would); the next run rewrites it.
+            self.f.close()
+
+
+def check_shard(path: str | Path, expected: dict[str, Any], sha256: str | None = None) -> None:
+    """Raise :class:`DataError` unless ``path`` is a complete, uncorrupted shard matching ``expected``.
+
+    ``expected``: ``row_start``, ``row_stop``, ``keys``, ``P``. With ``sha256`` the file checksum is
+    compared; otherwise every dataset is read, so HDF5's fletcher32 checksums cover the data.
+    """
+    path = Path(path)
+    if sha256 is not None:
+        actual = file_sha256(path)
+        if actual != sha256:
+            raise DataError(f"shard {path} is corrupt (SHA-256 {actual[:12]} != manifest {sha256[:12]})")
+    try:
+        with h5py.File(path, "r") as f:
+            if not bool(f.attrs.get("complete", False)):
+                raise DataError(f"shard {path} is incomplete")
+            if int(f.attrs["row_start"]) != expected["row_start"] or int(f.attrs["row_stop"]) != expected["row_stop"]:
+                raise DataError(f"shard {path} holds other rows than the manifest says")
+            n = expected["row_stop"] - expected["row_start"]
+            for key in expected["keys"]:
+                ds = f[f"grads/{key}"]
+                if ds.shape != (n, expected["P"]):
+                    raise DataError(f"shard {path}: grads/{key} has shape {ds.shape}, expected {(n, expected['P'])}")
+                if sha256 is None:
+                    for a in range(0, n, max(1, ds.chunks[0])):
+                        ds[a : a + ds.chunks[0]]
+                    for name, item in f[f"meta/{key}"].items():
+                        item[()]
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"shard {path} is corrupt or truncated: {str(exc).splitlines()[0]}") from None
+
+
+class GradientStore:
+    """Reader of a gradient store directory (see the module docstring for the layout).
+
+    Keys and timesteps: :attr:`timesteps` lists one entry per key, an ``int`` t for fixed-timestep
+    rows (key ``t700`` -> ``700``) and the band label ``'band-low-snr'`` for band rows. Every method
+    taking ``t`` accepts ``700``, ``'700'``, ``'t700'``, ``'band-low-snr'`` or ``'low-snr'``.
+
+    Arrays come back as CPU torch tensors: gradient rows float32 (B, P) (float16 stores are upcast),
+    labels/sample_index/t int64 (n,), loss float32 (n,). Memory: :meth:`iter_blocks` holds one
+    block; :meth:`load` holds the whole (n, P) matrix (small stores only).
+
+    A corrupt or truncated shard raises :class:`DataError` when read; :meth:`verify` checks all
+    shards against the manifest's SHA-256 checksums.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise DataError(f"gradient store not found: {self.path}")
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            raise DataError(f"not a gradient store (no {MANIFEST}): {self.path}")
+        if not manifest.get("complete", False):
+            raise DataError(f"gradient store {self.path} is incomplete; rerun the same grads command to finish it")
+        self.manifest: dict[str, Any] = manifest
+        self._keys: list[str] = list(manifest["keys"])
+        self._shards: list[dict[str, Any]] = list(manifest["shards"])
+        for s in self._shards:
+            if not (self.path / s["file"]).is_file():
+                raise DataError(f"gradient store {self.path}: shard {s['file']} is missing")
+
+    # ---- description
+
+    @property
+    def timesteps(self) -> list[int | str]:
+        """One entry per key: int t (``t700`` -> 700) or the band label (``'band-low-snr'``)."""
+        return [key_label(k) for k in self._keys]
+
+    @property
+    def keys(self) -> list[str]:
+        """The raw keys (``'t700'``, ``'band-low-snr'``)."""
+        return list(self._keys)
+
+    @property
+    def P(self) -> int:
+        """Row length: number of selected parameters, or K for a projected store."""
+        return int(self.manifest["P"])
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.manifest["params"]["names"])
+
+    @property
+    def param_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(s) for s in self.manifest["params"]["shapes"]]
+
+    @property
+    def param_slices(self) -> list[tuple[int, int]]:
+        return [tuple(s) for s in self.manifest["params"]["slices"]]
+
+    @property
+    def projection(self) -> dict[str, Any] | None:
+        """``None`` or ``{"kind": "gaussian", "seed", "K", "P", "block"}``."""
+        return self.manifest.get("projection")
+
+    @property
+    def checkpoint(self) -> dict[str, Any]:
+        """``{"path": ..., "checksum": ...}`` of the model the rows came from."""
+        return dict(self.manifest["checkpoint"])
+
+    @property
+    def target(self) -> str:
+        return str(self.manifest["config"]["target"])
+
+    def key(self, t: int | str) -> str:
+        k = key_for(t)
+        if k not in self._keys:
+            raise UsageError(f"store {self.path} has no rows for {t!r}; it has {', '.join(map(str, self.timesteps))}")
+        return k
+
+    def n(self, t: int | str) -> int:
+        """Number of rows at ``t``."""
+        self.key(t)
+        return int(self.manifest["n"])
+
+    def meta(self, t: int | str) -> dict[str, Any]:
+        """``{"key", "t", "alpha_bar", "snr", "target", "n", "P", "projection", "dtype", "band"}``.
+
+        For a fixed t, ``t``/``alpha_bar``/``snr`` are scalars. For a band, ``t`` is the band label,
+        ``band`` the band name and ``alpha_bar``/``snr`` the means over the band's timesteps; the
+        per-row values are :meth:`row_timesteps` and ``meta_array(t, 'alpha_bar')``.
+        """
+        k = self.key(t)
+        info = dict(self.manifest["key_info"][k])
+        info.update(
+            key=k, target=self.target, n=self.n(t), P=self.P, projection=self.projection,
+            dtype=self.manifest["config"]["dtype"],
+        )
+        return info
+
+    # ---- reading
+
+    def _open(self, shard: dict[str, Any]) -> h5py.File:
+        path = self.path / shard["file"]
+        try:
+            return h5py.File(path, "r")
+        except OSError as exc:
+            raise DataError(f"shard {path} is corrupt or truncated: {str(exc).splitlines()[0]}") from None
+
+    def _read(self, shard: dict[str, Any], name: str, a: int | None = None, b: int | None = None) -> np.ndarray:
+        path = self.path / shard["file"]
+        with self._open(shard) as f:
+            try:
+                ds = f[name]
+                return ds[()] if a is None else ds[a:b]
+            except (OSError, KeyError) as exc:
+                raise DataError(f"shard {path}: cannot read {name}: {str(exc).splitlines()[0]}") from None
+
+    def iter_blocks(
+        self, t: int | str, rows: int = 4096, start: int = 0, stop: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Yield the rows ``start:stop`` of G at ``t`` in order, as float32 blocks of at most ``rows`` rows.
+
+        Each block is a CPU tensor (b, P); blocks never span two shards, so some are shorter.
+        """
+        k = self.key(t)
+        if rows <= 0:
+            raise UsageError(f"rows per block must be positive, got {rows}")
+        n = self.n(t)
+        stop = n if stop is None else min(stop, n)
+        for shard in self._shards:
+            s0, s1 = shard["rows"]
+            a, b = max(start, s0), min(stop, s1)
+            if a >= b:
+                continue
+            path = self.path / shard["file"]
+            with self._open(shard) as f:
+                ds = f[f"grads/{k}"]
+                for r in range(a, b, rows):
+                    e = min(b, r + rows)
+                    try:
+                        block = ds[r - s0 : e - s0]
+                    except OSError as exc:
+                        raise DataError(f"shard {path} is corrupt: {str(exc).splitlines()[0]}") from None
+                    yield torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+
+    def load(self, t: int | str) -> torch.Tensor:
+        """All rows at ``t``: (n, P) float32. Holds the whole matrix; prefer :meth:`iter_blocks`."""
+        blocks = list(self.iter_blocks(t))
+        return torch.cat(blocks) if blocks else torch.empty(0, self.P)
+
+    def meta_array(self, t: int | str, name: str) -> torch.Tensor:
+        """``meta/{key}/{name}`` concatenated over shards (labels, sample_index, loss, t, alpha_bar,
+        x0, noise, xi)."""
+        k = self.key(t)
+        parts = [self._read(s, f"meta/{k}/{name}") for s in self._shards]
+        return torch.from_numpy(np.concatenate(parts))
+
+    def labels(self, t: int | str) -> torch.Tensor:
+        """(n,) int64 class labels of the rows."""
+        return self.meta_array(t, "labels")
+
+    def sample_index(self, t: int | str) -> torch.Tensor:
+        """(n,) int64 row indices into the dataset split."""
+        return self.meta_array(t, "sample_index")
+
+    def losses(self, t: int | str) -> torch.Tensor:
+        """(n,) float32 per-sample losses."""
+        return self.meta_array(t, "loss")
+
+    def row_timesteps(self, t: int | str) -> torch.Tensor:
+        """(n,) int64 timestep of every row (constant for a fixed t, drawn per row for a band)."""
+        return self.meta_array(t, "t")
+
+    def inputs(self, t: int | str, start: int = 0, stop: int | None = None):
+        """The stored probe inputs of rows ``start:stop`` as a :class:`geomprobe.probe.grads.ProbeBatch`.
+
+        With the checkpoint, ``per_sample_grads`` on this batch reproduces the rows (for a
+        target=true store, ``target`` is rebuilt from the stored xi).
+        """
+        from geomprobe.probe.grads import ProbeBatch
+
+        k = self.key(t)
+        stop = self.n(t) if stop is None else stop
+        out: dict[str, list[np.ndarray]] = {"x0": [], "noise": [], "t": [], "labels": [], "xi": []}
+        with_xi = self.target == "true"
+        for s in self._shards:
+            s0, s1 = s["rows"]
+            a, b = max(start, s0), min(stop, s1)
+            if a >= b:
+                continue
+            for name in out:
+                if name == "xi" and not with_xi:
+                    continue
+                out[name].append(self._read(s, f"meta/{k}/{name}", a - s0, b - s0))
+        cat = {n: torch.from_numpy(np.concatenate(v)) for n, v in out.items() if v}
+        return ProbeBatch(cat["x0"], cat["noise"], cat["t"], cat["labels"], cat.get("xi"))
+
+    def param_view(self, row: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """Map a flat row (P,) back to ``{parameter name: tensor of its shape}``."""
+        if self.projection:
+            raise UsageError("rows of a projected store (--project) do not map back to parameters")
+        row = torch.as_tensor(row)
+        if row.shape != (self.P,):
+            raise UsageError(f"row has shape {tuple(row.shape)}, expected ({self.P},)")
+        return {
+            n: row[a:b].reshape(shape)
+            for n, shape, (a, b) in zip(self.param_names, self.param_shapes, self.param_slices)
+        }
+
+    def verify(self) -> None:
+        """Check every shard's SHA-256 against the manifest; raise :class:`DataError` on a mismatch."""
+        for s in self._shards:
+            check_shard(
+                self.path / s["file"],
+                {"row_start": s["rows"][0], "row_stop": s["rows"][1], "keys": self._keys, "P": self.P},
+                sha256=s.get("sha256"),
+            )
+
+    def __repr__(self) -> str:
+        return f"GradientStore({str(self.path)!r}, keys={self.timesteps}, n={self.manifest['n']}, P={self.P})"

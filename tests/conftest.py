@@ -1,0 +1,20 @@
+"""Shared fixtures: tiny models and data so the suite runs in minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores: keep torch from oversubscribing when pytest runs next to other work.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def tiny_unet():
+    """small1 at 8 px, 1 channel, 10 classes (about 40k parameters), fixed seed."""
+    from geomprobe.models import build_unet
+
+    torch.manual_seed(0)
+    return build_unet("small1", 8, 1, 10)

@@ -1,0 +1,155 @@
+"""Per-sample gradients, mean gradient, directional derivatives and the random projection,
+each against an independent reference (explicit loop, dense G, closed-form JL bound)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from geomprobe.diffusion import per_sample_loss
+from geomprobe.errors import UsageError
+from geomprobe.models import build_scheduler
+from geomprobe.probe import (
+    RandomProjection,
+    directional_derivatives,
+    mean_gradient,
+    param_layout,
+    per_sample_grads,
+    select_parameters,
+    true_fisher_target,
+)
+
+
+def micro_unet(num_classes: int = 10) -> UNet2DModel:
+    """A UNet2DModel with a few thousand parameters (8 px, blocks of 4 and 8 channels)."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), block_out_channels=(4, 8), layers_per_block=1,
+        norm_num_groups=4, add_attention=False, num_class_embeds=num_classes,
+    )
+
+
+@pytest.fixture(scope="module")
+def setup():
+    unet = micro_unet()
+    ac = build_scheduler().alphas_cumprod
+    g = torch.Generator().manual_seed(1)
+    B = 6
+    x0 = torch.rand(B, 1, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(B, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 250, 500, 700, 999])  # every row its own t, as in a band
+    y = torch.randint(0, 10, (B,), generator=g)
+    return unet, ac, x0, noise, t, y
+
+
+def loop_grads(unet, names, x0, noise, t, y, ac, target=None):
+    """Reference: one ordinary backward pass per sample (B, P)."""
+    params = dict(unet.named_parameters())
+    rows = []
+    for i in range(len(x0)):
+        unet.zero_grad(set_to_none=True)
+        tgt = None if target is None else target[i : i + 1]
+        per_sample_loss(unet, x0[i : i + 1], noise[i : i + 1], t[i : i + 1], y[i : i + 1], ac, target=tgt).sum().backward()
+        rows.append(torch.cat([params[n].grad.reshape(-1) for n in names]))
+    unet.zero_grad(set_to_none=True)
+    return torch.stack(rows)
+
+
+def rel_err(a, b):
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
+
+
+@pytest.mark.parametrize("regex", [None, r"conv_in|class_embedding|up_blocks\.0\.resnets\.0\.norm1"])
+def test_rows_equal_explicit_loop(setup, regex):
+    unet, ac, x0, noise, t, y = setup
+    names = select_parameters(unet, regex)
+    G = per_sample_grads(unet, names, x0, noise, t, y, ac)
+    assert G.dtype == torch.float32 and G.shape == (len(x0), param_layout(unet, names).P)
+    assert rel_err(G, loop_grads(unet, names, x0, noise, t, y, ac)) < 1e-5
+
+
+def test_true_fisher_target_rows_equal_loop(setup):
+    unet, ac, x0, noise, t, y = setup
+    names = select_parameters(unet)
+    xi = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    target = true_fisher_target(unet, x0, noise, t, y, ac, xi)
+    G = per_sample_grads(unet, names, x0, noise, t, y, ac, target=target)
+    assert rel_err(G, loop_grads(unet, names, x0, noise, t, y, ac, target=target)) < 1e-5
+
+
+def test_chunking_and_losses(setup):
+    unet, ac, x0, noise, t, y = setup
+    names = select_parameters(unet)
+    G1, l1 = per_sample_grads(unet, names, x0, noise, t, y, ac, chunk_size=1, return_losses=True)
+    G4 = per_sample_grads(unet, names, x0, noise, t, y, ac, chunk_size=4)
+    assert rel_err(G4, G1) < 1e-5
+    with torch.no_grad():
+        ref = per_sample_loss(unet, x0, noise, t, y, ac)
+    torch.testing.assert_close(l1, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_gradient_equals_mean_of_rows(setup):
+    unet, ac, x0, noise, t, y = setup
+    names = select_parameters(unet)
+    G = per_sample_grads(unet, names, x0, noise, t, y, ac)
+    mu = mean_gradient(unet, names, x0, noise, t, y, ac)
+    assert mu.shape == (G.shape[1],)
+    assert ((mu - G.mean(0)).norm() / G.mean(0).norm()).item() < 1e-5
+    # the same mean from unequal batches, weighted by size
+    batches = [(x0[:2], noise[:2], t[:2], y[:2]), (x0[2:], noise[2:], t[2:], y[2:])]
+    mu2 = mean_gradient(unet, names, batches, alphas_cumprod=ac)
+    assert ((mu2 - G.mean(0)).norm() / G.mean(0).norm()).item() < 1e-5
+
+
+def test_directional_derivatives_equal_G_v(setup):
+    unet, ac, x0, noise, t, y = setup
+    names = select_parameters(unet, r"^(conv_in|conv_out|time_embedding)")
+    G = per_sample_grads(unet, names, x0, noise, t, y, ac)
+    v = torch.randn(G.shape[1], generator=torch.Generator().manual_seed(3))
+    dots = directional_derivatives(unet, names, x0, noise, t, y, ac, v)
+    ref = G.double() @ v.double()
+    assert dots.shape == (len(x0),)
+    assert ((dots.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    with pytest.raises(UsageError):
+        directional_derivatives(unet, names, x0, noise, t, y, ac, v[:-1])
+
+
+def test_param_layout_round_trip(setup):
+    unet = setup[0]
+    names = select_parameters(unet, "conv")
+    layout = param_layout(unet, names)
+    params = dict(unet.named_parameters())
+    flat = layout.flatten({n: params[n].detach() for n in names})
+    assert flat.shape == (layout.P,)
+    for n, tensor in layout.view(flat).items():
+        assert torch.equal(tensor, params[n].detach())
+    assert names == [n for n, _ in unet.named_parameters() if "conv" in n]
+
+
+def test_select_parameters_errors(setup):
+    unet = setup[0]
+    with pytest.raises(UsageError, match="malformed"):
+        select_parameters(unet, "(")
+    with pytest.raises(UsageError, match="selects no parameter"):
+        select_parameters(unet, "no_such_layer")
+
+
+def test_projection_preserves_inner_products():
+    """JL: for R (K, P) ~ N(0, 1/K), |<Ra, Rb> - <a, b>| <= c sqrt(2/K) ||a|| ||b|| w.h.p.; c = 4 here."""
+    P, K = 3000, 400
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(12, P, generator=gen) + 0.3 * torch.randn(1, P, generator=gen)
+    proj = RandomProjection(P, K, seed=7, block=1000)
+    Z = proj.project(A)
+    R = proj.matrix()
+    torch.testing.assert_close(Z, A @ R.T, rtol=1e-4, atol=1e-4)
+    exact, approx = A @ A.T, Z @ Z.T
+    norms = A.norm(dim=1)
+    bound = 4 * (2 / K) ** 0.5 * torch.outer(norms, norms)
+    assert ((approx - exact).abs() <= bound).all()
+    # seeded: the same R whatever the row batching
+    torch.testing.assert_close(RandomProjection(P, K, seed=7, block=1000).project(A[:3]), Z[:3])
+    with pytest.raises(UsageError):
+        RandomProjection(P, P, seed=0)
