@@ -234,6 +234,8 @@ def reproduce(
     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<preset>)"),
     with_continual: bool = typer.Option(False, "--with-continual", help="also run the continual-learning comparison (Fig. 4, Tables)"),
     data_root: Optional[Path] = typer.Option(None, help="dataset files for the paper preset (MNIST IDX files)"),
+    steps: Optional[int] = typer.Option(None, help="override the preset's training steps (quick: 3000)"),
+    samples: Optional[int] = typer.Option(None, help="override the preset's samples per timestep (quick: 1024)"),
     seed: int = typer.Option(0, help="random seed of training, probing and continual runs"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress display or table"),
@@ -264,8 +266,9 @@ def reproduce(
                 prog.update(tasks[stage], total=task.total or 1, completed=task.total or 1, info=status)
                 prog.stop_task(tasks[stage])
 
+        overrides = {k: v for k, v in (("train_steps", steps), ("samples", samples)) if v is not None}
         result = run_reproduce(chosen, out, with_continual=with_continual, seed=seed, device=device,
-                               data_root=str(data_root) if data_root else None, progress=_Display())
+                               data_root=str(data_root) if data_root else None, progress=_Display(), **overrides)
     table = Table(title=f"reproduce --preset {chosen.name}: {result.out} ({result.seconds:.0f} s)")
     for col in ("stage", "status", "seconds", "output"):
         table.add_column(col)
@@ -372,6 +375,70 @@ def continual(
             grid.add_row(str(k), *[f"{row[i]:.1f}" if i in row else "" for i in range(config.tasks)], f"{res.seeds[0].afid[str(k + 1)]:.1f}")
         console(quiet).print(grid)
     console(quiet).print(f"wrote {out}/metrics.jsonl")
+
+
+# ---------------------------------------------------------------- spectrum (analysis)
+
+
+@app.command()
+def spectrum(
+    grads_store: Path = typer.Option(..., "--grads", help="gradient store directory (written by `geomprobe grads`)"),
+    t_range: Optional[str] = typer.Option(None, "--t-range", help="t-spec or band to analyse (default: every key of the store)"),
+    top_k: int = typer.Option(5, "--top-k", help="eigenvalues per t, and the rank of the best rank-k error"),
+    as_json: bool = typer.Option(False, "--json", help="print spectrum.json to stdout instead of the table"),
+    centered: bool = typer.Option(False, "--centered", help="covariance (G - 1 mu^T) instead of the second moment"),
+    max_memory: Optional[str] = typer.Option(None, help="memory for one t: two row blocks + the n x n Gram matrix, e.g. 512M"),
+    out: Optional[Path] = typer.Option(None, "--out", help="directory for spectrum.json and cosine_maps.h5 (default: the store)"),
+    model: bool = typer.Option(True, "--model/--no-model", help="compute the scaled-identity MSE with the store's checkpoint"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
+) -> None:
+    """Fisher spectra per t from a gradient store: gaps, rank-1/diag/rank-k errors, cosine maps."""
+    from geomprobe.analysis import analyze_store, select_entries, write_spectrum
+    from geomprobe.models import resolve_device
+    from geomprobe.probe import GradientStore
+
+    store = GradientStore(grads_store)
+    total = len(select_entries(store, t_range))
+    finished: set[str] = set()
+    with progress_bar("spectrum", total, quiet or as_json) as update:
+
+        def on_block(name: str, done: int, pairs: int) -> None:
+            if done == pairs:
+                finished.add(name)
+            update(len(finished), key=name, blocks=f"{done}/{pairs}")
+
+        result = analyze_store(
+            store, t_range=t_range, top_k=top_k, centered=centered, max_memory=max_memory, with_model=model,
+            progress=on_block, device=str(resolve_device(device)),
+        )
+    json_path, maps_path = write_spectrum(result, store, out)
+    report = result.to_json()
+    if as_json:
+        print_json(report)
+        return
+    con = console(quiet)
+    kind = "covariance" if centered else "empirical Fisher"
+    table = Table(title=f"{kind} spectrum of {store.path} (P={store.P:,})")
+    k = top_k
+    for col in ("t", "SNR", "n", *[f"λ{j + 1}" for j in range(k)], "λ2/λ1", "λ1/Σλ", "err_diag", "err_rank1", f"err_rank{k}", "med |cos|", "cos(v1,μ)", "id-MSE"):
+        table.add_column(col, justify="right")
+
+    def fmt(x, spec=".3g"):
+        return "–" if x is None else format(x, spec)
+
+    for row in report["rows"]:
+        eig = row["eigenvalues"] + [None] * (k - len(row["eigenvalues"]))
+        table.add_row(
+            str(row["t"]), fmt(row["snr"]), str(row["n"]), *[fmt(e) for e in eig[:k]],
+            fmt(row["lambda2_over_lambda1"]), fmt(row["lambda1_over_trace"]), fmt(row["rel_err_diag"]),
+            fmt(row["rel_err_rank1"]), fmt(row["rel_err_rankk"][str(k)]), fmt(row["cos_to_mean"]["median"]),
+            fmt(row["cos_v1_mu"]), fmt(row["scaled_identity_mse"]),
+        )
+    con.print(table)
+    for note in result.notes:
+        con.print(f"note: {note}")
+    con.print(f"wrote {json_path} and {maps_path}")
 
 
 # ---------------------------------------------------------------- entry point

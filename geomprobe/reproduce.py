@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
-from geomprobe.errors import DataError, UsageError
+from geomprobe.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,16 @@ PRESETS: dict[str, ReproducePreset] = {
     "quick": ReproducePreset(
         name="quick", dataset="digits", image_size=16, models=("small3",), train_steps=3000, lr=1e-3,
         batch_size=128, t_spec="100..900", samples=1024, top_k=5,
-        continual_options={"num_tasks": 5},
+        continual_options={"tasks": 5},
         description="digits 16 px, Small-3, 3000 steps at lr 1e-3 (minutes on 2 CPU cores)",
     ),
     "paper": ReproducePreset(
         name="paper", dataset="mnist", image_size=32, models=("base", "small1", "small3"),
         # 200 epochs of 60,000 images at batch 128 (paper App. D)
         train_steps=200 * 469, lr=2e-4, batch_size=128, t_spec="100..900", samples=1024, top_k=5,
-        continual_options={"num_tasks": 5},
+        # paper section 4.3: the `cl` UNet, 200 epochs per task (12,000 images at batch 128), lr 2e-4
+        continual_options={"model": "cl", "tasks": 5, "steps_per_task": 200 * 94, "lr": 2e-4, "replay_per_class": 5000,
+                           "n_generated": 1000},
         description="MNIST 32 px (--data-root), base + Small-1 + Small-3, 200 epochs at lr 2e-4 (GPU hours)",
     ),
 }
@@ -192,6 +194,7 @@ def grads_stage(preset: ReproducePreset, model: str, ckpt: Path, store: Path, se
 def spectrum_stage(model: str, store: Path, top_k: int, device: str, progress: StageProgress) -> str:
     """spectrum.json and cosine_maps.h5 for ``store``; skipped when both are newer than the store's manifest."""
     from geomprobe.analysis import COSINE_MAPS, SPECTRUM_JSON, analyze_store, write_spectrum
+    from geomprobe.probe import GradientStore
     from geomprobe.probe.store import read_manifest
 
     key = f"spectrum:{model}"
@@ -210,20 +213,26 @@ def spectrum_stage(model: str, store: Path, top_k: int, device: str, progress: S
             finished.append(name)
         progress.update(key, len(finished), len(keys), info=name)
 
-    result = analyze_store(store, top_k=top_k, device=device, progress=on_progress)
-    write_spectrum(result, store)
+    gradient_store = GradientStore(store)
+    result = analyze_store(gradient_store, top_k=top_k, device=device, progress=on_progress)
+    write_spectrum(result, gradient_store)
     return "done"
 
 
 def continual_stage(preset: ReproducePreset, out: Path, seed: int, device: str, data_root: str | None,
                     progress: StageProgress) -> str:
     """The paper's strategy comparison (``geomprobe continual --compare``) into ``out``; it resumes by itself."""
-    from geomprobe.continual import compare_strategies
+    from geomprobe.continual import COMPARE_STRATEGIES, ContinualConfig, run_compare
+    from geomprobe.continual.runner import total_steps
 
-    key = "continual"
-    progress.start(key, "continual --compare", 1)
-    compare_strategies(dataset=preset.dataset, out=out, seeds=[seed], device=device, data_root=data_root,
-                       progress=lambda done, total, **f: progress.update(key, done, total), **preset.continual_options)
+    options = {"model": preset.models[0], **preset.continual_options}
+    config = ContinualConfig(dataset=preset.dataset, image_size=preset.image_size, data_root=data_root, **options)
+    config.validate()
+    total = total_steps(config, [seed]) * len(COMPARE_STRATEGIES)
+    progress.start("continual", "continual --compare", total)
+    run_compare(config, out, seeds=[seed], resume=True, device=device,
+                progress=lambda done, fields: progress.update("continual", done, total,
+                                                              info=" ".join(f"{k}={v}" for k, v in fields.items())))
     return "done"
 
 

@@ -68,6 +68,18 @@ def test_spectrum_matches_dense_computation(centered, shape):
     assert summary["median"] == pytest.approx(np.median(np.abs(ref["cos_to_mean"])))
 
 
+def test_top_eigenvalues_lanczos_path_matches_eigh():
+    """n >= 256 takes the Lanczos path on K; compare with the full LAPACK decomposition."""
+    from geomprobe.analysis import top_eigenvalues
+
+    G = make_gradients(n=400, p=300, seed=9)
+    K = G @ G.T / 400
+    w, U = top_eigenvalues(K, 5)
+    ref_w, ref_U = np.linalg.eigh(K)
+    np.testing.assert_allclose(w, ref_w[::-1][:5], rtol=1e-10)
+    np.testing.assert_allclose(np.abs(np.sum(U * ref_U[:, ::-1][:, :5], axis=0)), 1.0, atol=1e-8)
+
+
 def test_spectrum_blockwise_equals_single_block():
     """Streaming through 9-row blocks (forced by --max-memory) gives the same numbers."""
     G = make_gradients(n=50, p=40)

@@ -69,22 +69,42 @@ FORGETTING = {"gd": {0: 3.0, 1: 5.0}, "rank1+gd": {0: 0.5, 1: 0.7}, "rank3+gd": 
 
 
 def write_metrics(run: Path) -> Path:
-    """metrics.jsonl rows (DESIGN section 9): per-task FID rows then one summary row per strategy and seed."""
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "manifest.json").write_text(json.dumps({"config": {"dataset": "digits", "model": "small3"}}))
-    lines = []
+    """The --compare layout of the runner: one directory per strategy with manifest.json, metrics.jsonl
+    (all seeds) and seed-{s}/metrics.jsonl (the same rows again, which must not count twice).
+    Rows as DESIGN section 9: per-task FID rows, then one summary row per strategy and seed."""
     for strategy, per_seed in STRATEGY_AFID.items():
+        directory = run / strategy
+        all_rows = []
         for seed, afid in per_seed.items():
+            rows = []
             for k in range(3):
                 for i in range(k + 1):
-                    lines.append({"seed": seed, "strategy": strategy, "after_task": k, "task": i,
-                                  "fid": afid[k] + i, "accuracy": 0.9, "n_generated": 64, "n_reference": 64,
-                                  "feature_net": "digits-classifier@abc"})
-            lines.append({"seed": seed, "strategy": strategy, "summary": True,
-                          "afid": {str(k + 1): v for k, v in enumerate(afid)}, "forgetting": FORGETTING[strategy][seed]})
-    path = run / "metrics.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
+                    rows.append({"seed": seed, "strategy": strategy, "after_task": k, "task": i,
+                                 "fid": afid[k] + i, "accuracy": 0.9, "n_generated": 64, "n_reference": 64,
+                                 "feature_net": "digits-classifier@abc"})
+            rows.append({"seed": seed, "strategy": strategy, "summary": True,
+                         "afid": {str(k + 1): v for k, v in enumerate(afid)}, "forgetting": FORGETTING[strategy][seed]})
+            (directory / f"seed-{seed}").mkdir(parents=True, exist_ok=True)
+            (directory / f"seed-{seed}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            all_rows += rows
+        (directory / "manifest.json").write_text(json.dumps(
+            {"strategy": strategy, "config": {"dataset": "digits", "model": "small3"}, "seeds": list(per_seed)}))
+        (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_rows))
+    return run
+
+
+def write_samples(run: Path, strategies=("gd", "rank1+gd"), tasks: int = 3) -> None:
+    """seed-0/samples.h5 per strategy: 4 samples of each class seen so far (2 classes per task), 8x8 px."""
+    rng = np.random.default_rng(1)
+    for strategy in strategies:
+        directory = run / strategy / "seed-0"
+        directory.mkdir(parents=True, exist_ok=True)
+        (run / strategy / "manifest.json").write_text(json.dumps({"strategy": strategy, "config": {"dataset": "digits"}}))
+        with h5py.File(directory / "samples.h5", "w") as f:
+            for k in range(tasks):
+                labels = np.repeat(np.arange(2 * (k + 1)), 4)
+                f[f"after_task{k}/images"] = rng.uniform(-1, 1, (labels.size, 1, 8, 8)).astype(np.float32)
+                f[f"after_task{k}/labels"] = labels
 
 
 def assert_figure(out: Path, stem: str, size_px: tuple[int, int]) -> None:
@@ -107,7 +127,7 @@ def spectrum_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return gf.read_metrics([write_metrics(tmp_path_factory.mktemp("cl") / "cl")])
+    return gf.results.find_continual([write_metrics(tmp_path_factory.mktemp("cl") / "cl")])
 
 
 @pytest.mark.parametrize(
@@ -169,10 +189,22 @@ def mean_se(values):
     return v.mean(), v.std(ddof=1) / math.sqrt(v.size)
 
 
+def test_fig5_from_stored_samples_and_its_absence(tmp_path):
+    with pytest.raises(DataError, match="samples.h5"):
+        gf.figures_samples.find_sample_grids([tmp_path])
+    write_samples(tmp_path / "cl")
+    samples = gf.figures_samples.find_sample_grids([tmp_path / "cl"])
+    gf.fig5_samples_across_tasks(samples, tmp_path / "out")
+    # 2 classes (0 from task 0, 2 from task 1) x 2 strategies, 3 task columns
+    width, height = gf.figures_samples.fig5_layout(2, 2, 3)
+    assert_figure(tmp_path / "out", "fig5_samples_across_tasks", (round(width * 150), round(height * 150)))
+    assert "class(es) 0, 2" in (tmp_path / "out" / "fig5_samples_across_tasks.txt").read_text()
+
+
 def test_table1_matches_the_synthetic_numbers(runs, tmp_path):
     gf.table1_final_afid(runs, tmp_path)
     rows = {r["strategy"]: r for r in read_csv(tmp_path / "table1.csv")}
-    assert set(rows) == set(STRATEGY_AFID)
+    assert set(rows) == set(STRATEGY_AFID) and len(read_csv(tmp_path / "table1.csv")) == len(STRATEGY_AFID)
     for strategy, per_seed in STRATEGY_AFID.items():
         afid_mean, afid_se = mean_se([v[-1] for v in per_seed.values()])
         f_mean, f_se = mean_se(list(FORGETTING[strategy].values()))
@@ -222,10 +254,27 @@ def test_missing_inputs_name_the_producing_command(tmp_path):
 def test_make_figures_discovers_everything_and_reports_what_it_skipped(tmp_path):
     write_spectrum(tmp_path / "runs" / "quick")
     write_metrics(tmp_path / "runs" / "cl")
+    write_samples(tmp_path / "runs" / "cl")
     report = gf.make_figures([tmp_path / "runs"], tmp_path / "figures")
     names = {fig.name for fig in report.made}
     assert {"fig1_scaled_identity_mse", "fig2_cosine_maps", "fig3a_mu_cosine", "fig3b_eigenvalues",
             "fig3c_eigengap_ratio", "fig3d_approximation_errors", "fig4_average_fid", "fig7_task_fid_digits",
-            "table1", "table5", "table6"} <= names
+            "table1", "table5", "table6", "fig5_samples_across_tasks"} <= names
     skipped = dict(report.skipped)
     assert "fig6" in skipped and "geomprobe train --model small1" in skipped["fig6"]
+
+
+def test_cli_figures_writes_files_and_fails_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from geomprobe.cli import app
+
+    write_spectrum(tmp_path / "a")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["figures", "--from", str(tmp_path / "a"), "--out", str(tmp_path / "figs"), "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert "fig3c_eigengap_ratio" in json.loads(ok.stdout)["figures"]
+    (tmp_path / "empty").mkdir()
+    bad = runner.invoke(app, ["figures", "--from", str(tmp_path / "empty"), "--out", str(tmp_path / "figs")])
+    assert bad.exit_code == 3
+    assert "geomprobe spectrum" in bad.output and "Traceback" not in bad.output

@@ -132,7 +132,7 @@ def test_save_load_round_trip(kind, tmp_path):
     assert loaded.info.t_range == "700"
     assert loaded.info.checkpoint == {"path": "runs/x", "checksum": "abc123"}
     assert loaded.info.param_names == ["w", "b"] and loaded.info.param_shapes == [[6, 5], [6]]
-    assert loaded.info.n == (N if kind not in ("dense", "diagonal", "rank1", "lowrank") or fisher.info.n else 0)
+    assert loaded.info.n == N
     v = torch.from_numpy(np.random.default_rng(2).standard_normal(P))
     close(loaded.mv(v), fisher.mv(v).detach().numpy())
     assert type(fisher).load(path).kind == fisher.kind

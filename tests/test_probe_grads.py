@@ -62,21 +62,40 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("regex", [None, r"conv_in|class_embedding|up_blocks\.0\.resnets\.0\.norm1"])
-def test_rows_equal_explicit_loop(setup, regex):
+@pytest.mark.parametrize("engine", ["vmap", "layerwise"])
+def test_rows_equal_explicit_loop(setup, regex, engine):
     unet, ac, x0, noise, t, y = setup
     names = select_parameters(unet, regex)
-    G = per_sample_grads(unet, names, x0, noise, t, y, ac)
+    G = per_sample_grads(unet, names, x0, noise, t, y, ac, engine=engine)
     assert G.dtype == torch.float32 and G.shape == (len(x0), param_layout(unet, names).P)
     assert rel_err(G, loop_grads(unet, names, x0, noise, t, y, ac)) < 1e-5
 
 
-def test_true_fisher_target_rows_equal_loop(setup):
+@pytest.mark.parametrize("engine", ["vmap", "layerwise"])
+def test_true_fisher_target_rows_equal_loop(setup, engine):
     unet, ac, x0, noise, t, y = setup
     names = select_parameters(unet)
     xi = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
     target = true_fisher_target(unet, x0, noise, t, y, ac, xi)
-    G = per_sample_grads(unet, names, x0, noise, t, y, ac, target=target)
+    G = per_sample_grads(unet, names, x0, noise, t, y, ac, target=target, engine=engine)
     assert rel_err(G, loop_grads(unet, names, x0, noise, t, y, ac, target=target)) < 1e-5
+
+
+def test_engines_agree_on_a_preset_and_losses():
+    """small1 at 8 px (every module type of the presets): layerwise rows == vmap rows; losses equal."""
+    from geomprobe.models import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet("small1", 8, 1, 10)
+    ac = build_scheduler().alphas_cumprod
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(5, 1, 8, 8, generator=g), torch.randn(5, 1, 8, 8, generator=g)
+    t, y = torch.tensor([3, 200, 450, 800, 990]), torch.tensor([0, 9, 4, 4, 1])
+    names = select_parameters(unet)
+    Gv, lv = per_sample_grads(unet, names, x0, noise, t, y, ac, engine="vmap", return_losses=True)
+    Gl, ll = per_sample_grads(unet, names, x0, noise, t, y, ac, engine="layerwise", return_losses=True, chunk_size=2)
+    assert rel_err(Gl, Gv) < 1e-5
+    torch.testing.assert_close(ll, lv, rtol=1e-5, atol=1e-6)
 
 
 def test_chunking_and_losses(setup):
@@ -153,3 +172,39 @@ def test_projection_preserves_inner_products():
     torch.testing.assert_close(RandomProjection(P, K, seed=7, block=1000).project(A[:3]), Z[:3])
     with pytest.raises(UsageError):
         RandomProjection(P, P, seed=0)
+
+
+def test_frozen_model_and_engine_fallback(setup):
+    """A frozen model (requires_grad False) gives the same rows; 'auto' falls back to vmap when a
+    module runs twice in one forward (the layerwise engine cannot attribute its gradient)."""
+    unet, ac, x0, noise, t, y = setup
+    names = select_parameters(unet, "conv_in|time_embedding")
+    ref = per_sample_grads(unet, names, x0, noise, t, y, ac, engine="vmap")
+    unet.requires_grad_(False)
+    try:
+        G = per_sample_grads(unet, names, x0, noise, t, y, ac, engine="layerwise")
+    finally:
+        unet.requires_grad_(True)
+    assert rel_err(G, ref) < 1e-5
+    assert all(p.requires_grad for p in unet.parameters())
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+            self.config = type("C", (), {"num_class_embeds": None})()
+
+        def forward(self, x, t):
+            return type("O", (), {"sample": self.lin(self.lin(x))})()
+
+    torch.manual_seed(0)
+    model = Twice()
+    xs, ns = torch.randn(4, 1, 1, 3), torch.randn(4, 1, 1, 3)
+    ts, ys = torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+    ac1 = torch.full((1,), 0.5)
+    names = select_parameters(model)
+    G_auto = per_sample_grads(model, names, xs, ns, ts, ys, ac1)
+    G_vmap = per_sample_grads(model, names, xs, ns, ts, ys, ac1, engine="vmap")
+    assert rel_err(G_auto, G_vmap) < 1e-6
+    with pytest.raises(UsageError, match="layerwise"):
+        per_sample_grads(model, names, xs, ns, ts, ys, ac1, engine="layerwise")

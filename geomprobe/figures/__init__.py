@@ -34,7 +34,8 @@ from geomprobe.figures.results import (
     read_metrics,
     read_spectrum,
 )
-from geomprobe.figures.samples import fig5_samples_across_tasks, find_sample_grids
+from geomprobe.figures import samples as figures_samples
+from geomprobe.figures.samples import fig5_samples_across_tasks, find_sample_grids, read_samples
 from geomprobe.figures.spectra import (
     fig1_scaled_identity_mse,
     fig2_cosine_maps,
@@ -65,6 +66,7 @@ __all__ = [
     "read_spectrum",
     "read_cosine_maps",
     "read_metrics",
+    "read_samples",
     "SpectrumResult",
     "ContinualRuns",
 ]

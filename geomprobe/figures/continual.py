@@ -222,9 +222,9 @@ def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def _write_table(out_dir: Path, stem: str, title: str, note: str, md_header, md_rows, csv_header, csv_rows,
                  paths: list[Path]) -> FigureOutput:
-    from geomprobe.figures.style import _display_path
+    from geomprobe.figures.style import display_path
 
-    sources = ", ".join(_display_path(p) for p in paths)
+    sources = ", ".join(display_path(p) for p in paths)
     md = f"**{title}**\n\n" + _markdown(md_header, md_rows) + f"\n{note}\n\nData source: {sources}\n"
     files = [atomic_write_text(out_dir / f"{stem}.md", md), atomic_write_text(out_dir / f"{stem}.csv", _csv_text(csv_header, csv_rows))]
     return FigureOutput(stem, files, paths)
@@ -264,18 +264,13 @@ def table1_final_afid(runs, out_dir: str | Path, stem: str = "table1") -> Figure
                         csv_rows, paths)
 
 
-RANK_STRATEGY = re.compile(r"^rank(?P<k>\d+|k)(?:@(?P<k2>\d+))?\+gd$")
+RANK_STRATEGY = re.compile(r"^rank(?P<k>\d+)\+gd$")
 
 
 def rank_of_strategy(strategy: str) -> int | None:
-    """k of a low-rank EWC + distillation strategy (``rank1+gd``, ``rank3+gd``, ``rankk@3+gd``), else None."""
-    m = RANK_STRATEGY.match(strategy.replace("+gd", "") + "+gd") if strategy.endswith("+gd") else None
-    if m is None:
-        return None
-    k = m.group("k")
-    if k == "k":
-        return int(m.group("k2")) if m.group("k2") else None
-    return int(k)
+    """k of a rank-k EWC + distillation strategy as the runner names it (``rank1+gd``, ``rank5+gd``), else None."""
+    m = RANK_STRATEGY.match(strategy)
+    return int(m.group("k")) if m else None
 
 
 def table5_low_rank(runs, out_dir: str | Path, stem: str = "table5") -> FigureOutput:
@@ -285,7 +280,7 @@ def table5_low_rank(runs, out_dir: str | Path, stem: str = "table5") -> FigureOu
     if not any(rank_of_strategy(s) not in (None, 1) for _, s in selected):
         raise DataError(
             "Table 5 needs continual runs with low-rank EWC of rank >= 2 and distillation, e.g. "
-            "geomprobe continual --dataset digits --fisher rankk --rank 3 --gd --out runs/cl-rank3 "
+            "geomprobe continual --dataset digits --fisher rankk --rank 3 --gd --out runs/cl/rank3+gd "
             "(next to a rank1 --gd run)"
         )
     datasets = [r for r in runs if any(rr is r for rr, _ in selected)]
@@ -313,7 +308,7 @@ def table5_low_rank(runs, out_dir: str | Path, stem: str = "table5") -> FigureOu
                          "forgetting_se", "seeds"], csv_rows, paths)
 
 
-FINETUNE_STRATEGIES = ("finetune", "none", "lambda0")
+FINETUNE_STRATEGIES = ("finetune",)  # the runner's name for --fisher none --no-gd (and lambda 0 in --compare)
 
 
 def table6_finetune(runs, out_dir: str | Path, stem: str = "table6") -> FigureOutput:
@@ -322,8 +317,8 @@ def table6_finetune(runs, out_dir: str | Path, stem: str = "table6") -> FigureOu
     selected = _select(runs, lambda s: s in FINETUNE_STRATEGIES)
     if not selected:
         raise DataError(
-            "Table 6 needs a continual run without regularisation (strategy 'finetune': --fisher none --no-gd, or "
-            f"--lambda 0); {CONTINUAL_COMMAND} includes it"
+            "Table 6 needs a continual run without regularisation (strategy 'finetune': --fisher none --no-gd); "
+            f"{CONTINUAL_COMMAND} includes it"
         )
     md_rows, csv_rows = [], []
     for run, strategy in sorted(selected, key=lambda x: x[0].dataset):

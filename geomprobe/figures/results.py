@@ -316,17 +316,16 @@ class ContinualRuns:
 
 #: Strategy order in legends and tables: the paper's Table 1 order, then anything else sorted.
 STRATEGY_ORDER = (
-    "non-continual", "finetune", "none", "diag", "rank1", "rankk", "full", "gd", "none+gd",
-    "diag+gd", "rankk+gd", "full+gd", "rank1+gd",
+    "non-continual", "finetune", "diag", "rank1", "full", "gd", "diag+gd", "full+gd", "rank1+gd",
 )
 
 
 def order_strategies(names: Iterable[str]) -> list[str]:
+    """Strategies in the paper's Table 1 order; unknown names (rank5+gd, replay-real, ...) after, sorted."""
     names = set(names)
 
     def key(name: str):
-        base = name.split("@")[0]
-        return (STRATEGY_ORDER.index(base) if base in STRATEGY_ORDER else len(STRATEGY_ORDER), name)
+        return (STRATEGY_ORDER.index(name) if name in STRATEGY_ORDER else len(STRATEGY_ORDER), name)
 
     return sorted(names, key=key)
 
@@ -402,6 +401,9 @@ def find_continual(run_dirs: Iterable[str | Path]) -> dict[str, ContinualRuns]:
     """All metrics.jsonl under ``run_dirs`` grouped by dataset; DataError naming the command if none."""
     run_dirs = list(run_dirs)
     paths = find_files(run_dirs, METRICS_FILE)
+    # the runner writes each seed's rows to seed-{s}/metrics.jsonl and all of them again one level up
+    found = set(paths)
+    paths = [p for p in paths if not any(parent / METRICS_FILE in found for parent in p.parents[1:])]
     if not paths:
         raise DataError(f"no {METRICS_FILE} under {', '.join(map(str, run_dirs))}; it is written by {CONTINUAL_COMMAND}")
     return read_metrics(paths)

@@ -115,7 +115,7 @@ def write_caption(out_dir: Path, stem: str, title: str, body: str, sources: Sequ
     ``n: 1024 samples per t``, ``seeds: 0``.
     """
     lines = [title, "", body.strip(), "", "data source:"]
-    lines += [f"  {_display_path(p)}" for p in sources]
+    lines += [f"  {display_path(p)}" for p in sources]
     lines += list(details)
     from geomprobe import __version__
 
@@ -123,7 +123,7 @@ def write_caption(out_dir: Path, stem: str, title: str, body: str, sources: Sequ
     return atomic_write_text(out_dir / f"{stem}.txt", "\n".join(lines) + "\n")
 
 
-def _display_path(path: Path) -> str:
+def display_path(path: Path) -> str:
     """A path relative to the working directory when it lies below it, else absolute."""
     path = Path(path).resolve()
     try:

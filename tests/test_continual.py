@@ -1,0 +1,278 @@
+"""Continual runner: penalties vs hand computations, FID vs scipy, metrics, splits, resume, CLI errors.
+
+References: explicit Python loops over parameters/tasks in float64 (penalties), the closed-form
+gradient lambda c* mu mu^T (theta - theta*) (rank-1), scipy.linalg.sqrtm (Frechet distance),
+hand-written FID matrices (AFID, forgetting), an uninterrupted run (resume).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from typer.testing import CliRunner
+
+from geomprobe.cli import app
+from geomprobe.continual.metrics import afid, forgetting, frechet_distance, mean_and_stderr
+from geomprobe.continual.runner import ContinualConfig, run_continual
+from geomprobe.continual.strategies import (
+    DiagonalPenalty,
+    DistillationTerm,
+    ProjectionPenalty,
+    add_fisher_to_penalty,
+    flat_parameters,
+    make_penalty,
+)
+from geomprobe.data import task_splits
+from geomprobe.errors import UsageError
+from geomprobe.fisher import DiagonalFisher, GramFisher, LowRankFisher, Rank1Fisher
+
+P, K, LAM = 7, 3, 15000.0
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(P, generator=g, dtype=torch.float64)
+    anchors = [torch.randn(P, generator=g, dtype=torch.float64) for _ in range(K)]
+    return g, theta, anchors
+
+
+def _fishers(kind, g):
+    out = []
+    for _ in range(K):
+        if kind == "diag":
+            out.append(DiagonalFisher(torch.rand(P, generator=g, dtype=torch.float64)))
+        elif kind == "rank1":
+            out.append(Rank1Fisher(torch.randn(P, generator=g, dtype=torch.float64), 0.3 + float(torch.rand(1, generator=g))))
+        elif kind == "rankk":
+            V, _ = torch.linalg.qr(torch.randn(P, 3, generator=g, dtype=torch.float64))
+            out.append(LowRankFisher(torch.rand(3, generator=g, dtype=torch.float64) + 0.1, V))
+        else:
+            out.append(GramFisher(torch.randn(5, P, generator=g, dtype=torch.float64), centered=(kind == "full-centered")))
+    return out
+
+
+def _hand_penalty(kind, fishers, theta, anchors, lam):
+    """Explicit loops over tasks and parameters (DESIGN section 6 formulas), float64."""
+    total = 0.0
+    for F, a in zip(fishers, anchors):
+        d = [float(theta[j] - a[j]) for j in range(P)]
+        if kind == "diag":
+            total += sum(float(F.diagonal[j]) * d[j] ** 2 for j in range(P))
+        elif kind == "rank1":
+            total += F.c_star * sum(float(F.mu[j]) * d[j] for j in range(P)) ** 2
+        elif kind == "rankk":
+            for r in range(F.rank):
+                total += float(F.eigenvalues[r]) * sum(float(F.eigenvectors[j, r]) * d[j] for j in range(P)) ** 2
+        else:
+            G = F.source.G
+            n = G.shape[0]
+            total += sum(sum(float(G[i, j]) * d[j] for j in range(P)) ** 2 for i in range(n)) / n
+            if kind == "full-centered":
+                mu = [float(G[:, j].mean()) for j in range(P)]
+                total -= sum(mu[j] * d[j] for j in range(P)) ** 2
+    return 0.5 * lam * total
+
+
+@pytest.mark.parametrize("kind", ["diag", "rank1", "rankk", "full", "full-centered"])
+def test_penalty_matches_hand_computation_and_fisher_objects(kind):
+    g, theta, anchors = _problem()
+    fishers = _fishers(kind, g)
+    names = ["w"]
+    penalty = make_penalty("full" if kind.startswith("full") else kind, names, LAM)
+    for F, a in zip(fishers, anchors):
+        add_fisher_to_penalty(penalty, F, a)
+    ours = float(penalty.value(theta.float()))
+    hand = _hand_penalty(kind, fishers, theta, anchors, LAM)
+    objects = sum(float(F.penalty(theta, a, LAM)) for F, a in zip(fishers, anchors))
+    # float32 flat views vs float64 loops: relative 1e-5
+    assert ours == pytest.approx(hand, rel=1e-5, abs=1e-3)
+    assert objects == pytest.approx(hand, rel=1e-10)
+
+
+def test_projection_penalty_pads_tasks_of_different_rank():
+    g, theta, anchors = _problem(1)
+    pen = ProjectionPenalty(["w"], 2.0)
+    rows = [torch.randn(r, P, generator=g, dtype=torch.float64) for r in (1, 3)]
+    w = [torch.rand(r, generator=g, dtype=torch.float64) for r in (1, 3)]
+    for r_, w_, a in zip(rows, w, anchors):
+        pen.add_task(r_, w_, a)
+    hand = sum(float((w_ * (r_ @ (theta - a)) ** 2).sum()) for r_, w_, a in zip(rows, w, anchors))
+    assert float(pen.value(theta.float())) == pytest.approx(hand, rel=1e-5)
+
+
+def test_rank1_penalty_gradient_is_lambda_cstar_mu_mut_d():
+    g, theta, anchors = _problem(2)
+    mu, c = torch.randn(P, generator=g, dtype=torch.float64), 0.7
+    pen = ProjectionPenalty(["w"], LAM)
+    add_fisher_to_penalty(pen, Rank1Fisher(mu, c), anchors[0])
+    th = theta.float().clone().requires_grad_(True)
+    pen.value(th).backward()
+    expected = LAM * c * mu * (mu @ (theta - anchors[0]))  # closed form, float64
+    assert torch.allclose(th.grad.double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_diag_penalty_gradient_and_model_term(tiny_unet):
+    names = [n for n, _ in tiny_unet.named_parameters()]
+    theta0 = flat_parameters(tiny_unet, names).detach()
+    Pm = theta0.numel()
+    diag = torch.rand(Pm, generator=torch.Generator().manual_seed(3))
+    pen = DiagonalPenalty(names, 4.0)
+    pen.add_task(diag, theta0 - 0.1)
+    value = pen(tiny_unet, 1)["ewc"]
+    assert float(value.detach()) == pytest.approx(0.5 * 4.0 * float((diag * 0.01).sum()), rel=1e-4)
+    value.backward()
+    grads = torch.cat([p.grad.reshape(-1) for _, p in tiny_unet.named_parameters()])
+    assert torch.allclose(grads, 4.0 * diag * 0.1, rtol=1e-4, atol=1e-6)
+
+
+def test_distillation_is_zero_for_a_copy_of_the_teacher(tiny_unet):
+    import copy
+
+    from geomprobe.models import build_scheduler
+
+    teacher = copy.deepcopy(tiny_unet)
+    images, labels = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
+    term = DistillationTerm(teacher, images, labels, build_scheduler().alphas_cumprod, 4, 1.0, torch.Generator().manual_seed(0))
+    assert float(term(tiny_unet, 1)["distill"]) == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        next(tiny_unet.parameters()).add_(0.5)
+    assert float(term(tiny_unet, 2)["distill"]) > 0
+
+
+def _scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    m1, m2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 6))
+    b = rng.standard_normal((150, 6)) @ rng.standard_normal((6, 6)) * 0.5 + 0.3
+    ours = frechet_distance(torch.from_numpy(a), torch.from_numpy(b))
+    assert ours == pytest.approx(_scipy_fid(a, b), rel=1e-6)
+    assert frechet_distance(torch.from_numpy(a), torch.from_numpy(a)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_afid_and_forgetting_by_hand():
+    fid = {0: {0: 10.0}, 1: {0: 20.0, 1: 5.0}, 2: {0: 30.0, 1: 9.0, 2: 4.0}}
+    assert afid(fid) == {"1": 10.0, "2": 12.5, "3": pytest.approx(43.0 / 3)}
+    # ((30-10) + (9-5) + (4-4)) / 3: the last task contributes 0
+    assert forgetting(fid) == pytest.approx(8.0)
+    m, se = mean_and_stderr([1.0, 2.0, 3.0])
+    assert (m, se) == (2.0, pytest.approx(np.std([1, 2, 3], ddof=1) / np.sqrt(3)))
+    assert np.isnan(mean_and_stderr([4.0])[1])
+
+
+def test_task_splits_class_incremental():
+    assert task_splits(10, 5) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert task_splits(1000, 20)[1] == list(range(50, 100))
+    with pytest.raises(UsageError, match="more than"):
+        task_splits(10, 11)
+
+
+def _tiny(**kw):
+    base = dict(model="small1", image_size=8, tasks=2, steps_per_task=4, batch_size=16, fisher_samples=16, rank=2,
+                n_generated=8, sample_steps=2, replay_per_class=4, replay_batch=8, classifier_steps=20)
+    base.update(kw)
+    return ContinualConfig(**base)
+
+
+def test_resume_gives_identical_metrics(tmp_path):
+    cache = tmp_path / "cache"
+    cfg = _tiny(fisher="rank1", gd=True)
+    full = run_continual(cfg, tmp_path / "full", seeds=[0], cache_dir=cache)
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def interrupt(done, fields):
+        if fields.get("task") == 1 and done >= cfg.steps_per_task + 2:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        run_continual(cfg, tmp_path / "cut", seeds=[0], cache_dir=cache, progress=interrupt)
+    state = json.loads((tmp_path / "cut" / "seed-0" / "state.json").read_text())
+    assert state["completed_task"] == 0
+    with pytest.raises(UsageError, match="--resume"):
+        run_continual(cfg, tmp_path / "cut", seeds=[0], cache_dir=cache)
+    with pytest.raises(UsageError, match="lam"):
+        run_continual(_tiny(fisher="rank1", gd=True, lam=1.0), tmp_path / "cut", seeds=[0], cache_dir=cache, resume=True)
+    resumed = run_continual(cfg, tmp_path / "cut", seeds=[0], cache_dir=cache, resume=True)
+    assert resumed.seeds[0].resumed_from == 0
+    assert resumed.seeds[0].fid == full.seeds[0].fid
+    rows = lambda p: [l for l in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(tmp_path / "cut") == rows(tmp_path / "full")
+    # the Fisher files are the fisher package's own format, loadable by load_fisher
+    from geomprobe.fisher import load_fisher
+
+    f = load_fisher(tmp_path / "cut" / "seed-0" / "fisher-task1.h5")
+    assert f.kind == "rank1" and f.info.t_range == "all" and f.info.extra["task"] == 1
+
+
+def test_metrics_rows_follow_design_section_9(tmp_path):
+    res = run_continual(_tiny(fisher="diag", steps_per_task=2), tmp_path / "r", seeds=[0, 1], cache_dir=tmp_path / "c")
+    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in lines if not r.get("summary")]
+    summaries = [r for r in lines if r.get("summary")]
+    assert len(rows) == 2 * 3 and len(summaries) == 2
+    for r in rows:
+        assert {"seed", "strategy", "after_task", "task", "fid", "accuracy", "n_generated", "n_reference", "feature_net"} <= set(r)
+        assert r["task"] <= r["after_task"] and r["strategy"] == "diag" and r["feature_net"].startswith("digits-classifier@")
+    assert set(summaries[0]["afid"]) == {"1", "2"} and "forgetting" in summaries[0]
+    assert not np.isnan(res.afid["2"][1])  # two seeds: a standard error
+
+
+def _error_text(result):
+    return (result.stderr if result.stderr_bytes is not None else result.output).strip()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--fisher", "kfac"], "unknown strategy"),
+        (["--fisher", "rank1", "--t-range", "ultra-snr"], "t-spec"),
+        (["--lambda", "-3"], "--lambda"),
+        (["--tasks", "12"], "more than the 10 classes"),
+        (["--non-continual", "--fisher", "diag"], "--non-continual"),
+        (["--seeds", "a,b"], "--seeds"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, needle):
+    result = CliRunner().invoke(app, ["continual", "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    text = _error_text(result)
+    assert needle in text and "Traceback" not in text and len(text.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOMPROBE_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["continual", "--out", str(tmp_path / "o"), "--model", "small1", "--image-size", "8",
+                                      "--tasks", "2", "--steps", "3", "--fisher", "rank1", "--gd", "--n-generated", "8",
+                                      "--sample-steps", "2", "--replay-per-class", "4", "--fisher-samples", "8",
+                                      "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["strategy"] == "rank1+gd"
+
+
+def test_classifier_is_cached_with_its_accuracy(tmp_path):
+    from geomprobe.continual.classifier import ClassifierConfig, load_or_train_classifier
+
+    cfg = ClassifierConfig(image_size=8, steps=5)
+    first = load_or_train_classifier("digits", 8, cache_dir=tmp_path, config=cfg)
+    meta = json.loads((first.path / "classifier.json").read_text())
+    assert meta["checksum"] == first.checksum and 0.0 <= meta["test_accuracy"] <= 1.0
+    again = load_or_train_classifier("digits", 8, cache_dir=tmp_path, config=cfg)
+    assert again.name == first.name == f"digits-classifier@{first.checksum}"
+    assert json.loads((first.path / "classifier.json").read_text())["train_seconds"] == meta["train_seconds"]
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    assert torch.equal(first.model.features(x), again.model.features(x)) and first.model.features(x).shape == (3, cfg.feature_dim)
+    (first.path / "model.safetensors").write_bytes(b"corrupt")  # a corrupt cache is retrained, not used
+    assert load_or_train_classifier("digits", 8, cache_dir=tmp_path, config=cfg).checksum == first.checksum
