@@ -14,6 +14,7 @@ timed on ``--loop-samples`` samples and extrapolated to the batch. No result is 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -23,14 +24,18 @@ from geomprobe.models import build_scheduler, build_unet, count_parameters
 from geomprobe.probe import per_sample_grads, select_parameters
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (vmap tracing, allocator)
-    times = []
+def best_times(fns: dict, repeats: int) -> dict:
+    """Best-of-``repeats`` seconds of each callable, timed in interleaved rounds (A B C, A B C, ...)
+    so that load from other processes on a shared machine hits every method alike."""
+    for fn in fns.values():
+        fn()  # warm-up (vmap tracing, allocator, oneDNN kernels)
+    best = {k: float("inf") for k in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - start)
+    return best
 
 
 def opacus_runner(unet, x0, noise, t, y, ac):
@@ -87,24 +92,23 @@ def bench(preset: str, size: int, batch: int, repeats: int, loop_samples: int) -
             torch.cat([p.grad.reshape(-1) for p in unet.parameters()])
 
     row = {"preset": preset, "size": size, "P": count_parameters(unet)}
-    row["fwd_bwd"] = best_time(fwd_bwd, repeats)
-    row["ours"] = best_time(ours, repeats)
-    row["vmap"] = best_time(ours_vmap, repeats)
-    row["loop"] = best_time(loop, 1) * batch / loop_samples
-    op = opacus_runner(unet, x0, noise, t, y, ac)
+    fns = {"fwd_bwd": fwd_bwd, "ours": ours, "vmap": ours_vmap}
+    op = opacus_runner(copy.deepcopy(unet), x0, noise, t, y, ac)  # its hooks must not touch our model
     if isinstance(op, str):
         row["opacus"] = op
     else:
-        run, gsm = op
-        row["opacus"] = best_time(run, repeats)
-        gsm._close()
+        fns["opacus"] = op[0]
+    row.update(best_times(fns, repeats))
+    if not isinstance(op, str):
+        op[1]._close()
+    row["loop"] = best_times({"loop": loop}, 1)["loop"] * batch / loop_samples
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--loop-samples", type=int, default=8)
     ap.add_argument("--presets", default="small1,small3,base")
     ap.add_argument("--sizes", default="16,32")

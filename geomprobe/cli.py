@@ -406,7 +406,7 @@ def spectrum(
         def on_block(name: str, done: int, pairs: int) -> None:
             if done == pairs:
                 finished.add(name)
-            update(len(finished), key=name, blocks=f"{done}/{pairs}")
+            update(len(finished), key=name)
 
         result = analyze_store(
             store, t_range=t_range, top_k=top_k, centered=centered, max_memory=max_memory, with_model=model,
@@ -435,7 +435,7 @@ def spectrum(
             fmt(row["rel_err_rank1"]), fmt(row["rel_err_rankk"][str(k)]), fmt(row["cos_to_mean"]["median"]),
             fmt(row["cos_v1_mu"]), fmt(row["scaled_identity_mse"]),
         )
-    con.print(table)
+    con.print(table, width=max(con.width, 150))  # 17 columns: do not let a narrow pipe truncate them
     for note in result.notes:
         con.print(f"note: {note}")
     con.print(f"wrote {json_path} and {maps_path}")

@@ -176,8 +176,7 @@ def grads_stage(preset: ReproducePreset, model: str, ckpt: Path, store: Path, se
 
     key = f"grads:{model}"
     config = _extract_config(preset, ckpt, seed, data_root)
-    n_keys = len(preset.t_spec.split(",")) if "," in preset.t_spec else None
-    progress.start(key, f"grads {model}", preset.samples * (n_keys or 1))
+    progress.start(key, f"grads {model}", preset.samples)  # the probe reports the real total (rows x timesteps)
     if store_is_complete(store, config):
         progress.update(key, 1, 1)
         return "skipped"
@@ -214,7 +213,9 @@ def spectrum_stage(model: str, store: Path, top_k: int, device: str, progress: S
         progress.update(key, len(finished), len(keys), info=name)
 
     gradient_store = GradientStore(store)
-    result = analyze_store(gradient_store, top_k=top_k, device=device, progress=on_progress)
+    from geomprobe.models import resolve_device
+
+    result = analyze_store(gradient_store, top_k=top_k, device=str(resolve_device(device)), progress=on_progress)
     write_spectrum(result, gradient_store)
     return "done"
 

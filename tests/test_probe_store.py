@@ -276,3 +276,20 @@ def test_torchrun_two_processes_equal_single_process(ckpt, tmp_path):
         assert torch.equal(a.labels(t), b.labels(t))
         assert torch.equal(a.sample_index(t), b.sample_index(t))
         assert torch.equal(a.meta_array(t, "noise"), b.meta_array(t, "noise"))
+
+
+def test_probe_batches_mean_gradient_equals_store_mean(ckpt, store_dir):
+    """mean_gradient over probe_batches (no G) == the mean of the stored rows; inputs equal the store's."""
+    from geomprobe.models import load_checkpoint
+    from geomprobe.probe import mean_gradient, probe_batches
+    from geomprobe.timesteps import parse_timesteps
+
+    st = GradientStore(store_dir)
+    ck = load_checkpoint(ckpt)
+    ds = load_dataset("digits", "train", image_size=8)
+    rows = st.sample_index(700).numpy()
+    batches = list(probe_batches(ds, rows, parse_timesteps("100,700"), "t700", seed=3, batch_size=7))
+    assert torch.equal(torch.cat([b.noise for b in batches]), st.meta_array(700, "noise"))
+    mu = mean_gradient(ck.unet, st.param_names, batches, alphas_cumprod=ck.scheduler.alphas_cumprod)
+    ref = st.load(700).mean(0)
+    assert ((mu - ref).norm() / ref.norm()).item() < 1e-5

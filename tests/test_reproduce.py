@@ -32,7 +32,7 @@ class RecordingProgress:
 
 def test_reproduce_runs_every_stage_then_resumes_by_skipping(tmp_path):
     progress = RecordingProgress()
-    result = reproduce("quick", tmp_path / "run", device="cpu", progress=progress, **TINY)
+    result = reproduce("quick", tmp_path / "run", device="auto", progress=progress, **TINY)  # the CLI default
     keys = [k for k, _ in stage_keys(result.preset, with_continual=False)]
     assert [s.stage for s in result.stages] == keys == ["train:small3", "grads:small3", "spectrum:small3", "figures"]
     assert all(s.status == "done" for s in result.stages)

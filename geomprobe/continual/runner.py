@@ -19,6 +19,7 @@ Layout of ``out``::
     seed-{s}/state.json           last completed task
     seed-{s}/metrics.jsonl        that seed's rows
     seed-{s}/train_log.jsonl      {"task", "step", "loss", "denoise", "ewc", "distill"}
+    seed-{s}/timings.jsonl        seconds per task: replay pool, training, Fisher + checkpoint, evaluation
     seed-{s}/task-{k}/            checkpoint after task k (DESIGN section 8)
     seed-{s}/fisher-task{k}.h5    Fisher of task k (when --fisher is not none)
 
@@ -72,6 +73,7 @@ SUMMARY = "summary.json"
 MANIFEST = "manifest.json"
 STATE = "state.json"
 TRAIN_LOG = "train_log.jsonl"
+TIMINGS = "timings.jsonl"
 
 # --compare: the paper's Table 1 rows (+ fine-tuning, App. E.4.2); name -> config overrides
 COMPARE_STRATEGIES: dict[str, dict] = {
@@ -344,6 +346,7 @@ def run_seed(
     rows = [r for r in _read_jsonl(out / METRICS) if not r.get("summary") and r["after_task"] <= completed]
     _write_jsonl(out / METRICS, rows)
     _write_jsonl(out / TRAIN_LOG, [r for r in _read_jsonl(out / TRAIN_LOG) if r["task"] <= completed])
+    _write_jsonl(out / TIMINGS, [r for r in _read_jsonl(out / TIMINGS) if r["task"] <= completed])
 
     scheduler = build_scheduler()
     if completed >= 0:
@@ -376,6 +379,7 @@ def run_seed(
         earlier = [c for task in tasks[:k] for c in task]
         data = train.subset(seen if config.non_continual else classes)
         gen = torch.Generator().manual_seed(_task_seed(seed, k, 0))
+        clock = {"task": k, "start": time.time()}
         terms: list = []
         if penalty is not None and penalty.num_tasks > 0:
             terms.append(penalty)
@@ -410,10 +414,14 @@ def run_seed(
             if progress is not None:
                 progress(step_offset + k * config.steps_per_task + step, {"task": k, "loss": loss})
 
+        clock["replay_s"] = time.time() - clock.pop("start")
+        t_phase = time.time()
         optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
         training_loop(unet, scheduler, optimizer, next_batch, 0, config.steps_per_task,
                       extra_loss=combine_terms(terms), on_log=on_log, log_every=10, progress=on_step)
         unet.eval()
+        clock["train_s"] = time.time() - t_phase
+        t_phase = time.time()
         ckpt_dir = out / f"task-{k}"
         info = ModelInfo(preset=config.model, dataset=config.dataset, image_size=train.image_size,
                          channels=train.channels, num_classes=train.num_classes, seed=seed,
@@ -436,6 +444,8 @@ def run_seed(
             add_fisher_to_penalty(penalty, load_fisher(path), flat_parameters(unet, names).detach())
             penalty.to(dev)
 
+        clock["fisher_s"] = time.time() - t_phase
+        t_phase = time.time()
         if progress is not None:
             progress(step_offset + (k + 1) * config.steps_per_task, {"task": k, "stage": "eval"})
         new_rows = []
@@ -448,8 +458,11 @@ def run_seed(
             new_rows.append({"seed": seed, "strategy": strategy, "after_task": k, "task": i, "fid": ev.fid,
                              "accuracy": ev.accuracy, "n_generated": ev.n_generated, "n_reference": ev.n_reference,
                              "feature_net": features.name, "reference_split": "test"})
+        clock["eval_s"] = time.time() - t_phase
         with open(out / TRAIN_LOG, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in log_rows)
+        with open(out / TIMINGS, "a") as f:
+            f.write(json.dumps({k_: round(v, 2) if isinstance(v, float) else v for k_, v in clock.items()}) + "\n")
         with open(out / METRICS, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in new_rows)
         _write_json(state_path, {"completed_task": k, "strategy": strategy, "seed": seed})
@@ -513,8 +526,11 @@ def summarize(out: Path, strategy: str, results: list[SeedResult], features: Fea
 
 
 def summary_dict(res: ContinualResult) -> dict:
+    def num(x: float) -> float | None:  # JSON has no NaN: a single seed's standard error is null
+        return None if x != x else x
+
     def ms(v):
-        return {"mean": v[0], "stderr": v[1]}
+        return {"mean": num(v[0]), "stderr": num(v[1])}
 
     return {
         "strategy": res.strategy,
@@ -523,8 +539,10 @@ def summary_dict(res: ContinualResult) -> dict:
         "forgetting": ms(res.forgetting),
         "final_accuracy": ms(res.final_accuracy),
         "feature_net": res.feature_net,
-        "feature_net_test_accuracy": res.feature_net_accuracy,
+        "feature_net_test_accuracy": num(res.feature_net_accuracy),
+        "per_seed": [{"seed": r.seed, "afid": r.afid, "forgetting": r.forgetting, "seconds": r.seconds} for r in res.seeds],
         "fid_matrix": {str(r.seed): {str(k): {str(i): v for i, v in row.items()} for k, row in r.fid.items()} for r in res.seeds},
+        "accuracy_matrix": {str(r.seed): {str(k): {str(i): v for i, v in row.items()} for k, row in r.accuracy.items()} for r in res.seeds},
         "seconds": res.seconds,
     }
 

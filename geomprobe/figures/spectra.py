@@ -233,9 +233,10 @@ def _plot_ratio(ax, spectrum: SpectrumResult) -> np.ndarray:
     ax.plot(spectrum.timesteps, ratio, lw=1.8, **series_style(1))
     if np.isfinite(ratio).any():
         i = int(np.nanargmin(ratio))
-        ax.annotate(f"min {ratio[i]:.3g} at t={spectrum.timesteps[i]}", (spectrum.timesteps[i], ratio[i]),
-                    textcoords="offset points", xytext=(0, 12), ha="center", fontsize=8,
-                    arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.6})
+        # ring the minimum and state it in the corner, where it cannot cover the curve
+        ax.plot([spectrum.timesteps[i]], [ratio[i]], marker="o", ms=11, mfc="none", mec="0.3", mew=1.0, ls="none")
+        ax.text(0.02, 0.97, f"min {ratio[i]:.3g} at t={spectrum.timesteps[i]}", transform=ax.transAxes,
+                ha="left", va="top", fontsize=8, color="0.25")
     ax.set_ylabel(r"$r_t = \lambda_2 / \lambda_1$")
     ax.set_ylim(0, max(1.0, float(np.nanmax(ratio)) * 1.05) if np.isfinite(ratio).any() else 1.0)
     _timestep_axis(ax, spectrum)
@@ -295,7 +296,7 @@ def fig3d_approximation_errors(spectrum, out_dir: str | Path, stem: str = "fig3d
         ax.plot(spectrum.timesteps, best, lw=1.2, ls="--", label=f"best rank-{rankk_key} (reference)", **series_style(2))
     ax.set_ylabel(r"$\|F_t - \hat F_t\|_F \,/\, \|F_t\|_F$")
     ax.set_ylim(0, max(1.05, float(np.nanmax(np.concatenate([diag, rank1]))) * 1.05))
-    ax.legend(frameon=False, loc="center right")
+    ax.legend(frameon=False, loc="best")
     _timestep_axis(ax, spectrum)
     ax.set_title(f"Fig. 3d: relative error of Fisher approximations ({spectrum.provenance.label})")
     out_dir = Path(out_dir)

@@ -4,7 +4,8 @@ Public API (shapes: B samples, P selected parameters, rows concatenate parameter
 
     select_parameters(unet, regex) -> list[str]
     param_layout(unet, names) -> ParamLayout            (row <-> named tensors)
-    per_sample_grads(unet, names, x0, noise, t, y, alphas_cumprod, target=None) -> (B, P) float32
+    per_sample_grads(unet, names, x0, noise, t, y, alphas_cumprod, target=None,
+                     engine="auto"|"layerwise"|"vmap") -> (B, P) float32
     per_sample_losses(unet, x0, noise, t, y, alphas_cumprod, target=None) -> (B,)
     mean_gradient(unet, names, x0 | batches, noise, t, y, alphas_cumprod, target=None) -> (P,)
     directional_derivatives(unet, names, x0, noise, t, y, alphas_cumprod, v) -> (B,)   v: (P,)
@@ -13,9 +14,14 @@ Public API (shapes: B samples, P selected parameters, rows concatenate parameter
     GradientStore(path): .timesteps .n(t) .P .iter_blocks(t, rows) .load(t) .labels(t) .meta(t)
                          .param_view(row) .param_names .manifest .checkpoint .inputs(t)
     extract_gradients(ExtractConfig(...), out, ...) -> ExtractResult   (the ``grads`` command)
+    select_samples(labels, num_classes, classes, samples, seed) -> dataset rows (n,)
+    probe_batches(dataset, rows, spec, key, seed, ...) -> iterator of ProbeBatch (a store's inputs)
+
+Store keys: ``GradientStore.timesteps`` lists int t for fixed timesteps and ``'band-<name>'`` for
+bands; methods accept 700, '700', 't700', 'band-low-snr' or 'low-snr'.
 """
 
-from geomprobe.probe.extract import ExtractConfig, ExtractResult, extract_gradients
+from geomprobe.probe.extract import ExtractConfig, ExtractResult, extract_gradients, probe_batches, select_samples
 from geomprobe.probe.grads import (
     ParamLayout,
     ProbeBatch,
@@ -45,6 +51,8 @@ __all__ = [
     "key_for",
     "mean_gradient",
     "param_layout",
+    "probe_batches",
+    "select_samples",
     "parse_memory",
     "per_sample_grads",
     "per_sample_losses",

@@ -215,6 +215,39 @@ def row_inputs(
     )
 
 
+def probe_batches(
+    dataset,
+    sample_rows: np.ndarray,
+    spec: TimestepSpec,
+    key: str,
+    seed: int,
+    batch_size: int = 256,
+    unet: torch.nn.Module | None = None,
+    alphas_cumprod: torch.Tensor | None = None,
+    target: str = "empirical",
+):
+    """Yield the :class:`ProbeBatch` es of the rows a store holds at ``key`` (same x0, noise, t, xi).
+
+    ``sample_rows``: dataset row indices (n,) (e.g. :func:`select_samples`, or a store's
+    ``sample_index(t)``); row r of the store is ``sample_rows[r]``. With ``target='true'`` the
+    target eps_theta(x_t).detach() + xi is built with ``unet`` and ``alphas_cumprod``. Feeding these
+    batches to :func:`mean_gradient` gives the store's mean row without forming G.
+    """
+    from geomprobe.probe.grads import ProbeBatch
+
+    if target not in TARGETS:
+        raise UsageError(f"target must be empirical or true, got {target!r}")
+    if target == "true" and (unet is None or alphas_cumprod is None):
+        raise UsageError("target='true' needs the model and alphas_cumprod to build eps_theta(x_t) + xi")
+    shape = (dataset.channels, dataset.image_size, dataset.image_size)
+    for a in range(0, len(sample_rows), batch_size):
+        b = min(len(sample_rows), a + batch_size)
+        x0, y = dataset.batch(sample_rows[a:b])
+        t, noise, xi = row_inputs(spec, key, range(a, b), shape, seed, target == "true")
+        tgt = true_fisher_target(unet, x0, noise, t, y, alphas_cumprod, xi) if xi is not None else None
+        yield ProbeBatch(x0, noise, t, y, tgt)
+
+
 # --------------------------------------------------------------------------- driver
 
 
