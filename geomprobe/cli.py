@@ -191,7 +191,7 @@ def grads(
             progress=lambda done, total, **f: update(done, total=total, **{k: v for k, v in f.items() if k != "key"}),
         )
     table = Table(title=f"gradient store {result.out} ({result.n} samples, {result.num_params:,} parameters)")
-    for col in ("t", "n", "P", "bytes", "seconds", "skipped shards"):
+    for col in ("t", "rows written", "P", "bytes", "seconds", "shards skipped"):
         table.add_column(col)
     for k in result.keys:
         table.add_row(str(k.t), str(k.n), f"{k.P:,}", f"{k.bytes:,}", f"{k.seconds:.1f}", str(k.skipped_shards))

@@ -312,4 +312,18 @@ def test_task_fisher_estimates_match_explicit_per_sample_gradients(tiny_unet, on
     full = est("full")
     d = torch.randn(G.shape[1], dtype=torch.float64)
     assert float(full.penalty(d, torch.zeros_like(d), 2.0)) == pytest.approx(float((G @ d).pow(2).mean()), rel=1e-4)
-    assert est("rankk").rank == 5
+    rk = estimate_task_fisher("rankk", tiny_unet, names, data, ac, spec, 12, torch.Generator().manual_seed(5),
+                              rank=2, batch_size=8, power_iterations=3)
+    assert rk.rank == 2 and rk.info.extra["method"] == "stochastic_power_iteration"
+
+
+def test_runner_stores_evaluation_samples_for_figures(tmp_path, one_thread):
+    import h5py
+
+    run_continual(_tiny(steps_per_task=2), tmp_path / "r", seeds=[0], cache_dir=tmp_path / "c")
+    with h5py.File(tmp_path / "r" / "seed-0" / "samples.h5", "r") as f:
+        assert sorted(f.keys()) == ["after_task0", "after_task1"]
+        # two tasks of five classes: 8 samples for task 0 (classes 0-4) then 8 for task 1 (classes 5-9)
+        labels = f["after_task1/labels"][()].tolist()
+        assert f["after_task1/images"].shape == (16, 1, 8, 8)
+        assert labels[:8] == [0, 1, 2, 3, 4, 0, 1, 2] and labels[8:] == [5, 6, 7, 8, 9, 5, 6, 7]

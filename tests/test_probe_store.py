@@ -3,7 +3,6 @@ and the 2-process torchrun run against the single-process one."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

@@ -87,6 +87,8 @@ class TaskEvaluation:
     accuracy: float
     n_generated: int
     n_reference: int
+    samples: torch.Tensor | None = None  # (n_generated, C, H, W) in [-1, 1]
+    labels: torch.Tensor | None = None  # (n_generated,)
 
 
 def evaluate_task(
@@ -113,7 +115,8 @@ def evaluate_task(
         from geomprobe.continual.classifier import classifier_accuracy
 
         acc = classifier_accuracy(classifier, samples, labels)
-    return TaskEvaluation(fid=fid, accuracy=acc, n_generated=len(samples), n_reference=len(reference_images))
+    return TaskEvaluation(fid=fid, accuracy=acc, n_generated=len(samples), n_reference=len(reference_images),
+                          samples=samples, labels=labels)
 
 
 def afid(fid: dict[int, dict[int, float]]) -> dict[str, float]:

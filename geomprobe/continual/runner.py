@@ -19,6 +19,7 @@ Layout of ``out``::
     seed-{s}/state.json           last completed task
     seed-{s}/metrics.jsonl        that seed's rows
     seed-{s}/train_log.jsonl      {"task", "step", "loss", "denoise", "ewc", "distill"}
+    seed-{s}/samples.h5           after_task{k}/images (n, C, H, W) in [-1, 1], labels (n,): the FID samples
     seed-{s}/timings.jsonl        seconds per task: replay pool, training, Fisher + checkpoint, evaluation
     seed-{s}/task-{k}/            checkpoint after task k (DESIGN section 8)
     seed-{s}/fisher-task{k}.h5    Fisher of task k (when --fisher is not none)
@@ -74,6 +75,7 @@ MANIFEST = "manifest.json"
 STATE = "state.json"
 TRAIN_LOG = "train_log.jsonl"
 TIMINGS = "timings.jsonl"
+SAMPLES = "samples.h5"
 
 # --compare: the paper's Table 1 rows (+ fine-tuning, App. E.4.2); name -> config overrides
 COMPARE_STRATEGIES: dict[str, dict] = {
@@ -309,6 +311,29 @@ def _replay_pool_generated(teacher, scheduler, classes: list[int], per_class: in
     return ddim_sample(teacher, scheduler, labels, num_inference_steps=steps, generator=gen), labels
 
 
+def _store_samples(path: Path, k: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Keep the evaluation samples of model m_k (for figures): group ``after_task{k}``."""
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        if f"after_task{k}" in f:
+            del f[f"after_task{k}"]
+        g = f.create_group(f"after_task{k}")
+        g.create_dataset("images", data=images.float().numpy(), compression="gzip")
+        g.create_dataset("labels", data=labels.numpy())
+
+
+def _drop_samples_after(path: Path, completed: int) -> None:
+    import h5py
+
+    if not path.exists():
+        return
+    with h5py.File(path, "a") as f:
+        for key in list(f.keys()):
+            if key.startswith("after_task") and int(key[len("after_task"):]) > completed:
+                del f[key]
+
+
 def run_seed(
     config: ContinualConfig,
     seed: int,
@@ -347,6 +372,7 @@ def run_seed(
     _write_jsonl(out / METRICS, rows)
     _write_jsonl(out / TRAIN_LOG, [r for r in _read_jsonl(out / TRAIN_LOG) if r["task"] <= completed])
     _write_jsonl(out / TIMINGS, [r for r in _read_jsonl(out / TIMINGS) if r["task"] <= completed])
+    _drop_samples_after(out / SAMPLES, completed)
 
     scheduler = build_scheduler()
     if completed >= 0:
@@ -448,16 +474,19 @@ def run_seed(
         t_phase = time.time()
         if progress is not None:
             progress(step_offset + (k + 1) * config.steps_per_task, {"task": k, "stage": "eval"})
-        new_rows = []
+        new_rows, images, image_labels = [], [], []
         for i in range(k + 1):
             egen = torch.Generator().manual_seed(_task_seed(seed, k, 3 + i))
             ev = evaluate_task(unet, scheduler, tasks[i], references[i], features.extractor, features.classifier,
                                config.n_generated, egen, config.sample_steps)
             fid.setdefault(k, {})[i] = ev.fid
+            images.append(ev.samples)
+            image_labels.append(ev.labels)
             acc.setdefault(k, {})[i] = ev.accuracy
             new_rows.append({"seed": seed, "strategy": strategy, "after_task": k, "task": i, "fid": ev.fid,
                              "accuracy": ev.accuracy, "n_generated": ev.n_generated, "n_reference": ev.n_reference,
                              "feature_net": features.name, "reference_split": "test"})
+        _store_samples(out / SAMPLES, k, torch.cat(images), torch.cat(image_labels))
         clock["eval_s"] = time.time() - t_phase
         with open(out / TRAIN_LOG, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in log_rows)

@@ -65,6 +65,16 @@ def _as_run_list(runs) -> list[ContinualRuns]:
     return list(runs)
 
 
+def _standard_error_band(ax, x: np.ndarray, mean: np.ndarray, se: np.ndarray, color: str) -> None:
+    """A translucent +- one standard error band (an error bar where the curve has a single point)."""
+    if not np.isfinite(se).any():
+        return
+    if x.size == 1:
+        ax.errorbar(x, mean, yerr=np.nan_to_num(se), color=color, capsize=3, lw=1.0, ls="none")
+        return
+    ax.fill_between(x, mean - np.nan_to_num(se), mean + np.nan_to_num(se), color=color, alpha=0.12, lw=0)
+
+
 # ---------------------------------------------------------------- Fig. 4
 
 
@@ -92,9 +102,7 @@ def fig4_average_fid(runs, out_dir: str | Path, stem: str = "fig4_average_fid") 
         for strategy in order_strategies(run.afid):
             ks, mean, se, _ = afid_curve(run, strategy)
             (line,) = ax.plot(ks, mean, lw=1.6, ms=4, label=strategy, **styles[strategy])
-            if np.isfinite(se).any():
-                ax.fill_between(ks, mean - np.nan_to_num(se), mean + np.nan_to_num(se), color=styles[strategy]["color"],
-                                alpha=0.18, lw=0)
+            _standard_error_band(ax, ks, mean, se, styles[strategy]["color"])
             handles[strategy] = line
         ax.set_xlabel("tasks seen k")
         ax.set_ylabel("average FID  AFID@k (lower is better)")
@@ -156,9 +164,7 @@ def fig_task_fid(run: ContinualRuns, out_dir: str | Path, stem: str | None = Non
             if ks.size == 0:
                 continue
             (line,) = ax.plot(ks, mean, lw=1.4, ms=3.5, **styles[strategy])
-            if np.isfinite(se).any():
-                ax.fill_between(ks, mean - np.nan_to_num(se), mean + np.nan_to_num(se), color=styles[strategy]["color"],
-                                alpha=0.18, lw=0)
+            _standard_error_band(ax, ks, mean, se, styles[strategy]["color"])
             handles[strategy] = line
         ax.set_title(f"task {task}")
         ax.set_xlim(-0.3, last_task + 0.3)

@@ -75,11 +75,13 @@ class Provenance:
     num_parameters: int | None = None
     checkpoint: str | None = None
     checkpoint_step: int | None = None
+    train_seed: int | None = None
     seeds: list[int] = field(default_factory=list)
 
     def model_line(self) -> str:
         params = f", {self.num_parameters:,} parameters" if self.num_parameters else ""
         step = f", checkpoint step {self.checkpoint_step}" if self.checkpoint_step is not None else ""
+        step += f", training seed {self.train_seed}" if self.train_seed is not None else ""
         where = f" ({self.checkpoint})" if self.checkpoint else ""
         return f"model: {self.model} trained on {self.dataset}{params}{step}{where}"
 
@@ -134,8 +136,8 @@ def checkpoint_provenance(ckpt_dir: Path | None, into: Provenance) -> Provenance
     into.dataset = meta.get("dataset", into.dataset)
     into.checkpoint_step = meta.get("step", into.checkpoint_step)
     into.checkpoint = str(ckpt_dir)
-    if into.seeds == [] and meta.get("seed") is not None:
-        into.seeds = [int(meta["seed"])]
+    if meta.get("seed") is not None:
+        into.train_seed = int(meta["seed"])
     return into
 
 
@@ -151,10 +153,7 @@ def store_provenance(store_dir: Path | None) -> Provenance:
     ckpt = _find_key(manifest, ("checkpoint", "ckpt"))
     ckpt_path = ckpt.get("path") if isinstance(ckpt, dict) else ckpt
     ckpt_dir = _resolve(ckpt_path if isinstance(ckpt_path, str) else None, store_dir, store_dir.parent)
-    checkpoint_provenance(ckpt_dir, prov)
-    if isinstance(seed, int):
-        prov.seeds = [seed]  # the probe's own seed (noise draws), not the training seed
-    return prov
+    return checkpoint_provenance(ckpt_dir, prov)
 
 
 # ---------------------------------------------------------------- spectrum.json

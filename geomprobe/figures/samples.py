@@ -7,8 +7,8 @@ continual runner stored while it evaluated. Expected file, one per strategy run 
         after_task{k}/images   (n, C, H, W) float in [-1, 1]   samples generated after task k
         after_task{k}/labels   (n,) int                        their class labels
 
-(the runner already draws these samples for FID in ``evaluate_task``; storing them is the only
-change it needs). The strategy name comes from the ``manifest.json`` of the strategy directory.
+(the samples ``evaluate_task`` drew for FID, kept by the runner). The strategy name comes from the
+``manifest.json`` of the strategy directory.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from geomprobe.figures.style import FigureOutput, new_figure, save_figure, write
 
 SAMPLES_FILE = "samples.h5"
 SAMPLES_NEEDED = (
-    "Fig. 5 needs samples stored by the continual runner (seed-{s}/samples.h5 with after_task{k}/images and "
-    "after_task{k}/labels, written during evaluation); `geomprobe continual` does not store them yet, so no "
-    f"figure is drawn ({CONTINUAL_COMMAND})"
+    "Fig. 5 needs the evaluation samples the continual runner stores (seed-{s}/samples.h5 with "
+    f"after_task{{k}}/images and labels); none were found: run {CONTINUAL_COMMAND}"
 )
 CELL_INCHES = 0.6  # sizes are multiples of 0.2 in, so pixel sizes (150 dpi) are whole numbers
 LABEL_INCHES = 1.4
@@ -101,7 +100,7 @@ def find_sample_grids(run_dirs: Iterable[str | Path]) -> list[StoredSamples]:
 
 def fig5_layout(num_classes: int, num_strategies: int, num_tasks: int) -> tuple[float, float]:
     """Figure size (inches): a block of one row per strategy for each class, one column per task."""
-    return (LABEL_INCHES + CELL_INCHES * num_tasks + 0.2,
+    return (max(4.2, LABEL_INCHES + CELL_INCHES * num_tasks + 0.2),  # at least the title's width
             num_classes * (CELL_INCHES * num_strategies + 0.4) + 0.4)
 
 
@@ -137,6 +136,8 @@ def fig5_samples_across_tasks(
     classes = list(classes)
     size = fig5_layout(len(classes), len(strategies), len(tasks))
     fig, axes = new_figure(*size, nrows=len(classes) * len(strategies), ncols=len(tasks))
+    any_stored = next(iter(by_strategy.values()))
+    blank = np.ones_like(_to_display(any_stored.images[tasks[0]][0]))
     for ci, cls in enumerate(classes):
         for si, strategy in enumerate(strategies):
             r = ci * len(strategies) + si
@@ -146,15 +147,13 @@ def fig5_samples_across_tasks(
                 ax.set_yticks([])
                 ax.spines[:].set_visible(False)
                 image = by_strategy[strategy].first_of_class(k, cls)
-                if image is not None:
-                    ax.imshow(_to_display(image), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                # an empty cell gets a white image of the same shape, so every cell keeps the same size
+                shown = _to_display(image) if image is not None else blank
+                ax.imshow(shown, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
                 if kj == 0:
-                    ax.set_ylabel(strategy, rotation=0, ha="right", va="center", fontsize=8)
+                    ax.set_ylabel(f"class {cls}\n{strategy}", rotation=0, ha="right", va="center", fontsize=8)
                 if si == 0:
                     ax.set_title(f"task {k}", fontsize=7)
-            if si == 0:
-                axes[r, 0].annotate(f"class {cls}", (0, 1), xycoords="axes fraction", xytext=(-LABEL_INCHES * 72, 14),
-                                    textcoords="offset points", fontsize=9, fontweight="bold", ha="left")
     fig.suptitle("Fig. 5: samples of a class after each task", fontsize=10)
     out_dir = Path(out_dir)
     files = save_figure(fig, out_dir, stem)

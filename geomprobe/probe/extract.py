@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -377,7 +376,10 @@ def extract_gradients(
             a, b = shard_ranges[j]
             final = out / shard_name(j)
             if final.exists():
-                check_shard(final, {"row_start": a, "row_stop": b, "keys": keys, "P": P}, sha256=old_sums.get(final.name))
+                try:
+                    check_shard(final, {"row_start": a, "row_stop": b, "keys": keys, "P": P}, sha256=old_sums.get(final.name))
+                except DataError as exc:
+                    raise DataError(f"{exc}; delete it to recompute it, or pass --overwrite to start afresh") from None
                 result.shards_skipped += 1
                 for s in summaries.values():
                     s.skipped_shards += 1

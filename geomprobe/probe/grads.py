@@ -16,6 +16,13 @@ Shapes used throughout (B samples, P selected parameters):
 
 Only the parameters named in ``names`` are differentiated; every other parameter and every buffer
 enters :func:`torch.func.functional_call` as a constant.
+
+Two engines compute the same rows (:func:`per_sample_grads`, ``engine=``): ``vmap`` is
+``torch.func.vmap(grad_and_value(loss))`` over ``functional_call`` and works for any model;
+``layerwise`` (the default where it applies: every selected parameter in a Conv2d, Linear, GroupNorm
+or Embedding, as in all presets) runs one batched forward and one backward to the module outputs and
+forms the per-sample weight gradients in closed form. On 2 CPU cores it is 1.2-1.4x a batched
+forward+backward against 1.5-2.9x for vmap (bench/README.md).
 """
 
 from __future__ import annotations
@@ -471,7 +478,7 @@ def per_sample_losses(
     device = _device_of(unet)
     x0, noise, t, y, target = _to(device, x0, noise, t, y, target)
     x_t, tgt = _prepare(x0, noise, t, alphas_cumprod.to(device), target)
-    selected, constants = _split_state(unet, [])
+    _, constants = _split_state(unet, [])
     with torch.no_grad():
         return _batched_losses(unet, {}, constants, x_t, t, y, tgt).float()
 
