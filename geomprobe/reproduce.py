@@ -245,16 +245,16 @@ def _newest_input(run_dirs: list[Path]) -> float:
 
 
 def figures_stage(run_dirs: list[Path], figures_dir: Path, progress: StageProgress, result: ReproduceResult) -> str:
-    """All figures the results allow; skipped when a previous run's figures are newer than every input."""
-    from geomprobe.figures import make_figures
+    """All figures the results allow; skipped when the figures' manifest is newer than every input."""
+    from geomprobe.figures import FIGURES_MANIFEST, make_figures
 
-    stamp = figures_dir / "figures.json"
+    manifest = figures_dir / FIGURES_MANIFEST
     progress.start("figures", "figures", 1)
-    if stamp.is_file() and stamp.stat().st_mtime >= _newest_input(run_dirs):
-        record = json.loads(stamp.read_text())
+    if manifest.is_file() and manifest.stat().st_mtime >= _newest_input(run_dirs):
+        record = json.loads(manifest.read_text())
         if all((figures_dir / name).is_file() for name in record.get("files", [])):
             result.figures = [figures_dir / name for name in record["files"]]
-            result.skipped_figures = [tuple(x) for x in record.get("skipped", [])]
+            result.skipped_figures = list(record.get("skipped", {}).items())
             progress.update("figures", 1, 1)
             return "skipped"
     count = [0]
@@ -266,9 +266,6 @@ def figures_stage(run_dirs: list[Path], figures_dir: Path, progress: StageProgre
     report = make_figures(run_dirs, figures_dir, on_figure=on_figure)
     result.figures = report.files
     result.skipped_figures = report.skipped
-    from geomprobe.figures.style import atomic_write_text
-
-    atomic_write_text(stamp, json.dumps({"files": [f.name for f in report.files], "skipped": report.skipped}, indent=1))
     progress.update("figures", count[0], count[0])
     return "done"
 

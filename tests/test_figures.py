@@ -262,6 +262,9 @@ def test_make_figures_discovers_everything_and_reports_what_it_skipped(tmp_path)
             "table1", "table5", "table6", "fig5_samples_across_tasks"} <= names
     skipped = dict(report.skipped)
     assert "fig6" in skipped and "geomprobe train --model small1" in skipped["fig6"]
+    manifest = json.loads((tmp_path / "figures" / "manifest.json").read_text())
+    assert "fig1_scaled_identity_mse.png" in manifest["files"] and "fig6" in manifest["skipped"]
+    assert any(i["path"].endswith("spectrum.json") and len(i["sha256"]) == 64 for i in manifest["inputs"])
 
 
 def test_cli_figures_writes_files_and_fails_in_one_line(tmp_path):

@@ -208,3 +208,21 @@ def test_frozen_model_and_engine_fallback(setup):
     assert rel_err(G_auto, G_vmap) < 1e-6
     with pytest.raises(UsageError, match="layerwise"):
         per_sample_grads(model, names, xs, ns, ts, ys, ac1, engine="layerwise")
+
+
+@pytest.mark.parametrize("engine", ["vmap", "layerwise"])
+def test_attention_unet_rows_equal_loop(engine):
+    """A UNet with attention blocks (as the cl preset): token-wise Linear layers in both engines."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), block_out_channels=(4, 8), layers_per_block=1,
+        norm_num_groups=4, attention_head_dim=4, num_class_embeds=10,
+    )
+    ac = build_scheduler().alphas_cumprod
+    g = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    t, y = torch.tensor([5, 500, 950]), torch.tensor([1, 2, 3])
+    names = select_parameters(unet, "attentions|mid_block|conv_in")
+    G = per_sample_grads(unet, names, x0, noise, t, y, ac, engine=engine)
+    assert rel_err(G, loop_grads(unet, names, x0, noise, t, y, ac)) < 1e-5

@@ -48,6 +48,7 @@ from geomprobe.figures.spectra import (
 from geomprobe.figures.style import FigureOutput
 
 __all__ = [
+    "FIGURES_MANIFEST",
     "FigureReport",
     "make_figures",
     "fig1_scaled_identity_mse",
@@ -153,4 +154,32 @@ def make_figures(
     if not report.made:
         reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped[:2])
         raise DataError(f"no figure could be made from {', '.join(map(str, run_dirs))} ({reasons})")
+    write_figures_manifest(report, run_dirs)
     return report
+
+
+FIGURES_MANIFEST = "manifest.json"
+
+
+def write_figures_manifest(report: FigureReport, run_dirs: Sequence[Path]) -> Path:
+    """``manifest.json`` of the figures directory: tool, command, inputs with checksums, files, skipped."""
+    import hashlib
+    import json
+    import sys
+    from datetime import datetime, timezone
+
+    from geomprobe import __version__
+    from geomprobe.figures.style import atomic_write_text
+
+    inputs = sorted({p for fig in report.made for p in fig.sources})
+    manifest = {
+        "tool": "geomprobe figures",
+        "version": __version__,
+        "command": list(sys.argv),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dirs": [str(d) for d in run_dirs],
+        "inputs": [{"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in inputs if p.is_file()],
+        "files": [p.name for p in report.files],
+        "skipped": dict(report.skipped),
+    }
+    return atomic_write_text(report.out_dir / FIGURES_MANIFEST, json.dumps(manifest, indent=2) + "\n")

@@ -282,8 +282,9 @@ def per_sample_grads(
     ``engine``: ``"vmap"`` is ``torch.func.vmap(grad_and_value(loss))`` over ``functional_call``
     (any model). ``"layerwise"`` does one batched forward and one backward to the outputs of the
     modules owning the selected parameters (no weight gradients), then forms each per-sample weight
-    gradient in closed form (Conv2d: one grouped weight-gradient call with the batch folded into the groups; Linear: outer products; GroupNorm: sums of
-    grad * x_hat; Embedding: scatter); it needs every selected parameter to belong to an
+    gradient in closed form (Conv2d: one grouped weight-gradient call with the batch folded into
+    the groups; Linear: outer products; GroupNorm: grad . x_hat; Embedding: scatter); it needs
+    every selected parameter to belong to an
     ``nn.Conv2d`` (zero padding), ``nn.Linear``, ``nn.GroupNorm`` or ``nn.Embedding``
     used once per forward. ``"auto"`` (default) takes layerwise when it applies, else vmap. Both are
     checked against an explicit loop of single-sample backward passes in the tests.
