@@ -418,6 +418,8 @@ def spectrum(
         print_json(report)
         return
     con = console(quiet)
+    if not con.is_terminal:  # rich assumes 80 columns off a terminal; the table has up to 17
+        con = Console(stderr=True, quiet=quiet, width=170)
     kind = "covariance" if centered else "empirical Fisher"
     table = Table(title=f"{kind} spectrum of {store.path} (P={store.P:,})")
     k = top_k
@@ -435,7 +437,7 @@ def spectrum(
             fmt(row["rel_err_rank1"]), fmt(row["rel_err_rankk"][str(k)]), fmt(row["cos_to_mean"]["median"]),
             fmt(row["cos_v1_mu"]), fmt(row["scaled_identity_mse"]),
         )
-    con.print(table, width=max(con.width, 150))  # 17 columns: do not let a narrow pipe truncate them
+    con.print(table)
     for note in result.notes:
         con.print(f"note: {note}")
     con.print(f"wrote {json_path} and {maps_path}")

@@ -32,9 +32,24 @@ TASK_PANEL_SIZE = (3.0, 2.8)  # inches per task panel of the per-task FID figure
 TASK_PANEL_COLUMNS = 5
 
 
+#: Fixed palette slot per strategy, so a strategy has the same colour and marker in every figure
+#: (rank1+gd, the paper's method, in vermillion; yellow, hard to see on white, only for "full").
+STRATEGY_STYLE_SLOT = {
+    "diag+gd": 0, "rank1+gd": 1, "diag": 2, "rank1": 3, "gd": 4, "finetune": 5, "non-continual": 6, "full": 7,
+}
+
+
 def _strategy_styles(strategies: Iterable[str]) -> dict[str, dict]:
-    """One colour and marker per strategy, stable across figures (by the paper's table order)."""
-    return {name: series_style(i) for i, name in enumerate(order_strategies(strategies))}
+    """Colour and marker per strategy: fixed for the paper's strategies, then free slots for others (rank5+gd, ...)."""
+    strategies = set(strategies)
+    styles = {}
+    others = [s for s in order_strategies(strategies) if s not in STRATEGY_STYLE_SLOT]
+    for name in strategies:
+        if name in STRATEGY_STYLE_SLOT:
+            styles[name] = series_style(STRATEGY_STYLE_SLOT[name])
+    for i, name in enumerate(others):
+        styles[name] = {**series_style(len(STRATEGY_STYLE_SLOT) + i), "linestyle": "--"}  # dashed: colours repeat
+    return styles
 
 
 def _seed_note(seeds: Sequence[int]) -> str:

@@ -2,10 +2,10 @@
 
 * ``spectrum.json`` (DESIGN section 9) and ``cosine_maps.h5`` from ``geomprobe spectrum``;
 * ``metrics.jsonl`` (DESIGN section 9) from ``geomprobe continual``;
-* sample grids saved by the continual runner, for Fig. 5.
+* ``samples.h5`` stored by the continual runner, for Fig. 5 (read in :mod:`geomprobe.figures.samples`).
 
 A missing or malformed input raises :class:`DataError` naming the command that produces it.
-Provenance for captions (model preset, dataset, parameter count, seeds) is followed from
+Provenance for captions (model preset, dataset, checkpoint step, seeds) is followed from
 ``spectrum.json`` -> gradient store ``manifest.json`` -> checkpoint ``geomprobe.json``; when a
 link is missing the caption says ``unknown`` rather than guessing.
 """
@@ -72,18 +72,16 @@ class Provenance:
 
     model: str = "unknown"
     dataset: str = "unknown"
-    num_parameters: int | None = None
     checkpoint: str | None = None
     checkpoint_step: int | None = None
     train_seed: int | None = None
     seeds: list[int] = field(default_factory=list)
 
     def model_line(self) -> str:
-        params = f", {self.num_parameters:,} parameters" if self.num_parameters else ""
         step = f", checkpoint step {self.checkpoint_step}" if self.checkpoint_step is not None else ""
         step += f", training seed {self.train_seed}" if self.train_seed is not None else ""
         where = f" ({self.checkpoint})" if self.checkpoint else ""
-        return f"model: {self.model} trained on {self.dataset}{params}{step}{where}"
+        return f"model: {self.model} trained on {self.dataset}{step}{where}"
 
     def seeds_line(self) -> str:
         return "seeds: " + (", ".join(str(s) for s in self.seeds) if self.seeds else "unknown")

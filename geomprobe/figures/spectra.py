@@ -78,6 +78,11 @@ def fig1_scaled_identity_mse(spectrum, out_dir: str | Path, stem: str = "fig1_sc
     """Fig. 1: mean ||x_t - sqrt(1 - alpha_bar_t) eps_hat||^2 against t (``scaled_identity_mse``)."""
     spectrum = _as_spectrum(spectrum)
     mse = spectrum.column("scaled_identity_mse", "Fig. 1's scaled-identity MSE")
+    if not np.isfinite(mse).any():
+        raise DataError(
+            f"{spectrum.path} has scaled_identity_mse = null at every t (the checkpoint was not found when it was "
+            f"written); rerun {SPECTRUM_COMMAND} with the store's checkpoint in place"
+        )
     fig, axes = new_figure(*LINE_FIGURE_SIZE)
     ax = axes[0, 0]
     _shade_low_snr(ax, spectrum)

@@ -18,7 +18,7 @@ import torch
 
 from geomprobe.errors import DataError, UsageError
 from geomprobe.fisher.base import DENSE_LIMIT, FisherInfo, FisherMatrix
-from geomprobe.fisher.explicit import DenseFisher, DiagonalFisher, LowRankFisher, Rank1Fisher
+from geomprobe.fisher.explicit import DenseFisher, DiagonalFisher, Rank1Fisher
 from geomprobe.fisher.gram import GramFisher
 from geomprobe.fisher.rows import StoreRows, as_row_source, rows_per_block
 
