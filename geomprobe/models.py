@@ -227,7 +227,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
     except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot load checkpoint {directory}: {str(exc).splitlines()[0]}") from exc
-    unet.to(device)
+    unet.to(resolve_device(device) if isinstance(device, str) else device)
     unet.eval()
     return Checkpoint(unet=unet, scheduler=scheduler, info=info, path=directory)
 
