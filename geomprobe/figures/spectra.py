@@ -190,7 +190,7 @@ def fig3a_mu_cosine(spectrum, out_dir: str | Path, stem: str = "fig3a_mu_cosine"
         for i in range(len(ts)):
             for j in range(len(ts)):
                 ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if matrix[i, j] > 0.6 else "white")
+                        color="white" if abs(matrix[i, j]) > 0.85 else "black")
     fig.colorbar(image, ax=ax, shrink=0.85, label=r"$\cos(\mu_s, \mu_t)$")
     ax.set_title(f"Fig. 3a: pairwise cosine of mean gradients ({spectrum.provenance.label})")
     out_dir = Path(out_dir)
