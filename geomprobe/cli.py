@@ -311,7 +311,8 @@ def continual(
     fisher: str = typer.Option("none", help="EWC Fisher: none | diag | rank1 | rankk | full"),
     gd: bool = typer.Option(False, "--gd/--no-gd", help="generative distillation from the previous task's model"),
     non_continual: bool = typer.Option(False, "--non-continual", help="train on all tasks seen so far (upper bound)"),
-    lam: float = typer.Option(15000.0, "--lambda", help="EWC penalty weight lambda"),
+    lam: float = typer.Option(15000.0, "--lambda", help="EWC penalty weight lambda (paper: 15000; see --lambda-units)"),
+    lambda_units: str = typer.Option("paper", help="paper: lambda weighs the per-pixel-mean MSE Fisher as in the paper (applied as 2*lambda/D for our summed loss) | raw: used as is"),
     rank: int = typer.Option(5, help="rank k of --fisher rankk"),
     rankk_method: str = typer.Option("power", help="rank-k estimate: power (stochastic power iteration) | lanczos"),
     fisher_samples: int = typer.Option(256, help="probe samples per task for the Fisher estimate"),
@@ -338,7 +339,7 @@ def continual(
     config = ContinualConfig(
         dataset=dataset, model=model, image_size=image_size if image_size is not None else (16 if dataset == "digits" else 32),
         tasks=tasks, steps_per_task=steps, batch_size=batch_size, lr=lr, fisher=fisher, gd=gd, non_continual=non_continual,
-        lam=lam, rank=rank, rankk_method=rankk_method, fisher_samples=fisher_samples, t_range=t_range, replay=replay,
+        lam=lam, lambda_units=lambda_units, rank=rank, rankk_method=rankk_method, fisher_samples=fisher_samples, t_range=t_range, replay=replay,
         replay_per_class=replay_per_class, replay_batch=replay_batch, gd_weight=gd_weight, fid_features=fid_features,
         inception_weights=str(inception_weights) if inception_weights else None, n_generated=n_generated,
         sample_steps=sample_steps, data_root=str(data_root) if data_root else None,

@@ -327,3 +327,28 @@ def test_runner_stores_evaluation_samples_for_figures(tmp_path, one_thread):
         labels = f["after_task1/labels"][()].tolist()
         assert f["after_task1/images"].shape == (16, 1, 8, 8)
         assert labels[:8] == [0, 1, 2, 3, 4, 0, 1, 2] and labels[8:] == [5, 6, 7, 8, 9, 5, 6, 7]
+
+
+def test_paper_lambda_units_keep_the_penalty_to_loss_balance():
+    """--lambda in paper units: with our summed loss (D/2 x the per-pixel mean MSE, so gradients
+    D/2 x larger and Fisher (D/2)^2 x larger), the total gradient must be exactly D/2 times the
+    paper-convention total gradient. Reference: the same objective built explicitly in float64."""
+    from geomprobe.continual.runner import penalty_weight
+    from geomprobe.fisher import fisher_from_rows
+
+    gen = torch.Generator().manual_seed(0)
+    D, n, P = 256, 12, 30
+    G_mean = torch.randn(n, P, generator=gen, dtype=torch.float64) * 1e-3  # per-sample grads of the mean-MSE loss
+    G_sum = (D / 2) * G_mean  # the same samples under 1/2 ||.||^2 summed over D pixels
+    grad_loss_mean = torch.randn(P, generator=gen, dtype=torch.float64)
+    theta_star = torch.randn(P, generator=gen, dtype=torch.float64)
+    theta = (theta_star + 0.1 * torch.randn(P, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    lam = 15000.0
+    assert penalty_weight(lam, D, "raw") == lam
+    assert penalty_weight(lam, D) == pytest.approx(2 * lam / D)
+    for kind in ("diagonal", "rank1", "dense"):
+        F_mean = fisher_from_rows(G_mean, kind)
+        F_sum = fisher_from_rows(G_sum, kind)
+        g_paper = torch.autograd.grad(F_mean.penalty(theta, theta_star, strength=lam), theta)[0] + grad_loss_mean
+        g_ours = torch.autograd.grad(F_sum.penalty(theta, theta_star, strength=penalty_weight(lam, D)), theta)[0] + (D / 2) * grad_loss_mean
+        torch.testing.assert_close(g_ours, (D / 2) * g_paper, rtol=1e-9, atol=1e-12)

@@ -89,6 +89,21 @@ COMPARE_STRATEGIES: dict[str, dict] = {
 }
 
 
+def penalty_weight(lam: float, pixels: int, units: str = "paper") -> float:
+    """The lambda our penalties use (DESIGN section 6) for a user's ``--lambda``.
+
+    ``units="raw"``: ``lam`` as is. ``units="paper"`` (default): ``lam`` is in the units of the
+    paper's lambda = 15000, which weighs the Fisher of a per-pixel *mean* squared error (the
+    loss of the diffusers training code the paper builds on). Our loss is 1/2 ||eps - eps_hat||^2
+    summed over D = C*H*W pixels, D/2 times that loss, so our Fisher is (D/2)^2 times larger.
+    Adam is invariant to the scale of the total loss, so the same balance of penalty against
+    denoising loss needs lambda_ours = 2 lambda / D (digits at 16 px: 15000 -> 117.2).
+    """
+    if units == "raw":
+        return float(lam)
+    return 2.0 * float(lam) / float(pixels)
+
+
 @dataclass
 class ContinualConfig:
     """Everything that determines a continual run (the quick preset is the default).
@@ -109,6 +124,7 @@ class ContinualConfig:
     gd: bool = False
     non_continual: bool = False
     lam: float = 15000.0
+    lambda_units: str = "paper"
     rank: int = 5
     rankk_method: str = "power"
     fisher_samples: int = 256
@@ -160,6 +176,8 @@ class ContinualConfig:
             raise UsageError(f"unknown --rankk-method {self.rankk_method!r}; expected power or lanczos")
         if not self.lam >= 0:
             raise UsageError(f"--lambda must be >= 0, got {self.lam}")
+        if self.lambda_units not in ("paper", "raw"):
+            raise UsageError(f"unknown --lambda-units {self.lambda_units!r}; expected paper or raw")
         if not self.gd_weight >= 0:
             raise UsageError(f"--gd-weight must be >= 0, got {self.gd_weight}")
         if not self.lr > 0:
@@ -383,7 +401,8 @@ def run_seed(
     names = select_parameters(unet)
     alphas_cumprod = scheduler.alphas_cumprod
 
-    penalty = make_penalty(config.fisher, names, config.lam) if config.fisher != "none" else None
+    weight = penalty_weight(config.lam, train.channels * train.image_size**2, config.lambda_units)
+    penalty = make_penalty(config.fisher, names, weight) if config.fisher != "none" else None
     for j in range(completed + 1):  # rebuild the penalty of the completed tasks from their files
         if penalty is not None:
             anchor = flat_parameters(load_checkpoint(out / f"task-{j}").unet, names).detach()
