@@ -236,6 +236,7 @@ def reproduce(
     data_root: Optional[Path] = typer.Option(None, help="dataset files for the paper preset (MNIST IDX files)"),
     steps: Optional[int] = typer.Option(None, help="override the preset's training steps (quick: 3000)"),
     samples: Optional[int] = typer.Option(None, help="override the preset's samples per timestep (quick: 1024)"),
+    models: Optional[str] = typer.Option(None, help="override the preset's UNets, e.g. small1,small3,base (Fig. 6 compares sizes)"),
     seed: int = typer.Option(0, help="random seed of training, probing and continual runs"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress display or table"),
@@ -246,6 +247,15 @@ def reproduce(
     from geomprobe.reproduce import get_preset, reproduce as run_reproduce, stage_keys
 
     chosen = get_preset(preset)
+    if models:
+        import dataclasses
+
+        from geomprobe.models import get_preset as get_model_preset
+
+        names = tuple(m.strip() for m in models.split(",") if m.strip())
+        for name in names:
+            get_model_preset(name)
+        chosen = dataclasses.replace(chosen, models=names)
     out = out or Path("runs") / chosen.name
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]

@@ -54,3 +54,15 @@ def test_reproduce_rejects_unknown_presets_and_settings(tmp_path):
         reproduce("quick", tmp_path, epochs=3)
     with pytest.raises(UsageError, match="--data-root"):
         reproduce("paper", tmp_path)
+
+
+def test_cli_models_override_rejects_unknown_unet_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from geomprobe.cli import app
+
+    result = CliRunner().invoke(app, ["reproduce", "--models", "small1,huge", "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 2
+    text = result.output.strip()
+    assert "unknown model preset 'huge'" in text and len(text.splitlines()) == 1 and "Traceback" not in text
+    assert not (tmp_path / "r").exists()
