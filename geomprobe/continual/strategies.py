@@ -23,6 +23,8 @@ backward pass hands each parameter a slice of the flat gradient.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from typing import Callable, Sequence
 
 import torch
@@ -88,7 +90,7 @@ class _QuadraticPenalty(torch.autograd.Function):
         return (None, *_unflatten_dense_tensors(grad, ctx.like))
 
 
-class _Penalty:
+class _Penalty(ABC):
     """Shared behaviour: ``value(theta)`` on a flat vector, ``term(unet, step)`` for the loop."""
 
     name = "ewc"
@@ -97,8 +99,9 @@ class _Penalty:
         self.view = _FlatView(names)
         self.strength = float(strength)
 
+    @abstractmethod
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(value 0-dim, gradient (P,)) of the penalty at flat parameters theta (P,), in closed form."""
 
     def value(self, theta: torch.Tensor) -> torch.Tensor:
         """The penalty at flat parameters theta (P,): a 0-dim tensor, differentiable in theta."""
