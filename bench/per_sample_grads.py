@@ -21,7 +21,7 @@ import torch
 
 from geomprobe.diffusion import per_sample_loss
 from geomprobe.models import build_scheduler, build_unet, count_parameters
-from geomprobe.probe import per_sample_grads, select_parameters
+from geomprobe.probe import chunk_size_for, per_sample_grads, select_parameters
 
 
 def best_times(fns: dict, repeats: int) -> dict:
@@ -79,11 +79,14 @@ def bench(preset: str, size: int, batch: int, repeats: int, loop_samples: int) -
         unet.zero_grad(set_to_none=True)
         per_sample_loss(unet, x0, noise, t, y, ac).mean().backward()
 
+    # as `geomprobe grads` calls it: the chunk size from the memory budget computed once per run
+    chunk = chunk_size_for(unet, count_parameters(unet), tuple(x0.shape[1:]))
+
     def ours():
-        return per_sample_grads(unet, names, x0, noise, t, y, ac)  # default engine: layerwise here
+        return per_sample_grads(unet, names, x0, noise, t, y, ac, chunk_size=chunk)  # default engine: layerwise here
 
     def ours_vmap():
-        return per_sample_grads(unet, names, x0, noise, t, y, ac, engine="vmap")
+        return per_sample_grads(unet, names, x0, noise, t, y, ac, chunk_size=chunk, engine="vmap")
 
     def loop():
         for i in range(loop_samples):

@@ -295,6 +295,15 @@ def extract_gradients(
     chunk = chunk_size_for(unet, layout.P, sample_shape, budget)
     if projector:  # the projection holds (chunk, P) and (K, block) at once; keep the chunk in budget too
         chunk = max(1, min(chunk, budget // max(1, 8 * layout.P)))
+    buffer = torch.empty(0)
+
+    def row_buffer(rows: int) -> torch.Tensor:
+        """A (rows, P) view of one buffer reused by every chunk (no fresh (chunk, P) allocation and
+        its page faults per chunk; each chunk is written out before the next one is computed)."""
+        nonlocal buffer
+        if buffer.shape[0] < rows:
+            buffer = torch.empty(chunk, layout.P, dtype=torch.float32, device=dev)
+        return buffer[:rows]
 
     identity = config.comparable(checksum)
     n = len(sample_rows)
@@ -397,7 +406,8 @@ def extract_gradients(
                         x0, y = x0_all[c0 - a : c1 - a], y_all[c0 - a : c1 - a]
                         t, noise, xi = row_inputs(spec, k, range(c0, c1), sample_shape, config.seed, config.target == "true")
                         target = true_fisher_target(unet, x0, noise, t, y, alphas_cumprod, xi) if xi is not None else None
-                        G, losses = per_sample_grads(unet, names, x0, noise, t, y, alphas_cumprod, target=target, chunk_size=chunk, return_losses=True)
+                        G, losses = per_sample_grads(unet, names, x0, noise, t, y, alphas_cumprod, target=target, chunk_size=chunk,
+                                                     return_losses=True, out=row_buffer(c1 - c0))
                         if projector:
                             G = projector.project(G)
                         writer.write_rows(

@@ -159,14 +159,9 @@ def default_memory_budget() -> int:
     return max(256 * 2**20, int(avail) // 4)
 
 
-_ACT_CACHE: dict[tuple, int] = {}
-
-
 def activation_bytes_per_sample(unet: torch.nn.Module, sample_shape: Sequence[int]) -> int:
-    """Bytes of module outputs for one sample of shape (C, H, W) (a forward with hooks, cached)."""
-    key = (id(unet), tuple(sample_shape))
-    if key in _ACT_CACHE:
-        return _ACT_CACHE[key]
+    """Bytes of module outputs for one sample of shape (C, H, W) (one batch-1 forward with hooks;
+    callers that loop over batches compute it once, as :func:`geomprobe.probe.extract_gradients` does)."""
     total = 0
 
     def hook(_mod, _inp, out):
@@ -189,7 +184,6 @@ def activation_bytes_per_sample(unet: torch.nn.Module, sample_shape: Sequence[in
     finally:
         for h in handles:
             h.remove()
-    _ACT_CACHE[key] = total
     return total
 
 
@@ -370,8 +364,10 @@ def _layerwise_chunk(unet, owners, offsets, x_t, t, y, tgt, out) -> torch.Tensor
     records: dict[str, list] = {m: [] for m in owners}
 
     def make_hook(mname):
-        def hook(_mod, inputs, output):
-            records[mname].append((inputs[0].detach(), output))
+        def hook(mod, inputs, output):
+            # a group norm's saved statistics must be read now: the backward frees them
+            stats = _saved_group_norm_stats(output) if isinstance(mod, torch.nn.GroupNorm) else None
+            records[mname].append((inputs[0].detach(), output, stats))
         return hook
 
     handles = [modules[m].register_forward_hook(make_hook(m)) for m in owners]
@@ -393,13 +389,13 @@ def _layerwise_chunk(unet, owners, offsets, x_t, t, y, tgt, out) -> torch.Tensor
         recs = records[mname]
         if len(recs) != 1:
             raise _LayerwiseUnsupported(f"module {mname} ran {len(recs)} times in one forward")
-        inp, _ = recs[0]
+        inp, _, stats = recs[0]
         gout = grads_out[k]
         k += 1
         m = modules[mname]
         if gout is None:
             gout = torch.zeros_like(recs[0][1])
-        gw, gb = _module_grads(m, inp, gout.detach(), "weight" in attrs, "bias" in attrs)
+        gw, gb = _module_grads(m, inp, gout.detach(), "weight" in attrs, "bias" in attrs, stats)
         for attr, g in (("weight", gw), ("bias", gb)):
             if attr in attrs:
                 a, b = offsets[attrs[attr]]
@@ -422,6 +418,8 @@ def _conv_weight_grads(x: torch.Tensor, gout: torch.Tensor, m: torch.nn.Conv2d) 
     if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0) and m.groups == 1:
         # oneDNN has no fast grouped 1x1 weight gradient (it loops over groups); a bmm is direct
         return torch.bmm(gout.flatten(2), x.flatten(2).transpose(1, 2)).view(B, *m.weight.shape)
+    if m.groups == 1 and min(x.shape[1], Cout) == 1:
+        return _conv_weight_grads_by_correlation(x, gout, m)
     weight = torch.empty(B * Cout, *m.weight.shape[1:], dtype=x.dtype, device=x.device)
     _, gw, _ = torch.ops.aten.convolution_backward(
         gout.reshape(1, B * Cout, *gout.shape[2:]),
@@ -432,8 +430,50 @@ def _conv_weight_grads(x: torch.Tensor, gout: torch.Tensor, m: torch.nn.Conv2d) 
     return gw.view(B, *m.weight.shape)
 
 
-def _module_grads(m: torch.nn.Module, x: torch.Tensor, gout: torch.Tensor, want_w: bool, want_b: bool):
-    """Per-sample (weight grad (B, *W.shape) | None, bias grad (B, *b.shape) | None) of one module."""
+def _conv_weight_grads_by_correlation(x: torch.Tensor, gout: torch.Tensor, m: torch.nn.Conv2d) -> torch.Tensor:
+    """Per-sample Conv2d weight gradients (B, Cout, Cin, kh, kw) as ONE depthwise forward convolution.
+
+    For a layer with one input or one output channel (the image-side ``conv_in``/``conv_out`` of a
+    grey-scale UNet), ``dW[b, o, i] = x[b, i] (cross-correlated with) gout[b, o]``: the padded input
+    channel is the image and the output gradient (dilated by the layer's stride) the kernel, with the
+    layer's dilation as the stride. With ``groups = B * Cin`` every (sample, input channel) pair is
+    its own group holding the Cout kernels of its sample. oneDNN's grouped weight gradient runs such
+    thin groups one by one (8x a batched weight gradient for Cout = 1 at 16 px); this runs as fast as
+    a forward pass. Only the output gradient is replicated over Cin, so it is used when Cin or Cout
+    is 1 (no copy at all when Cin = 1).
+    """
+    B, Cin = x.shape[:2]
+    Cout = gout.shape[1]
+    kh, kw = m.kernel_size
+    kernels = gout.unsqueeze(1).expand(B, Cin, Cout, *gout.shape[2:]).reshape(B * Cin * Cout, 1, *gout.shape[2:])
+    corr = torch.nn.functional.conv2d(
+        x.reshape(1, B * Cin, *x.shape[2:]), kernels, None,
+        stride=m.dilation, padding=m.padding, dilation=m.stride, groups=B * Cin,
+    )  # (1, B*Cin*Cout, >= kh, >= kw): rows beyond the kernel come from the stride's remainder
+    return corr[0, :, :kh, :kw].reshape(B, Cin, Cout, kh, kw).transpose(1, 2)
+
+
+def _saved_group_norm_stats(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, rstd), each (B, G), that autograd saved for a group norm's backward, or None.
+
+    Reading them (``grad_fn._saved_result1/2``, autograd's documented saved-tensor attributes)
+    spares the group-norm recomputation, a pass over the activations with a fresh buffer.
+    """
+    node = output.grad_fn
+    mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
+    if type(node).__name__ != "NativeGroupNormBackward0" or mean is None or rstd is None:
+        return None
+    return mean.detach(), rstd.detach()
+
+
+def _module_grads(
+    m: torch.nn.Module, x: torch.Tensor, gout: torch.Tensor, want_w: bool, want_b: bool,
+    group_norm_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
+    """Per-sample (weight grad (B, *W.shape) | None, bias grad (B, *b.shape) | None) of one module.
+
+    ``group_norm_stats``: the forward's (mean, rstd) (B, G) of a GroupNorm, when known.
+    """
     B = x.shape[0]
     gw = gb = None
     if isinstance(m, torch.nn.Conv2d):
@@ -453,7 +493,12 @@ def _module_grads(m: torch.nn.Module, x: torch.Tensor, gout: torch.Tensor, want_
         C, G = x.shape[1], m.num_groups
         gflat = gout.reshape(B * C, 1, -1)
         gb = gflat.sum(-1).view(B, C)
-        if want_w:
+        if want_w and group_norm_stats is not None:
+            # dgamma_bc = sum_hw gout * (x - mean_bg) * rstd_bg = (sum_hw gout * x - mean_bg * dbeta_bc) * rstd_bg
+            mean, rstd = (s.repeat_interleave(C // G, dim=1) for s in group_norm_stats)
+            gx = torch.bmm(gflat, x.reshape(B * C, -1, 1)).view(B, C)
+            gw = (gx - mean * gb) * rstd
+        elif want_w:
             # dgamma_bc = sum_hw gout * x_hat: x_hat from the fused group-norm kernel without affine
             # (torch.var_mean is many times slower here), then one batched dot product
             xhat = torch.nn.functional.group_norm(x, G, None, None, m.eps)
