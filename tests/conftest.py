@@ -7,8 +7,10 @@ import os
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing when pytest runs next to other work.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores: keep torch from oversubscribing when pytest runs next to other work; an explicit
+# OMP_NUM_THREADS wins (two threads sharing a busy core slow FID's eigvals 10-20x).
+_threads = os.environ.get("OMP_NUM_THREADS", "")
+torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture

@@ -46,37 +46,18 @@ class _Flatten(nn.Module):
 
 
 def inception_feature_net(weights_path: str):
-    """torchmetrics' Inception-v3 pool features (2048-d) from a local weights file.
+    """The FID Inception-v3 pool3 features (2048-d) from a local weights file.
 
-    Needs the optional ``torch-fidelity`` package (torchmetrics' Inception implementation);
-    images are converted from [-1, 1] floats to uint8 RGB before the network.
+    Returns :class:`geomprobe.continual.inception.FIDInceptionV3` (``num_features`` = 2048):
+    images (N, 1|3, H, W) in [-1, 1] -> (N, 2048) features, computed the way torch-fidelity does
+    for uint8 images (see that module). ``.name`` is ``inception-v3-fid@<sha256[:12]>`` of the file.
+    A missing, unreadable or mismatched file raises a one-line UsageError/DataError.
     """
-    from pathlib import Path
+    from geomprobe.continual.inception import load_inception_weights
 
-    if not Path(weights_path).is_file():
-        raise UsageError(f"--inception-weights file not found: {weights_path}")
-    try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights_path))
-    except ModuleNotFoundError as exc:
-        raise UsageError(f"--fid-features inception needs torch-fidelity installed ({exc})") from None
-
-    class _ToUint8RGB(nn.Module):
-        num_features = 2048
-
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        @torch.no_grad()
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            if x.shape[1] == 1:
-                x = x.repeat(1, 3, 1, 1)
-            return self.net(x)
-
-    return _ToUint8RGB()
+    if not weights_path:
+        raise UsageError("--fid-features inception needs --inception-weights PATH (no weights are downloaded)")
+    return load_inception_weights(weights_path)
 
 
 @dataclass

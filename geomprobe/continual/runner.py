@@ -305,7 +305,7 @@ class FeatureNet:
             from geomprobe.continual.metrics import inception_feature_net
 
             self.extractor = inception_feature_net(config.inception_weights)
-            self.name = f"inception@{Path(config.inception_weights).name}"
+            self.name = self.extractor.name  # inception-v3-fid@<first 12 hex of the file's SHA-256>
         else:
             self.extractor = FeatureExtractor(cached.model)
             self.name = cached.name

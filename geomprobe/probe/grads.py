@@ -383,7 +383,6 @@ def _layerwise_chunk(unet, owners, offsets, x_t, t, y, tgt, out) -> torch.Tensor
     finally:
         for h in handles:
             h.remove()
-    B = x_t.shape[0]
     k = 0
     for mname, attrs in owners.items():
         recs = records[mname]
