@@ -3,7 +3,9 @@ explicit loop of single-sample backward passes and Opacus' GradSampleModule (whe
 
     python bench/per_sample_grads.py [--batch 128] [--repeats 3] [--loop-samples 8] [--threads N]
 
-"ours" is ``per_sample_grads`` with the default (layerwise) engine, "vmap" the same function with
+"ours" is ``per_sample_grads`` with the default (layerwise) engine writing into a (B, P) buffer
+reused from call to call, as ``geomprobe grads`` does; "fresh" is the ratio of the same call
+returning a freshly allocated (B, P) tensor (its page faults included); "vmap" is the function with
 ``engine="vmap"`` (``torch.func.vmap(grad)`` over ``functional_call``).
 
 Prints one table: seconds per batch of each method and its ratio to the batched forward+backward
@@ -79,11 +81,16 @@ def bench(preset: str, size: int, batch: int, repeats: int, loop_samples: int) -
         unet.zero_grad(set_to_none=True)
         per_sample_loss(unet, x0, noise, t, y, ac).mean().backward()
 
-    # as `geomprobe grads` calls it: the chunk size from the memory budget computed once per run
+    # as `geomprobe grads` calls it: the chunk size from the memory budget computed once per run,
+    # rows written into one (B, P) buffer reused batch after batch
     chunk = chunk_size_for(unet, count_parameters(unet), tuple(x0.shape[1:]))
+    rows = torch.empty(batch, count_parameters(unet))
 
     def ours():
-        return per_sample_grads(unet, names, x0, noise, t, y, ac, chunk_size=chunk)  # default engine: layerwise here
+        return per_sample_grads(unet, names, x0, noise, t, y, ac, chunk_size=chunk, out=rows)  # layerwise here
+
+    def ours_fresh():  # the same with a fresh (B, P) result per call (its page faults included)
+        return per_sample_grads(unet, names, x0, noise, t, y, ac, chunk_size=chunk)
 
     def ours_vmap():
         return per_sample_grads(unet, names, x0, noise, t, y, ac, chunk_size=chunk, engine="vmap")
@@ -95,7 +102,7 @@ def bench(preset: str, size: int, batch: int, repeats: int, loop_samples: int) -
             torch.cat([p.grad.reshape(-1) for p in unet.parameters()])
 
     row = {"preset": preset, "size": size, "P": count_parameters(unet)}
-    fns = {"fwd_bwd": fwd_bwd, "ours": ours, "vmap": ours_vmap}
+    fns = {"fwd_bwd": fwd_bwd, "ours": ours, "ours_fresh": ours_fresh, "vmap": ours_vmap}
     op = opacus_runner(copy.deepcopy(unet), x0, noise, t, y, ac)  # its hooks must not touch our model
     if isinstance(op, str):
         row["opacus"] = op
@@ -121,7 +128,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}")
     header = (
-        f"{'preset':7} {'px':>3} {'P':>8} | {'fwd+bwd s':>9} | {'ours s':>7} {'x':>5} | {'vmap s':>7} {'x':>5} | "
+        f"{'preset':7} {'px':>3} {'P':>8} | {'fwd+bwd s':>9} | {'ours s':>7} {'x':>5} | {'fresh':>5} | {'vmap s':>7} {'x':>5} | "
         f"{'opacus s':>8} {'x':>5} | {'loop s':>7} {'x':>5}"
     )
     print(header)
@@ -134,6 +141,7 @@ def main() -> None:
             op_cols = f"{op:8.3f} {op / ref:5.2f}" if isinstance(op, float) else f"{op[:14]:>14}"
             print(
                 f"{preset:7} {size:3d} {r['P']:8d} | {ref:9.3f} | {r['ours']:7.3f} {r['ours'] / ref:5.2f} | "
+                f"{r['ours_fresh'] / ref:5.2f} | "
                 f"{r['vmap']:7.3f} {r['vmap'] / ref:5.2f} | "
                 f"{op_cols} | {r['loop']:7.2f} {r['loop'] / ref:5.1f}",
                 flush=True,

@@ -340,11 +340,11 @@ class _LayerwiseUnsupported(Exception):
 _LAYERWISE_TYPES = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm, torch.nn.Embedding)
 
 
-def _layerwise_owners(unet: torch.nn.Module, names: Sequence[str]) -> dict[str, dict[str, str]] | None:
-    """{module name: {"weight"|"bias": parameter name}} for the selected parameters, or None when a
-    selected parameter lives in a module type (or configuration) the layerwise engine cannot do."""
+def _layerwise_owners(unet: torch.nn.Module, names: Sequence[str]) -> dict[str, tuple[torch.nn.Module, dict[str, str]]] | None:
+    """{module name: (module, {"weight"|"bias": parameter name})} for the selected parameters, or None
+    when a selected parameter lives in a module type (or configuration) the layerwise engine cannot do."""
     modules = dict(unet.named_modules())
-    owners: dict[str, dict[str, str]] = {}
+    owners: dict[str, tuple[torch.nn.Module, dict[str, str]]] = {}
     for n in names:
         mname, _, attr = n.rpartition(".")
         m = modules.get(mname)
@@ -354,13 +354,12 @@ def _layerwise_owners(unet: torch.nn.Module, names: Sequence[str]) -> dict[str, 
             return None
         if isinstance(m, torch.nn.Embedding) and (m.max_norm is not None or m.padding_idx is not None):
             return None
-        owners.setdefault(mname, {})[attr] = n
+        owners.setdefault(mname, (m, {}))[1][attr] = n
     return owners
 
 
 def _layerwise_chunk(unet, owners, offsets, x_t, t, y, tgt, out) -> torch.Tensor:
     """Fill ``out`` (b, P) with per-sample gradients for one chunk; return the (b,) losses."""
-    modules = dict(unet.named_modules())
     records: dict[str, list] = {m: [] for m in owners}
 
     def make_hook(mname):
@@ -370,7 +369,7 @@ def _layerwise_chunk(unet, owners, offsets, x_t, t, y, tgt, out) -> torch.Tensor
             records[mname].append((inputs[0].detach(), output, stats))
         return hook
 
-    handles = [modules[m].register_forward_hook(make_hook(m)) for m in owners]
+    handles = [module.register_forward_hook(make_hook(mname)) for mname, (module, _) in owners.items()]
     has_labels = bool(getattr(unet.config, "num_class_embeds", None))
     try:
         with torch.enable_grad():
@@ -384,14 +383,13 @@ def _layerwise_chunk(unet, owners, offsets, x_t, t, y, tgt, out) -> torch.Tensor
         for h in handles:
             h.remove()
     k = 0
-    for mname, attrs in owners.items():
+    for mname, (m, attrs) in owners.items():
         recs = records[mname]
         if len(recs) != 1:
             raise _LayerwiseUnsupported(f"module {mname} ran {len(recs)} times in one forward")
         inp, _, stats = recs[0]
         gout = grads_out[k]
         k += 1
-        m = modules[mname]
         if gout is None:
             gout = torch.zeros_like(recs[0][1])
         gw, gb = _module_grads(m, inp, gout.detach(), "weight" in attrs, "bias" in attrs, stats)
