@@ -1,7 +1,7 @@
 """Per-sample gradients: our torch.func engine against a plain batched forward+backward, an
 explicit loop of single-sample backward passes and Opacus' GradSampleModule (when installed).
 
-    python bench/per_sample_grads.py [--batch 128] [--repeats 3] [--loop-samples 8] [--threads N]
+    python bench/per_sample_grads.py [--batch 128] [--repeats 5] [--loop-samples 8] [--threads N] [--malloc retain|default]
 
 "ours" is ``per_sample_grads`` with the default (layerwise) engine writing into a (B, P) buffer
 reused from call to call, as ``geomprobe grads`` does; "fresh" is the ratio of the same call
@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from geomprobe.allocator import retain_freed_memory
 from geomprobe.diffusion import per_sample_loss
 from geomprobe.models import build_scheduler, build_unet, count_parameters
 from geomprobe.probe import chunk_size_for, per_sample_grads, select_parameters
@@ -123,10 +124,15 @@ def main() -> None:
     ap.add_argument("--presets", default="small1,small3,base")
     ap.add_argument("--sizes", default="16,32")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                    help="retain: glibc keeps freed memory, as the geomprobe command sets it (geomprobe/allocator.py); "
+                         "default: glibc's own thresholds")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}")
+    retained = args.malloc == "retain" and retain_freed_memory()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}, "
+          f"malloc: {'freed memory retained' if retained else 'glibc defaults'}")
     header = (
         f"{'preset':7} {'px':>3} {'P':>8} | {'fwd+bwd s':>9} | {'ours s':>7} {'x':>5} | {'fresh':>5} | {'vmap s':>7} {'x':>5} | "
         f"{'opacus s':>8} {'x':>5} | {'loop s':>7} {'x':>5}"

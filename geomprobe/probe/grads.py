@@ -286,8 +286,8 @@ def per_sample_grads(
     device = _device_of(unet)
     x0, noise, t, y, target = _to(device, x0, noise, t, y, target)
     names = list(names)
-    selected, constants = _split_state(unet, names)
-    P = sum(p.numel() for p in selected.values())
+    layout = param_layout(unet, names)
+    P = layout.P
     if chunk_size is None:
         chunk_size = chunk_size_for(unet, P, tuple(x0.shape[1:]), max_memory)
     x_t, tgt = _prepare(x0, noise, t, alphas_cumprod.to(device), target)
@@ -300,7 +300,7 @@ def per_sample_grads(
         if owners is not None:
             out = _output_buffer(out, x0.shape[0], P, device)
             losses = torch.empty(x0.shape[0], dtype=torch.float32, device=device)
-            offsets = dict(zip(names, param_layout(unet, names).slices))
+            offsets = dict(zip(names, layout.slices))
             params = dict(unet.named_parameters())
             frozen = [params[n] for n in names if not params[n].requires_grad]
             for p in frozen:  # the backward must reach the selected modules' outputs
@@ -316,6 +316,7 @@ def per_sample_grads(
             finally:
                 for p in frozen:
                     p.requires_grad_(False)
+    selected, constants = _split_state(unet, names)
     gfn = vmap(grad_and_value(_loss_fn(unet, constants)), in_dims=(None, 0, 0, 0, 0))
     out = _output_buffer(out, x0.shape[0], P, device)
     losses = torch.empty(x0.shape[0], dtype=torch.float32, device=device)
@@ -366,7 +367,7 @@ def _layerwise_chunk(unet, owners, offsets, x_t, t, y, tgt, out) -> torch.Tensor
         def hook(mod, inputs, output):
             # a group norm's saved statistics must be read now: the backward frees them
             stats = _saved_group_norm_stats(output) if isinstance(mod, torch.nn.GroupNorm) else None
-            records[mname].append((inputs[0].detach(), output, stats))
+            records[mname].append((inputs[0], output, stats))
         return hook
 
     handles = [module.register_forward_hook(make_hook(mname)) for mname, (module, _) in owners.items()]
@@ -382,22 +383,19 @@ def _layerwise_chunk(unet, owners, offsets, x_t, t, y, tgt, out) -> torch.Tensor
     finally:
         for h in handles:
             h.remove()
-    k = 0
-    for mname, (m, attrs) in owners.items():
-        recs = records[mname]
-        if len(recs) != 1:
-            raise _LayerwiseUnsupported(f"module {mname} ran {len(recs)} times in one forward")
-        inp, _, stats = recs[0]
-        gout = grads_out[k]
-        k += 1
-        if gout is None:
-            gout = torch.zeros_like(recs[0][1])
-        gw, gb = _module_grads(m, inp, gout.detach(), "weight" in attrs, "bias" in attrs, stats)
-        for attr, g in (("weight", gw), ("bias", gb)):
-            if attr in attrs:
-                a, b = offsets[attrs[attr]]
-                # copy straight into the strided view: reshape() of a permuted g would copy twice
-                out[:, a:b].view(g.shape).copy_(g)
+    with torch.no_grad():  # closed-form per-sample gradients: nothing below needs autograd
+        for k, (mname, (m, attrs)) in enumerate(owners.items()):
+            recs = records[mname]
+            if len(recs) != 1:
+                raise _LayerwiseUnsupported(f"module {mname} ran {len(recs)} times in one forward")
+            inp, output, stats = recs[0]
+            gout = grads_out[k] if grads_out[k] is not None else torch.zeros_like(output)
+            gw, gb = _module_grads(m, inp, gout, "weight" in attrs, "bias" in attrs, stats)
+            for attr, g in (("weight", gw), ("bias", gb)):
+                if attr in attrs:
+                    a, b = offsets[attrs[attr]]
+                    # copy straight into the strided view: reshape() of a permuted g would copy twice
+                    out[:, a:b].view(g.shape).copy_(g)
     return losses.detach().float()
 
 
@@ -460,7 +458,7 @@ def _saved_group_norm_stats(output: torch.Tensor) -> tuple[torch.Tensor, torch.T
     mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
     if type(node).__name__ != "NativeGroupNormBackward0" or mean is None or rstd is None:
         return None
-    return mean.detach(), rstd.detach()
+    return mean, rstd
 
 
 def _module_grads(
@@ -492,9 +490,9 @@ def _module_grads(
         gb = gflat.sum(-1).view(B, C)
         if want_w and group_norm_stats is not None:
             # dgamma_bc = sum_hw gout * (x - mean_bg) * rstd_bg = (sum_hw gout * x - mean_bg * dbeta_bc) * rstd_bg
-            mean, rstd = (s.repeat_interleave(C // G, dim=1) for s in group_norm_stats)
-            gx = torch.bmm(gflat, x.reshape(B * C, -1, 1)).view(B, C)
-            gw = (gx - mean * gb) * rstd
+            mean, rstd = (s.view(B, G, 1) for s in group_norm_stats)
+            gx = torch.bmm(gflat, x.reshape(B * C, -1, 1)).view(B, G, C // G)
+            gw = ((gx - mean * gb.view(B, G, C // G)) * rstd).view(B, C)
         elif want_w:
             # dgamma_bc = sum_hw gout * x_hat: x_hat from the fused group-norm kernel without affine
             # (torch.var_mean is many times slower here), then one batched dot product
