@@ -21,8 +21,9 @@ Two engines compute the same rows (:func:`per_sample_grads`, ``engine=``): ``vma
 ``torch.func.vmap(grad_and_value(loss))`` over ``functional_call`` and works for any model;
 ``layerwise`` (the default where it applies: every selected parameter in a Conv2d, Linear, GroupNorm
 or Embedding, as in all presets) runs one batched forward and one backward to the module outputs and
-forms the per-sample weight gradients in closed form. On 2 CPU cores it is 1.2-1.4x a batched
-forward+backward against 1.5-2.9x for vmap (bench/README.md).
+forms the per-sample weight gradients in closed form. On 2 CPU cores it is 1.1-1.3x a batched
+forward+backward against 1.5-2.2x for vmap (bench/README.md; measured under the ``geomprobe``
+command's allocator setting, :mod:`geomprobe.allocator`, with the (B, P) result buffer reused).
 """
 
 from __future__ import annotations
