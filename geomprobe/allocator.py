@@ -17,7 +17,6 @@ call it themselves; it changes process-wide allocator settings, so the library n
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # mallopt parameter numbers from glibc's <malloc.h>
@@ -29,17 +28,16 @@ def retain_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 
     """Tell glibc to keep up to ``trim_threshold`` bytes of freed heap and to serve blocks below
     ``mmap_threshold`` bytes (glibc's maximum is 32 MiB on 64-bit) from the heap.
 
-    Returns True when both settings took effect, False where the C library is not glibc (macOS,
-    musl, Windows) or ``GEOMPROBE_MALLOC=default`` is set. Freed memory stays reserved for reuse
+    Returns True when glibc accepted both settings, False where the C library has no ``mallopt``
+    (macOS, Windows), where it refuses them (musl, 32-bit builds) or ``GEOMPROBE_MALLOC=default``
+    is set. Under an ``LD_PRELOAD``-ed jemalloc/tcmalloc glibc still accepts them, to no effect. Freed memory stays reserved for reuse
     by this process (its resident size stays at its peak instead of shrinking between batches).
     """
     if os.environ.get("GEOMPROBE_MALLOC", "").lower() == "default":
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process
+    except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

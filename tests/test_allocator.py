@@ -17,3 +17,15 @@ def test_retain_freed_memory_takes_effect_on_glibc():
 def test_retain_freed_memory_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("GEOMPROBE_MALLOC", "default")
     assert retain_freed_memory() is False
+
+
+def test_retain_freed_memory_without_mallopt_is_false(monkeypatch):
+    """Where the C library has no mallopt (macOS, Windows) the call is a no-op returning False."""
+    import ctypes
+
+    class NoMallopt:
+        def __init__(self, *_args, **_kwargs):
+            pass
+
+    monkeypatch.setattr(ctypes, "CDLL", NoMallopt)
+    assert retain_freed_memory() is False

@@ -103,6 +103,23 @@ def test_architecture_matches_published_fid_inception():
     assert not any(p.requires_grad for p in net.parameters())
 
 
+def test_features_equal_torch_fidelity_golden_values(reference_net):
+    """Independent reference: torch-fidelity 0.4.0's FeatureExtractorInceptionV3 (module file
+    imported with a stub package, no torchvision) run once on the seed-0 state of
+    ``_random_state`` and the uint8 image of this seeded input; the values below are its output
+    (features 0, 1, 7, 100, 511, 1024, 2047, the row sums and norms). Tolerance 1e-5 relative."""
+    g = torch.Generator().manual_seed(123)
+    x = torch.rand(2, 1, 16, 16, generator=g) * 2 - 1
+    features = reference_net(x).double()
+    idx = [0, 1, 7, 100, 511, 1024, 2047]
+    expected = torch.tensor([[0.0, 0.0183712859, 1.03179216, 5.39141512, 2.03464532, 5.24955988, 1.90656853],
+                             [0.0, 0.0137995044, 1.00482345, 5.50287724, 2.28846931, 5.38476419, 1.69594502]],
+                            dtype=torch.float64)
+    torch.testing.assert_close(features[:, idx], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(features.sum(1), torch.tensor([3313.91185093, 3480.70703335], dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(features.norm(dim=1), torch.tensor([125.983014491, 132.196751999], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
 def test_forward_shapes_and_channels(reference_net):
     grey = _images(2, 1, 16, seed=1)
     f_grey = reference_net(grey)

@@ -489,7 +489,8 @@ def _module_grads(
         C, G = x.shape[1], m.num_groups
         gflat = gout.reshape(B * C, 1, -1)
         gb = gflat.sum(-1).view(B, C)
-        if want_w and group_norm_stats is not None:
+        if want_w and group_norm_stats is not None and x.dtype in (torch.float32, torch.float64):
+            # (float16/bfloat16 would round sum g*x before the mean term cancels: recompute there)
             # dgamma_bc = sum_hw gout * (x - mean_bg) * rstd_bg = (sum_hw gout * x - mean_bg * dbeta_bc) * rstd_bg
             mean, rstd = (s.view(B, G, 1) for s in group_norm_stats)
             gx = torch.bmm(gflat, x.reshape(B * C, -1, 1)).view(B, G, C // G)
