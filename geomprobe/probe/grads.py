@@ -434,7 +434,7 @@ def _conv_weight_grads_by_correlation(x: torch.Tensor, gout: torch.Tensor, m: to
     channel is the image and the output gradient (dilated by the layer's stride) the kernel, with the
     layer's dilation as the stride. With ``groups = B * Cin`` every (sample, input channel) pair is
     its own group holding the Cout kernels of its sample. oneDNN's grouped weight gradient runs such
-    thin groups one by one (8x a batched weight gradient for Cout = 1 at 16 px); this runs as fast as
+    thin groups one by one (4x a batched weight gradient for Cout = 1 at 16 px); this runs as fast as
     a forward pass. Only the output gradient is replicated over Cin, so it is used when Cin or Cout
     is 1 (no copy at all when Cin = 1).
     """
