@@ -240,34 +240,35 @@ def test_renamed_key_is_named(state, tmp_path, suffix):
     _assert_one_line_naming(e, str(path), "'Mixed_6c.branch_pool.conv.weight'", "Mixed_6c.branch_pool.conv.weightX")
 
 
-def test_missing_key_is_named(state, tmp_path):
+def _drop_key(state):
+    del state["Mixed_5b.branch5x5_2.bn.running_mean"]
+
+
+def _add_key(state):
+    state["AuxLogits.fc.weight"] = torch.zeros(3)
+
+
+def _reshape_key(state):
+    state["Mixed_7a.branch3x3_2.conv.weight"] = torch.zeros(320, 192, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "corrupt,name,needles",
+    [
+        (_drop_key, "missing.safetensors", ["missing key 'Mixed_5b.branch5x5_2.bn.running_mean'"]),
+        (_add_key, "extra.pt", ["unexpected key 'AuxLogits.fc.weight'"]),
+        (_reshape_key, "shape.safetensors", ["'Mixed_7a.branch3x3_2.conv.weight'", "(320, 192, 1, 1)", "(320, 192, 3, 3)"]),
+    ],
+)
+def test_bad_state_dict_names_the_key(state, tmp_path, corrupt, name, needles):
+    """A missing, unexpected or wrongly shaped entry: one-line UsageError naming file and key."""
     bad = dict(state)
-    del bad["Mixed_5b.branch5x5_2.bn.running_mean"]
-    path = tmp_path / "missing.safetensors"
+    corrupt(bad)
+    path = tmp_path / name
     _save(bad, path)
     with pytest.raises(UsageError) as e:
         load_inception_weights(path)
-    _assert_one_line_naming(e, str(path), "missing key 'Mixed_5b.branch5x5_2.bn.running_mean'")
-
-
-def test_unexpected_key_is_named(state, tmp_path):
-    bad = dict(state)
-    bad["AuxLogits.fc.weight"] = torch.zeros(3)
-    path = tmp_path / "extra.pt"
-    _save(bad, path)
-    with pytest.raises(UsageError) as e:
-        load_inception_weights(path)
-    _assert_one_line_naming(e, str(path), "unexpected key 'AuxLogits.fc.weight'")
-
-
-def test_wrong_shape_is_named(state, tmp_path):
-    bad = dict(state)
-    bad["Mixed_7a.branch3x3_2.conv.weight"] = torch.zeros(320, 192, 1, 1)
-    path = tmp_path / "shape.safetensors"
-    _save(bad, path)
-    with pytest.raises(UsageError) as e:
-        load_inception_weights(path)
-    _assert_one_line_naming(e, str(path), "'Mixed_7a.branch3x3_2.conv.weight'", "(320, 192, 1, 1)", "(320, 192, 3, 3)")
+    _assert_one_line_naming(e, str(path), *needles)
 
 
 def test_missing_file(tmp_path):
