@@ -23,9 +23,32 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cum
     return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
 
 
-def predict_noise(unet: UNet2DModel, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """eps_theta(x_t, t, y): (B, C, H, W)."""
-    return unet(x_t, t, class_labels=y).sample
+def is_label_conditioned(unet: torch.nn.Module) -> bool:
+    """True when the UNet takes class labels (``num_class_embeds`` or a class embedding in its config).
+
+    The one conditioning check: an unconditional model ignores labels everywhere.
+    """
+    config = getattr(unet, "config", None)
+    return bool(getattr(config, "num_class_embeds", None)) or getattr(config, "class_embed_type", None) is not None
+
+
+def conditioning(unet: torch.nn.Module, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Keyword arguments of the UNet call for labels ``y`` (B,): ``{"class_labels": y}`` or ``{}``."""
+    return {"class_labels": y} if y is not None and is_label_conditioned(unet) else {}
+
+
+def predict_noise(unet: UNet2DModel, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """eps_theta(x_t, t, y): (B, C, H, W); ``y`` is ignored by an unconditional model."""
+    return unet(x_t, t, **conditioning(unet, y)).sample
+
+
+def denoising_loss(eps_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The per-sample DDPM loss 1/2 ||target - eps_hat||^2 summed over pixels (paper eq. 2): (B,).
+
+    The one place the loss is written; every route (training, probes, Fisher products,
+    distillation) calls it. eps_hat, target: (B, C, H, W).
+    """
+    return 0.5 * (target - eps_hat).pow(2).flatten(1).sum(1)
 
 
 def per_sample_loss(
@@ -44,9 +67,7 @@ def per_sample_loss(
     from ``noise``.
     """
     x_t = add_noise(x0, noise, t, alphas_cumprod)
-    eps_hat = predict_noise(unet, x_t, t, y)
-    tgt = noise if target is None else target
-    return 0.5 * (tgt - eps_hat).pow(2).flatten(1).sum(1)
+    return denoising_loss(predict_noise(unet, x_t, t, y), noise if target is None else target)
 
 
 @torch.no_grad()
@@ -74,7 +95,7 @@ def ddim_sample(
         ddim = ddim_from(scheduler)
         ddim.set_timesteps(num_inference_steps)
         for t in ddim.timesteps:
-            eps = unet(x, t.to(device).expand(len(y)), class_labels=y).sample
+            eps = predict_noise(unet, x, t.to(device).expand(len(y)), y)
             x = ddim.step(eps, t, x, eta=0.0).prev_sample
         out.append(x.clamp(-1, 1).cpu())
     unet.train(was_training)
