@@ -50,6 +50,16 @@ app = typer.Typer(
 DEVICE_HELP = "auto (CUDA when available), cpu or cuda"
 
 
+def memory_option(what: str):
+    """The one ``--max-memory`` option: parsed once here into bytes (geomprobe.io.parse_memory)."""
+    from geomprobe.io import DEFAULT_MAX_MEMORY, parse_memory
+
+    return typer.Option(
+        f"{DEFAULT_MAX_MEMORY // 2**30}G", "--max-memory", parser=parse_memory, metavar="SIZE",
+        help=f"memory budget for {what}, e.g. 512M or 4G",
+    )
+
+
 def console(quiet: bool = False) -> Console:
     return Console(stderr=True, quiet=quiet)
 
@@ -169,7 +179,7 @@ def grads(
     target: str = typer.Option("empirical", help="empirical (eps) | true (eps_theta(x_t).detach() + xi)"),
     project: Optional[int] = typer.Option(None, help="store a seeded random projection of the rows to K dims"),
     dtype: str = typer.Option("float32", help="storage dtype: float32 | float16"),
-    max_memory: Optional[str] = typer.Option(None, help="memory budget for one vmap chunk, e.g. 2G (default: 1/4 of free RAM)"),
+    max_memory: int = memory_option("one chunk of per-sample gradients"),
     shard_rows: int = typer.Option(256, help="samples per shard (the unit of resume and of torchrun work)"),
     data_root: Optional[Path] = typer.Option(None, help="directory with the dataset's files (all but digits)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a store made by a different command"),
@@ -400,7 +410,7 @@ def spectrum(
     top_k: int = typer.Option(5, "--top-k", help="eigenvalues per t, and the rank of the best rank-k error"),
     as_json: bool = typer.Option(False, "--json", help="print spectrum.json to stdout instead of the table"),
     centered: bool = typer.Option(False, "--centered", help="covariance (G - 1 mu^T) instead of the second moment"),
-    max_memory: Optional[str] = typer.Option(None, help="memory for one t: two row blocks + the n x n Gram matrix, e.g. 512M"),
+    max_memory: int = memory_option("one t: two row blocks + the n x n Gram matrix"),
     out: Optional[Path] = typer.Option(None, "--out", help="directory for spectrum.json and cosine_maps.h5 (default: the store)"),
     model: bool = typer.Option(True, "--model/--no-model", help="compute the scaled-identity MSE with the store's checkpoint"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),

@@ -1,11 +1,14 @@
-"""Analysis of gradient geometry: spectra, gaps, approximation errors, cosine maps, audits.
+"""Analysis of gradient geometry: reports over gradient stores, the scaled-identity check, audits.
 
-    fisher_spectrum(GramStatistics, top_k, centered) -> FisherSpectrum   one t (or band), from K
+The Fisher formulas themselves live in :mod:`geomprobe.fisher.spectrum`; this package reads
+stores, calls them and writes the results (re-exported here for convenience):
+
     analyze_store(store, t_range, top_k, centered, max_memory) -> SpectrumResult
     write_spectrum(result, store) -> (spectrum.json, cosine_maps.h5)
+    fisher_spectrum(GramStatistics, top_k, centered) -> FisherSpectrum   (geomprobe.fisher.spectrum)
     mean_cosine_matrix([mu_t]) -> (T, T)                                paper Fig. 3a
     scaled_identity_mse(unet, x0, noise, t, y, alphas_cumprod)         paper Fig. 1
-    davis_kahan_check / task_dependence                                  DESIGN section 7 audits
+    davis_kahan_check / task_dependence                                  docs/design.md §7 audits
 """
 
 from geomprobe.analysis.audit import DavisKahanCheck, davis_kahan_check, task_dependence
@@ -19,7 +22,8 @@ from geomprobe.analysis.report import (
     select_entries,
     write_spectrum,
 )
-from geomprobe.analysis.spectrum import FisherSpectrum, fisher_spectrum, mean_cosine_matrix, top_eigenvalues
+from geomprobe.fisher.spectrum import FisherSpectrum, fisher_spectrum, mean_cosine_matrix
+from geomprobe.fisher.spectrum import top_eigenpairs as top_eigenvalues
 
 __all__ = [
     "COSINE_MAPS",

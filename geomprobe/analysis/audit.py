@@ -1,10 +1,9 @@
-"""Audits of the rank-1 claim (DESIGN section 7): eigenspace stability and task dependence.
+"""Audits of the rank-1 claim (docs/design.md §7): eigenspace stability and task dependence.
 
 Davis-Kahan: write F = c* mu mu^T + R. If the residual R is small against the eigengap, the top
 eigenvector v1 of F must lie close to mu: sin angle(v1, mu) <= ||R||_op / (lambda1 - lambda2)
-(the form of DESIGN section 7, with lambda of F). We compute ||R||_op exactly from the Gram
-statistics: R = G^T M G with M = I/n - c* 1 1^T / n^2 (since mu = G^T 1 / n), whose nonzero
-eigenvalues are those of the symmetric n x n matrix S^{1/2} M S^{1/2}, S = G G^T = n K.
+(the form of docs/design.md §7, with lambda of F). ||R||_op comes exactly from the Gram
+statistics (:func:`geomprobe.fisher.spectrum.rank1_residual_op_norm`).
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
-from geomprobe.analysis.spectrum import fisher_spectrum, mean_cosine_matrix
 from geomprobe.fisher.rows import GramStatistics
+from geomprobe.fisher.spectrum import fisher_spectrum, mean_cosine_matrix, rank1_residual_op_norm
 
 
 @dataclass
@@ -41,17 +40,6 @@ class DavisKahanCheck:
         }
 
 
-def rank1_residual_op_norm(stats: GramStatistics, c_star: float) -> float:
-    """||F - c* mu mu^T||_op (uncentered F = G^T G / n, mu = G^T 1 / n) from K alone."""
-    n = stats.n
-    S = n * stats.K
-    w, U = np.linalg.eigh(S)
-    root = (U * np.sqrt(np.clip(w, 0.0, None))) @ U.T  # S^{1/2}
-    M = np.eye(n) / n - c_star * np.ones((n, n)) / n**2
-    eig = np.linalg.eigvalsh(root @ M @ root)
-    return float(np.abs(eig).max())
-
-
 def davis_kahan_check(stats: GramStatistics) -> DavisKahanCheck:
     """The Davis-Kahan audit of one uncentered empirical Fisher (see the module docstring)."""
     spec = fisher_spectrum(stats, top_k=2, centered=False)
@@ -65,6 +53,6 @@ def davis_kahan_check(stats: GramStatistics) -> DavisKahanCheck:
 
 
 def task_dependence(mu_a: Mapping[int, np.ndarray], mu_b: Mapping[int, np.ndarray]) -> dict[int, float]:
-    """cos(mu_t^A, mu_t^B) for every t both tasks have (DESIGN section 7 check 1). Signed."""
+    """cos(mu_t^A, mu_t^B) for every t both tasks have (docs/design.md §7, check 1). Signed."""
     common = sorted(set(mu_a) & set(mu_b))
     return {t: float(mean_cosine_matrix([mu_a[t], mu_b[t]])[0, 1]) for t in common}

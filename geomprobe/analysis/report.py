@@ -2,8 +2,8 @@
 
 For every selected key of the store (a timestep ``t700`` or a band key ``band-low-snr``) the rows
 are streamed once per block pair into the Gram statistics (K = G G^T / n, G^T 1, column sums of
-G^2; memory bounded by ``max_memory``), and :func:`geomprobe.analysis.spectrum.fisher_spectrum`
-turns them into one row of ``spectrum.json`` (DESIGN section 9). When the t-range is an SNR band
+G^2; memory bounded by ``max_memory``), and :func:`geomprobe.fisher.spectrum.fisher_spectrum`
+turns them into one row of ``spectrum.json`` (docs/design.md §9). When the t-range is an SNR band
 and the store holds fixed timesteps of that band, one more row pools them (t = ``band-<name>``,
 the rows of all its timesteps stacked: the Fisher of t drawn uniformly from the stored ones).
 
@@ -16,9 +16,7 @@ Outputs, written next to the shards (or into ``out_dir``):
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,13 +26,11 @@ import numpy as np
 import torch
 
 from geomprobe.analysis.identity import scaled_identity_mse
-from geomprobe.analysis.spectrum import FisherSpectrum, fisher_spectrum, mean_cosine_matrix
 from geomprobe.errors import DataError, UsageError
 from geomprobe.fisher.rows import ConcatRows, StoreRows, gram_statistics
+from geomprobe.fisher.spectrum import FisherSpectrum, fisher_spectrum, mean_cosine_matrix
+from geomprobe.io import COSINE_MAPS, DEFAULT_MAX_MEMORY, SPECTRUM_JSON, atomic_path, write_json
 from geomprobe.timesteps import parse_timesteps
-
-SPECTRUM_JSON = "spectrum.json"
-COSINE_MAPS = "cosine_maps.h5"
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -60,7 +56,7 @@ class SpectrumResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """The spectrum.json object, exactly the keys of DESIGN section 9 (NaN becomes null)."""
+        """The spectrum.json object, exactly the keys of docs/design.md §9 (NaN becomes null)."""
         rows = []
         for e in self.entries:
             s = e.spectrum
@@ -151,28 +147,24 @@ def analyze_store(
     t_range: str | None = None,
     top_k: int = 5,
     centered: bool = False,
-    max_memory: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     with_model: bool = True,
     progress: ProgressFn | None = None,
     device: str = "cpu",
 ) -> SpectrumResult:
     """Spectrum rows of a gradient store (path or :class:`GradientStore`), streamed in bounded memory.
 
-    ``max_memory``: bytes for one key's working set (two row blocks + the n x n Gram matrix);
-    default a quarter of the available RAM. ``with_model``: compute the scaled-identity MSE with
+    ``max_memory``: bytes for one key's working set (two row blocks + the n x n Gram matrix).
+    ``with_model``: compute the scaled-identity MSE with
     the store's checkpoint (needs the checkpoint directory, verified by checksum).
     """
-    from geomprobe.probe import GradientStore, parse_memory
+    from geomprobe.probe import GradientStore
 
     if not isinstance(store, GradientStore):
         store = GradientStore(store)
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
-    if store.projection:
-        # projected rows keep inner products in expectation, so K and the errors still apply;
-        # only diag F (hence rel_err_diag) refers to the projected coordinates
-        pass
-    budget = parse_memory(max_memory) if not isinstance(max_memory, int) else max_memory
+    budget = int(max_memory)
     selection = select_entries(store, t_range)
     result = SpectrumResult(store=str(store.path), centered=centered, top_k=top_k)
     checkpoint = _load_model(store, result.notes, device) if with_model else None
@@ -204,12 +196,8 @@ def write_spectrum(result: SpectrumResult, store: Any, out_dir: str | Path | Non
     out = Path(out_dir) if out_dir is not None else Path(result.store)
     out.mkdir(parents=True, exist_ok=True)
     json_path, maps_path = out / SPECTRUM_JSON, out / COSINE_MAPS
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    os.replace(tmp, json_path)
-
-    tmp = maps_path.with_name(maps_path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    write_json(json_path, result.to_json())
+    with atomic_path(maps_path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["store"] = result.store
         f.attrs["centered"] = result.centered
         f.attrs["description"] = "cos_to_mean: signed cos(g_i, mu) per row (paper Fig. 2 plots |cos|)"
@@ -224,5 +212,4 @@ def write_spectrum(result: SpectrumResult, store: Any, out_dir: str | Path | Non
         m = f.create_group("mu_cosine")
         m.create_dataset("matrix", data=result.mu_cosine if result.mu_cosine is not None else np.zeros((0, 0)))
         m.create_dataset("t", data=np.array([str(e.label) for e in result.entries], dtype=h5py.string_dtype()))
-    os.replace(tmp, maps_path)
     return json_path, maps_path

@@ -69,7 +69,6 @@ def estimate_task_fisher(
     from geomprobe.fisher.model import (
         diagonal_from_model,
         lowrank_from_model,
-        model_info,
         power_iteration_from_model,
         rank1_from_model,
     )
@@ -101,7 +100,9 @@ def estimate_task_fisher(
             return fisher
         if kind == "full":
             G = torch.cat([per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod).cpu() for b in batches])
-            return GramFisher(G, info=model_info(unet, names, batches, timesteps.text))
+            from geomprobe.fisher import ImplicitFisher
+
+            return GramFisher(G, info=ImplicitFisher.from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text).info)
         raise UsageError(f"unknown Fisher kind {kind!r}; expected diag, rank1, rankk or full")
     finally:
         unet.train(was_training)

@@ -1,7 +1,7 @@
 """The one Fisher protocol and its HDF5 format.
 
 Every representation of an empirical Fisher F (P x P, symmetric positive semi-definite) answers
-the same questions (the nngeometry/curvlinops pattern, STYLE.md):
+the same questions (the nngeometry/curvlinops pattern, docs/design.md §1):
 
     mv(v)        F v                     v: (P,) or (P, m)  ->  same shape
     quad(v)      v^T F v                 v: (P,)            ->  0-dim tensor
@@ -11,7 +11,7 @@ the same questions (the nngeometry/curvlinops pattern, STYLE.md):
     top_eigen(k) leading eigenpairs      -> (eigenvalues (r,) descending, eigenvectors (P, r)),
                  r = min(k, rank of the representation)
     penalty(theta, theta_star, strength) strength/2 (theta - theta*)^T F (theta - theta*)
-                 (the EWC term, DESIGN section 6; differentiable in theta)
+                 (the EWC term, docs/design.md §6; differentiable in theta)
     save(path) / load(path)   HDF5 with attributes; ``load_fisher`` dispatches on ``kind``.
 
 Vectors are torch tensors (numpy arrays are accepted and converted). Arithmetic happens in the
@@ -223,6 +223,30 @@ def load_fisher(path: str | Path) -> FisherMatrix:
         raise DataError(f"cannot read Fisher file {path}: {exc}") from exc
     except KeyError as exc:
         raise DataError(f"{path}: malformed Fisher file (missing {exc})") from exc
+
+
+class _MatrixFreeQuadratic(torch.autograd.Function):
+    """strength/2 d^T F d as one autograd node: the value from ``quad``, the gradient strength F d from ``mv``.
+
+    For representations whose data must not enter the autograd graph (rows streamed from disk,
+    products of a model): the forward pass builds no graph, the backward pass is one product.
+    """
+
+    @staticmethod
+    def forward(ctx, d: torch.Tensor, fisher: FisherMatrix, strength: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.fisher, ctx.strength = fisher, strength
+        ctx.save_for_backward(d)
+        return (0.5 * strength * fisher.quad(d.detach())).to(d.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (d,) = ctx.saved_tensors
+        return grad_out * ctx.strength * ctx.fisher.mv(d.detach()).to(d.dtype), None, None
+
+
+def matrix_free_penalty(fisher: FisherMatrix, d: torch.Tensor, strength: float) -> torch.Tensor:
+    """strength/2 d^T F d for d (P,), differentiable in d through one ``mv`` (see ``_MatrixFreeQuadratic``)."""
+    return _MatrixFreeQuadratic.apply(d, fisher, float(strength))
 
 
 def read_tensor(f: h5py.File, name: str) -> torch.Tensor:

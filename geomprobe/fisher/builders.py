@@ -1,7 +1,7 @@
 """Build Fisher objects from per-sample gradient rows: an (n, P) matrix, row blocks or a store.
 
 Every builder streams its source in row blocks (bounded by ``max_memory`` bytes) and follows
-DESIGN section 6:
+docs/design.md §6:
 
     mu = G^T 1 / n                  diag F = column means of G^2
     c* = mean((G mu)^2) / ||mu||^4  top-k eigenpairs by the Gram trick (K = G G^T / n)
@@ -16,30 +16,21 @@ from typing import Any
 
 import torch
 
-from geomprobe.errors import DataError, UsageError
+from geomprobe.errors import UsageError
 from geomprobe.fisher.base import DENSE_LIMIT, FisherInfo, FisherMatrix
-from geomprobe.fisher.explicit import DenseFisher, DiagonalFisher, Rank1Fisher
+from geomprobe.fisher.dense import DenseFisher
+from geomprobe.fisher.diagonal import DiagonalFisher
 from geomprobe.fisher.gram import GramFisher
-from geomprobe.fisher.rows import StoreRows, as_row_source, rows_per_block
-
-FISHER_KINDS = ("dense", "diagonal", "rank1", "lowrank", "gram")
-DEFAULT_MAX_MEMORY = 2**30
+from geomprobe.fisher.kinds import canonical_kind
+from geomprobe.fisher.rank1 import Rank1Fisher
+from geomprobe.fisher.rows import StoreRows, as_row_source, column_sums, rows_per_block
+from geomprobe.fisher.spectrum import rank1_scale
+from geomprobe.io import DEFAULT_MAX_MEMORY
 
 
 def column_moments(rows: Any, max_memory: int = DEFAULT_MAX_MEMORY) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One pass: (mu (P,), diag of the second moment (P,), n), float64."""
-    source = as_row_source(rows)
-    s = torch.zeros(source.P, dtype=torch.float64)
-    s2 = torch.zeros(source.P, dtype=torch.float64)
-    n = 0
-    block_rows = min(max(source.n, 1), rows_per_block(source.P, max_memory, 16 * source.P, live_blocks=2))
-    for b in source.blocks(block_rows):
-        b = b.double()
-        s += b.sum(0)
-        s2 += b.pow(2).sum(0)
-        n += b.shape[0]
-    if n == 0:
-        raise UsageError("no gradient rows")
+    s, s2, n = column_sums(rows, max_memory)
     return s / n, s2 / n, n
 
 
@@ -55,10 +46,7 @@ def rank1_coefficient(rows: Any, mu: torch.Tensor, centered: bool = False, max_m
     for b in source.blocks(block_rows):
         total += float((b.double() @ mu).pow(2).sum())
         n += b.shape[0]
-    mu_norm_sq = float(mu.pow(2).sum())
-    if mu_norm_sq == 0.0:
-        raise DataError("the mean gradient is zero; c* = mu^T F mu / ||mu||^4 is undefined")
-    c_star = (total / n) / mu_norm_sq**2
+    c_star = rank1_scale(total / n, float(mu.pow(2).sum()))
     return c_star - 1.0 if centered else c_star
 
 
@@ -70,13 +58,15 @@ def fisher_from_rows(
     info: FisherInfo | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> FisherMatrix:
-    """A Fisher of ``kind`` (dense | diagonal | rank1 | lowrank | gram) from per-sample gradient rows.
+    """A Fisher of ``kind`` (dense | diagonal | rank1 | lowrank | gram, or a CLI alias) from per-sample gradient rows.
 
     rows: G (n, P) tensor/array, a row source (e.g. ``StoreRows``) or a list of (b, P) blocks.
     k: rank of ``lowrank``. Float64 results except ``gram``, which keeps the rows as given.
+    The ``implicit`` kind needs a model, not rows: :meth:`ImplicitFisher.from_model`.
     """
-    if kind not in FISHER_KINDS:
-        raise UsageError(f"unknown Fisher kind {kind!r}; expected one of {', '.join(FISHER_KINDS)}")
+    kind = canonical_kind(kind)
+    if kind == "implicit":
+        raise UsageError("an implicit Fisher is built from a model and probe data (ImplicitFisher.from_model), not from rows")
     source = as_row_source(rows)
     info = info if info is not None else FisherInfo()
     info.n = source.n

@@ -1,4 +1,4 @@
-"""The exact empirical Fisher held implicitly by its per-sample gradients (DESIGN section 6).
+"""The exact empirical Fisher held implicitly by its per-sample gradients (docs/design.md §6).
 
 F = G^T G / n (uncentered) or F = (G - 1 mu^T)^T (G - 1 mu^T) / n = G^T G / n - mu mu^T (centered),
 with G the n x P matrix of per-sample gradients, in memory or streamed from a gradient store.
@@ -16,16 +16,19 @@ import numpy as np
 import torch
 
 from geomprobe.errors import DataError
-from geomprobe.fisher.base import FisherInfo, FisherMatrix, promoted
+from geomprobe.fisher.base import FisherInfo, FisherMatrix, matrix_free_penalty, promoted
 from geomprobe.fisher.rows import (
     GramStatistics,
     RowSource,
     TensorRows,
     as_row_source,
+    column_sums,
     gram_statistics,
     rows_per_block,
     transpose_times,
 )
+from geomprobe.fisher.spectrum import centered_gram, top_eigenpairs
+from geomprobe.io import DEFAULT_MAX_MEMORY
 
 
 class H5Rows:
@@ -44,28 +47,6 @@ class H5Rows:
                 yield torch.from_numpy(ds[a : a + rows])
 
 
-def centering_matrix_apply(K: np.ndarray) -> np.ndarray:
-    """H K H with H = I - 1 1^T / n: the Gram matrix of the centered rows (same scaling as K)."""
-    row_mean = K.mean(axis=1, keepdims=True)
-    col_mean = K.mean(axis=0, keepdims=True)
-    return K - row_mean - col_mean + K.mean()
-
-
-class _StreamedQuadraticForm(torch.autograd.Function):
-    """0.5 v^T F v with gradient F v, both computed by streaming passes (no graph through the rows)."""
-
-    @staticmethod
-    def forward(ctx, d: torch.Tensor, fisher: "GramFisher") -> torch.Tensor:  # type: ignore[override]
-        ctx.fisher = fisher
-        ctx.save_for_backward(d)
-        return (0.5 * fisher.quad(d.detach())).to(d.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        (d,) = ctx.saved_tensors
-        return grad_out * ctx.fisher.mv(d.detach()).to(d.dtype), None
-
-
 class GramFisher(FisherMatrix):
     """The exact empirical Fisher F = G^T G / n (or the covariance with ``centered=True``).
 
@@ -76,7 +57,7 @@ class GramFisher(FisherMatrix):
 
     kind = "gram"
 
-    def __init__(self, rows: Any, centered: bool = False, info: FisherInfo | None = None, max_memory: int = 2**30):
+    def __init__(self, rows: Any, centered: bool = False, info: FisherInfo | None = None, max_memory: int = DEFAULT_MAX_MEMORY):
         super().__init__(info)
         self.source: RowSource = as_row_source(rows)
         self.centered = bool(centered)
@@ -108,19 +89,9 @@ class GramFisher(FisherMatrix):
         return self._stats
 
     def _column_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G^T 1, column sums of G^2), float64 (cached; from the Gram pass when that came first)."""
         if self._columns is None:
-            if self.in_memory:
-                G = self.source.G.double()
-                self._columns = (G.sum(0), G.pow(2).sum(0))
-            else:
-                s = torch.zeros(self.P, dtype=torch.float64)
-                s2 = torch.zeros(self.P, dtype=torch.float64)
-                rows = min(self.n, rows_per_block(self.P, self.max_memory, 16 * self.P, live_blocks=2))
-                for b in self.source.blocks(rows):
-                    b = b.double()
-                    s += b.sum(0)
-                    s2 += b.pow(2).sum(0)
-                self._columns = (s, s2)
+            self._columns = column_sums(self.source, self.max_memory)[:2]
         return self._columns
 
     def mean(self) -> torch.Tensor:
@@ -130,7 +101,7 @@ class GramFisher(FisherMatrix):
     def kernel(self) -> np.ndarray:
         """The n x n Gram matrix whose nonzero spectrum is F's: K = G G^T / n, or H K H when centered."""
         K = self.gram_statistics().K
-        return centering_matrix_apply(K) if self.centered else K
+        return centered_gram(K) if self.centered else K
 
     # ---- protocol
     def mv(self, v):
@@ -184,16 +155,13 @@ class GramFisher(FisherMatrix):
         return d - self.mean().pow(2) if self.centered else d
 
     def top_eigen(self, k: int):
-        """Top-k eigenpairs by the Gram trick: eigh of K (n x n), then v_j = G^T u_j / sqrt(n lambda_j)."""
-        import scipy.linalg
-
+        """Top-k eigenpairs by the Gram trick: eigenpairs of K (n x n), then v_j = G^T u_j / sqrt(n lambda_j)."""
         K = self.kernel()
         n = K.shape[0]
         k = min(k, n)
         if k < 1:
             return torch.zeros(0, dtype=torch.float64), torch.zeros(self.P, 0, dtype=torch.float64)
-        evals, evecs = scipy.linalg.eigh(K, subset_by_index=[n - k, n - 1])
-        evals, evecs = evals[::-1].copy(), evecs[:, ::-1].copy()
+        evals, evecs = top_eigenpairs(K, k)
         keep = evals > max(evals[0], 0.0) * 1e-12 if evals.size else np.zeros(0, bool)
         evals, evecs = evals[keep], evecs[:, keep]
         U = torch.from_numpy(evecs)
@@ -212,11 +180,11 @@ class GramFisher(FisherMatrix):
         d = self._difference(theta, theta_star)
         if self.in_memory:
             return 0.5 * strength * self.quad(d).to(d.dtype)
-        return strength * _StreamedQuadraticForm.apply(d, self)
+        return matrix_free_penalty(self, d, strength)
 
     def to_low_rank(self, k: int):
         """The best rank-k approximation as a :class:`LowRankFisher` (same info)."""
-        from geomprobe.fisher.explicit import LowRankFisher
+        from geomprobe.fisher.lowrank import LowRankFisher
 
         lam, V = self.top_eigen(k)
         return LowRankFisher(lam, V, self.info)

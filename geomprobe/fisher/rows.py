@@ -6,7 +6,7 @@ a gradient store (:class:`StoreRows`), several sources stacked (:class:`ConcatRo
 pooled from per-t stores), or any re-iterable of (b, P) blocks (:class:`IterableRows`).
 
 :func:`gram_statistics` reads a source once per *block pair* and returns everything the
-analysis needs (DESIGN section 6): the Gram matrix K = G G^T / n (n x n, float64), the column
+analysis needs (docs/design.md §6): the Gram matrix K = G G^T / n (n x n, float64), the column
 sums (-> mu) and the column sums of squares (-> diag F). Memory is bounded by ``max_memory``:
 two row blocks plus K and three (P,) vectors.
 """
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from geomprobe.errors import UsageError
+from geomprobe.io import DEFAULT_MAX_MEMORY
 
 
 class RowSource(Protocol):
@@ -139,7 +140,8 @@ def rows_per_block(P: int, max_memory: int, reserved: int = 0, live_blocks: int 
     if free < per_row:
         need = reserved + per_row
         raise UsageError(
-            f"--max-memory {max_memory / 2**20:.1f} MiB is too small for P={P:,} and n rows: need at least {need / 2**20:.1f} MiB"
+            f"a memory budget of {max_memory / 2**20:.1f} MiB is too small for rows of P={P:,} values: "
+            f"need at least {need / 2**20:.1f} MiB (raise --max-memory)"
         )
     return int(free // per_row)
 
@@ -157,7 +159,7 @@ class GramStatistics:
     """What one pass over G gives (float64).
 
     ``K``: (n, n) Gram matrix G G^T / n; ``column_sum``: (P,) = G^T 1; ``column_sumsq``: (P,) =
-    column sums of G^2; ``n``, ``P``. Everything in DESIGN section 6 follows from these.
+    column sums of G^2; ``n``, ``P``. Everything in docs/design.md §6 follows from these.
     """
 
     K: np.ndarray
@@ -179,7 +181,7 @@ class GramStatistics:
 
 def gram_statistics(
     source: RowSource | Any,
-    max_memory: int = 2**30,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     compute_dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> GramStatistics:
@@ -237,15 +239,28 @@ def gram_statistics(
     return GramStatistics(K=K, column_sum=column_sum.numpy(), column_sumsq=column_sumsq.numpy(), n=n, P=P)
 
 
-def project_rows(source: RowSource | Any, vectors: torch.Tensor, max_memory: int = 2**30) -> torch.Tensor:
-    """G V for V (P, m): (n, m) float64, one pass."""
+def column_sums(source: RowSource | Any, max_memory: int = DEFAULT_MAX_MEMORY) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(G^T 1 (P,), column sums of G^2 (P,), n), float64, from one pass over the row blocks.
+
+    Raises:
+        UsageError: the source has no rows.
+    """
     source = as_row_source(source)
-    V = vectors.double()
-    rows = min(source.n, rows_per_block(source.P, max_memory, 8 * V.numel() * 2, live_blocks=2))
-    return torch.cat([b.double() @ V for b in source.blocks(rows)])
+    s = torch.zeros(source.P, dtype=torch.float64)
+    s2 = torch.zeros(source.P, dtype=torch.float64)
+    n = 0
+    rows = min(max(source.n, 1), rows_per_block(source.P, max_memory, 16 * source.P, live_blocks=2))
+    for b in source.blocks(rows):
+        b = b.double()
+        s += b.sum(0)
+        s2 += b.pow(2).sum(0)
+        n += b.shape[0]
+    if n == 0:
+        raise UsageError("no gradient rows")
+    return s, s2, n
 
 
-def transpose_times(source: RowSource | Any, weights: torch.Tensor, max_memory: int = 2**30) -> torch.Tensor:
+def transpose_times(source: RowSource | Any, weights: torch.Tensor, max_memory: int = DEFAULT_MAX_MEMORY) -> torch.Tensor:
     """G^T W for W (n,) or (n, m): (P,) or (P, m) float64, one pass."""
     source = as_row_source(source)
     W = weights.double()
