@@ -32,14 +32,11 @@ import torch
 from geomprobe.data import load_dataset, parse_classes
 from geomprobe.errors import DataError, UsageError
 from geomprobe.models import checkpoint_checksum, load_checkpoint, resolve_device
-from geomprobe.probe.grads import (
-    chunk_size_for,
-    param_layout,
-    parse_memory,
-    per_sample_grads,
-    select_parameters,
-    true_fisher_target,
-)
+from geomprobe.io import parse_memory
+from geomprobe.probe.grads import per_sample_grads
+from geomprobe.probe.memory import chunk_size_for
+from geomprobe.probe.params import param_layout, select_parameters
+from geomprobe.probe.products import ProbeBatch, true_fisher_target
 from geomprobe.probe.projection import RandomProjection
 from geomprobe.probe.store import (
     MANIFEST,
@@ -232,8 +229,6 @@ def probe_batches(
     target eps_theta(x_t).detach() + xi is built with ``unet`` and ``alphas_cumprod``. Feeding these
     batches to :func:`mean_gradient` gives the store's mean row without forming G.
     """
-    from geomprobe.probe.grads import ProbeBatch
-
     if target not in TARGETS:
         raise UsageError(f"target must be empirical or true, got {target!r}")
     if target == "true" and (unet is None or alphas_cumprod is None):

@@ -380,12 +380,12 @@ class GradientStore:
         return self.meta_array(t, "t")
 
     def inputs(self, t: int | str, start: int = 0, stop: int | None = None):
-        """The stored probe inputs of rows ``start:stop`` as a :class:`geomprobe.probe.grads.ProbeBatch`.
+        """The stored probe inputs of rows ``start:stop`` as a :class:`geomprobe.probe.ProbeBatch`.
 
         With the checkpoint, ``per_sample_grads`` on this batch reproduces the rows (for a
         target=true store, ``target`` is rebuilt from the stored xi).
         """
-        from geomprobe.probe.grads import ProbeBatch
+        from geomprobe.probe.products import ProbeBatch
 
         k = self.key(t)
         stop = self.n(t) if stop is None else stop
