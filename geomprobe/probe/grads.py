@@ -38,7 +38,7 @@ from geomprobe.errors import UsageError
 from geomprobe.io import DEFAULT_MAX_MEMORY
 from geomprobe.probe.engines.layerwise import LayerwiseUnsupported, layerwise_grads, layerwise_owners
 from geomprobe.probe.engines.vmap import vmap_grads
-from geomprobe.probe.losses import probe_inputs
+from geomprobe.probe.losses import NoisedBatch, probe_inputs
 from geomprobe.probe.memory import chunk_size_for
 from geomprobe.probe.params import ParamLayout, param_layout, select_parameters
 from geomprobe.probe.products import ProbeBatch, directional_derivatives, mean_gradient
@@ -94,23 +94,23 @@ def per_sample_grads(
     if engine not in ENGINES:
         raise UsageError(f"unknown per-sample gradient engine {engine!r}; expected auto, vmap or layerwise")
     layout = param_layout(unet, list(names))
-    x_t, t, y, tgt = probe_inputs(unet, x0, noise, t, y, alphas_cumprod, target)
+    batch = probe_inputs(unet, x0, noise, t, y, alphas_cumprod, target)
     if chunk_size is None:
-        chunk_size = chunk_size_for(unet, layout.P, tuple(x_t.shape[1:]), max_memory)
-    out = _output_buffer(out, x_t.shape[0], layout.P, x_t.device)
-    losses = torch.empty(x_t.shape[0], dtype=torch.float32, device=x_t.device)
-    if engine == "vmap" or not _layerwise(unet, layout, engine, x_t, t, y, tgt, chunk_size, out, losses):
-        vmap_grads(unet, layout.names, x_t, t, y, tgt, chunk_size, out, losses)
+        chunk_size = chunk_size_for(unet, layout.P, tuple(batch.x_t.shape[1:]), max_memory)
+    out = _output_buffer(out, batch.n, layout.P, batch.x_t.device)
+    losses = torch.empty(batch.n, dtype=torch.float32, device=batch.x_t.device)
+    if engine == "vmap" or not _layerwise(unet, layout, engine, batch, chunk_size, out, losses):
+        vmap_grads(unet, layout.names, batch, chunk_size, out, losses)
     return (out, losses) if return_losses else out
 
 
-def _layerwise(unet, layout: ParamLayout, engine: str, x_t, t, y, tgt, chunk_size: int, out, losses) -> bool:
+def _layerwise(unet, layout: ParamLayout, engine: str, batch: NoisedBatch, chunk_size: int, out, losses) -> bool:
     """Run the layerwise engine; False when it does not apply and ``engine`` is ``"auto"``."""
     owners = layerwise_owners(unet, layout.names)
     try:
         if owners is None:
             raise LayerwiseUnsupported("it supports Conv2d, Linear, GroupNorm and Embedding parameters only")
-        layerwise_grads(unet, owners, layout, x_t, t, y, tgt, chunk_size, out, losses)
+        layerwise_grads(unet, owners, layout, batch, chunk_size, out, losses)
         return True
     except LayerwiseUnsupported as exc:
         if engine == "layerwise":

@@ -56,9 +56,9 @@ def _loss_gradients(
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """grad of sum_i w_i l_i (w = 1 when ``weights`` is None) over ``names``: one tensor per name."""
-    x_t, t, y, tgt = probe_inputs(unet, batch.x0, batch.noise, batch.t, batch.y, alphas_cumprod, batch.target)
+    inputs = probe_inputs(unet, batch.x0, batch.noise, batch.t, batch.y, alphas_cumprod, batch.target)
     params = {n: p.clone().requires_grad_(True) for n, p in selected.items()}
-    losses = functional_losses(unet, params, constants, x_t, t, y, tgt)
+    losses = functional_losses(unet, params, constants, inputs)
     if weights is not None:
         losses = losses * weights.to(device=losses.device, dtype=losses.dtype)
     return torch.autograd.grad(losses.sum(), [params[n] for n in names])
@@ -138,10 +138,10 @@ def directional_derivatives(
     if v.shape != (layout.P,):
         raise UsageError(f"direction v has shape {tuple(v.shape)}, expected ({layout.P},)")
     tangents = {n: tv.to(device=device, dtype=selected[n].dtype) for n, tv in layout.view(v.detach()).items()}
-    x_t, t, y, tgt = probe_inputs(unet, x0, noise, t, y, alphas_cumprod, target)
+    inputs = probe_inputs(unet, x0, noise, t, y, alphas_cumprod, target)
 
     def losses(params):
-        return functional_losses(unet, params, constants, x_t, t, y, tgt)
+        return functional_losses(unet, params, constants, inputs)
 
     _, dots = jvp(losses, (selected,), (tangents,))
     return dots.float()

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from geomprobe.diffusion import denoising_loss, predict_noise
+from geomprobe.probe.losses import NoisedBatch
 from geomprobe.probe.params import ParamLayout
 
 Owners = dict[str, tuple[torch.nn.Module, dict[str, str]]]
@@ -51,10 +52,7 @@ def layerwise_grads(
     unet: torch.nn.Module,
     owners: Owners,
     layout: ParamLayout,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    y: torch.Tensor | None,
-    target: torch.Tensor,
+    batch: NoisedBatch,
     chunk_size: int,
     out: torch.Tensor,
     losses: torch.Tensor,
@@ -69,16 +67,15 @@ def layerwise_grads(
     for p in frozen:  # the backward must reach the selected modules' outputs
         p.requires_grad_(True)
     try:
-        for a in range(0, x_t.shape[0], chunk_size):
-            b = min(a + chunk_size, x_t.shape[0])
-            yc = None if y is None else y[a:b]
-            losses[a:b] = _layerwise_chunk(unet, owners, offsets, x_t[a:b], t[a:b], yc, target[a:b], out[a:b])
+        for a in range(0, batch.n, chunk_size):
+            b = min(a + chunk_size, batch.n)
+            losses[a:b] = _layerwise_chunk(unet, owners, offsets, batch.rows(a, b), out[a:b])
     finally:
         for p in frozen:
             p.requires_grad_(False)
 
 
-def _layerwise_chunk(unet, owners, offsets, x_t, t, y, tgt, out) -> torch.Tensor:
+def _layerwise_chunk(unet, owners: Owners, offsets, batch: NoisedBatch, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` (b, P) with per-sample gradients for one chunk; return the (b,) losses."""
     records: dict[str, list] = {m: [] for m in owners}
 
@@ -92,7 +89,7 @@ def _layerwise_chunk(unet, owners, offsets, x_t, t, y, tgt, out) -> torch.Tensor
     handles = [module.register_forward_hook(make_hook(mname)) for mname, (module, _) in owners.items()]
     try:
         with torch.enable_grad():
-            losses = denoising_loss(predict_noise(unet, x_t, t, y), tgt)
+            losses = denoising_loss(predict_noise(unet, batch.x_t, batch.t, batch.y), batch.target)
             outputs = [rec[1] for m in owners for rec in records[m]]
             if any(not o.requires_grad for o in outputs):
                 raise LayerwiseUnsupported("a selected module's output does not require grad")
