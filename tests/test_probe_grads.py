@@ -238,7 +238,7 @@ def test_conv_weight_grads_every_route_equal_loop(cin, cout, kernel, stride, pad
     """Each per-sample Conv2d route (correlation for Cin or Cout = 1, grouped weight gradient,
     1x1 bmm) against one autograd backward per sample, on odd sizes, strides (also larger than
     the kernel), dilations, groups and a channels-last input."""
-    from geomprobe.probe.grads import _module_grads
+    from geomprobe.probe.engines.layerwise import _module_grads
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
@@ -261,7 +261,7 @@ def test_group_norm_grads_from_saved_stats_equal_loop(offset):
     to 30 standard deviations: the saved-stats formula (sum g*x - mean * sum g) * rstd cancels
     there, as torch's own group-norm backward does (measured: 3.4e-6 saved stats, 1.4e-6
     recomputed, 3.3e-6 torch's float32 backward)."""
-    from geomprobe.probe.grads import _module_grads, _saved_group_norm_stats
+    from geomprobe.probe.engines.layerwise import _module_grads, _saved_group_norm_stats
 
     torch.manual_seed(0)
     gn = torch.nn.GroupNorm(2, 6)
@@ -290,7 +290,7 @@ def test_group_norm_grads_in_bfloat16_avoid_the_cancelling_formula():
     """In bfloat16 the saved-stats formula would round sum g*x before the mean term cancels
     (measured 7.7e-2 relative error at an input mean of 30 std); the engine recomputes x_hat
     there instead (2e-3). Reference: a float64 backward per sample; tolerance 1e-2."""
-    from geomprobe.probe.grads import _module_grads, _saved_group_norm_stats
+    from geomprobe.probe.engines.layerwise import _module_grads, _saved_group_norm_stats
 
     torch.manual_seed(0)
     gn = torch.nn.GroupNorm(2, 6)

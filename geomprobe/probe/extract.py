@@ -31,15 +31,12 @@ import torch
 
 from geomprobe.data import load_dataset, parse_classes
 from geomprobe.errors import DataError, UsageError
-from geomprobe.models import checkpoint_checksum, load_checkpoint, resolve_device
-from geomprobe.probe.grads import (
-    chunk_size_for,
-    param_layout,
-    parse_memory,
-    per_sample_grads,
-    select_parameters,
-    true_fisher_target,
-)
+from geomprobe.io import derived_seed, parse_memory, torch_generator
+from geomprobe.models import ModelInfo, checkpoint_checksum, load_checkpoint, resolve_device
+from geomprobe.probe.grads import per_sample_grads
+from geomprobe.probe.memory import chunk_size_for
+from geomprobe.probe.params import ParamLayout, param_layout, select_parameters
+from geomprobe.probe.products import ProbeBatch, true_fisher_target
 from geomprobe.probe.projection import RandomProjection
 from geomprobe.probe.store import (
     MANIFEST,
@@ -159,6 +156,20 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def _on_every_rank(world: int, step: Callable[[], Any], other_failed: str) -> Any:
+    """``step()`` on this rank; if it fails here or on another rank, raise on every rank (so one
+    rank's error stops all without a hang): its own error, or a :class:`DataError` ``other_failed``."""
+    error: Exception | None = None
+    value = None
+    try:
+        value = step()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        error = exc
+    if not _all_ok(world, error is None):
+        raise error if error is not None else DataError(other_failed)
+    return value
+
+
 def _all_ok(world: int, ok: bool) -> bool:
     """True on every rank iff ``ok`` on every rank (so one rank's error stops all without a hang)."""
     if world <= 1:
@@ -194,12 +205,12 @@ def row_inputs(
     spec: TimestepSpec, key: str, rows: range, sample_shape: tuple[int, ...], seed: int, with_xi: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(t (n,) int64, noise (n, C, H, W), xi or None) for ``rows`` at ``key``; each row from its own
-    generator seeded by (seed, key, row)."""
+    generator seeded by ``derived_seed(seed, key code, row)``."""
     code = _key_code(spec, key)
     ts, noises, xis = [], [], []
     band = torch.as_tensor(spec.timesteps)
     for r in rows:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, code, r]).generate_state(1, np.uint64)[0] >> 1))
+        g = torch_generator(derived_seed(seed, code, r))
         if spec.is_band:
             ts.append(band[torch.randint(len(band), (1,), generator=g)].item())
         else:
@@ -212,6 +223,27 @@ def row_inputs(
         torch.stack(noises),
         torch.stack(xis) if with_xi else None,
     )
+
+
+def keyed_batch(
+    spec: TimestepSpec,
+    key: str,
+    rows: range,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    unet: torch.nn.Module | None = None,
+    alphas_cumprod: torch.Tensor | None = None,
+    with_xi: bool = False,
+) -> tuple[ProbeBatch, torch.Tensor | None]:
+    """(the :class:`ProbeBatch` of store rows ``rows`` at ``key``, xi or None) for their x0, y (n, ...).
+
+    With ``with_xi`` the target is the "true Fisher" eps_theta(x_t).detach() + xi (needs ``unet`` and
+    ``alphas_cumprod``); else None (the empirical Fisher).
+    """
+    t, noise, xi = row_inputs(spec, key, rows, tuple(x0.shape[1:]), seed, with_xi)
+    target = true_fisher_target(unet, x0, noise, t, y, alphas_cumprod, xi) if xi is not None else None
+    return ProbeBatch(x0, noise, t, y, target), xi
 
 
 def probe_batches(
@@ -232,19 +264,14 @@ def probe_batches(
     target eps_theta(x_t).detach() + xi is built with ``unet`` and ``alphas_cumprod``. Feeding these
     batches to :func:`mean_gradient` gives the store's mean row without forming G.
     """
-    from geomprobe.probe.grads import ProbeBatch
-
     if target not in TARGETS:
         raise UsageError(f"target must be empirical or true, got {target!r}")
     if target == "true" and (unet is None or alphas_cumprod is None):
         raise UsageError("target='true' needs the model and alphas_cumprod to build eps_theta(x_t) + xi")
-    shape = (dataset.channels, dataset.image_size, dataset.image_size)
     for a in range(0, len(sample_rows), batch_size):
         b = min(len(sample_rows), a + batch_size)
         x0, y = dataset.batch(sample_rows[a:b])
-        t, noise, xi = row_inputs(spec, key, range(a, b), shape, seed, target == "true")
-        tgt = true_fisher_target(unet, x0, noise, t, y, alphas_cumprod, xi) if xi is not None else None
-        yield ProbeBatch(x0, noise, t, y, tgt)
+        yield keyed_batch(spec, key, range(a, b), x0, y, seed, unet, alphas_cumprod, target == "true")[0]
 
 
 # --------------------------------------------------------------------------- driver
@@ -261,68 +288,132 @@ def extract_gradients(
 ) -> ExtractResult:
     """Compute per-sample gradients for ``config`` and write (or resume) the store at ``out``.
 
+    ``max_memory``: bytes for one chunk of per-sample gradients, or text such as ``"2G"``
+    (:func:`geomprobe.io.parse_memory`; None: :data:`geomprobe.io.DEFAULT_MAX_MEMORY`).
     ``progress(done, total, **fields)`` is called after every computed block with this process's row
     counts over all keys (``total`` = its rows x keys). Under torchrun every rank calls this; the
     store is complete when all ranks return. Returns an :class:`ExtractResult` for the summary table.
     """
     t_start = time.perf_counter()
+    plan = _plan(config, Path(out), device, max_memory)
+    manifest = _new_manifest(plan, command)
+    old_sums = _open_store(plan, manifest, overwrite)
+    result = ExtractResult(out=plan.out, n=plan.n, P=plan.P, num_params=plan.layout.P, rank=plan.rank, world_size=plan.world)
+    summaries = {k: KeySummary(k, plan.key_info[k]["t"], 0, plan.P) for k in plan.keys}
+    _on_every_rank(
+        plan.world, lambda: _extract_shards(plan, _file_attrs(plan, manifest), old_sums, result, summaries, progress),
+        "another torchrun rank failed; rerun the same command to resume",
+    )
+    if plan.rank == 0:
+        _finish_manifest(plan, manifest)
+    _barrier(plan.world)
+    result.keys = list(summaries.values())
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+@dataclass
+class _Plan:
+    """What one extraction run works from: the model, the probed rows, the keys, the row layout and
+    the chunking (everything computed before the first shard is written)."""
+
+    config: ExtractConfig
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    unet: torch.nn.Module
+    info: ModelInfo
+    checksum: str
+    alphas_cumprod: torch.Tensor
+    spec: TimestepSpec
+    keys: list[str]
+    key_info: dict[str, dict[str, Any]]
+    dataset: Any
+    sample_rows: np.ndarray
+    names: list[str]
+    layout: ParamLayout
+    projector: RandomProjection | None
+    chunk: int
+    shard_ranges: list[tuple[int, int]]
+
+    @property
+    def n(self) -> int:
+        return len(self.sample_rows)
+
+    @property
+    def P(self) -> int:
+        """Stored row length: K with a projection, else the number of selected parameters."""
+        return self.projector.K if self.projector else self.layout.P
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.dataset.channels, self.dataset.image_size, self.dataset.image_size)
+
+    @property
+    def with_xi(self) -> bool:
+        return self.config.target == "true"
+
+    @property
+    def my_shards(self) -> list[int]:
+        """The shards this rank writes (``j % world_size == rank``)."""
+        return [j for j in range(len(self.shard_ranges)) if j % self.world == self.rank]
+
+
+def _plan(config: ExtractConfig, out: Path, device: str, max_memory: int | str | None) -> _Plan:
+    """Validate, start torchrun's process group, load model and data, choose rows, keys and chunks."""
     config.validate()
     dev = resolve_device(device)
     rank, world = dist_info()
     _init_dist(world, dev)
-    out = Path(out)
     budget = parse_memory(max_memory)
-
     ckpt = _quiet_load(config.ckpt, dev)
-    checksum = checkpoint_checksum(config.ckpt)
     unet, info = ckpt.unet, ckpt.info
     unet.requires_grad_(True)
     alphas_cumprod = ckpt.scheduler.alphas_cumprod.float()
-    N = len(alphas_cumprod)
-    spec = parse_timesteps(config.t, num_train_timesteps=N, alphas_cumprod=alphas_cumprod.double().numpy())
+    spec = parse_timesteps(config.t, num_train_timesteps=len(alphas_cumprod), alphas_cumprod=alphas_cumprod.double().numpy())
     keys = [key_for(spec.band)] if spec.is_band else [key_for(t) for t in spec.timesteps]
-
     dataset = load_dataset(info.dataset, config.split, image_size=info.image_size, data_root=config.data_root)
     if dataset.channels != info.channels:
         raise DataError(f"dataset {info.dataset} has {dataset.channels} channels, the checkpoint expects {info.channels}")
     sample_rows = select_samples(dataset.labels, dataset.num_classes, config.classes, config.samples, config.seed)
-    sample_shape = (dataset.channels, dataset.image_size, dataset.image_size)
-
     names = select_parameters(unet, config.params)
     layout = param_layout(unet, names)
     projector = RandomProjection(layout.P, config.project, config.seed) if config.project else None
-    P = projector.K if projector else layout.P
-    chunk = chunk_size_for(unet, layout.P, sample_shape, budget)
+    chunk = chunk_size_for(unet, layout.P, (dataset.channels, dataset.image_size, dataset.image_size), budget)
     if projector:  # the projection holds (chunk, P) and (K, block) at once; keep the chunk in budget too
         chunk = max(1, min(chunk, budget // max(1, 8 * layout.P)))
-    buffer = torch.empty(0)
-
-    def row_buffer(rows: int) -> torch.Tensor:
-        """A (rows, P) view of one buffer reused by every chunk (no fresh (chunk, P) allocation and
-        its page faults per chunk; each chunk is written out before the next one is computed)."""
-        nonlocal buffer
-        if buffer.shape[0] < rows:
-            buffer = torch.empty(chunk, layout.P, dtype=torch.float32, device=dev)
-        return buffer[:rows]
-
-    identity = config.comparable(checksum)
     n = len(sample_rows)
-    shard_ranges = [(a, min(n, a + config.shard_rows)) for a in range(0, n, config.shard_rows)]
-    alpha_np = alphas_cumprod.double().numpy()
+    return _Plan(
+        config=config, out=out, device=dev, rank=rank, world=world, unet=unet, info=info,
+        checksum=checkpoint_checksum(config.ckpt), alphas_cumprod=alphas_cumprod, spec=spec, keys=keys,
+        key_info=_key_info(spec, keys, alphas_cumprod.double().numpy()), dataset=dataset, sample_rows=sample_rows,
+        names=names, layout=layout, projector=projector, chunk=chunk,
+        shard_ranges=[(a, min(n, a + config.shard_rows)) for a in range(0, n, config.shard_rows)],
+    )
+
+
+def _key_info(spec: TimestepSpec, keys: list[str], alpha_np: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per key: its t (or band name and t range) and alpha_bar and SNR (means over a band)."""
     snr_np = snr(alpha_np)
-    key_info: dict[str, dict[str, Any]] = {}
+    info: dict[str, dict[str, Any]] = {}
     for k in keys:
         if spec.is_band:
             ts = np.asarray(spec.timesteps)
-            key_info[k] = {
+            info[k] = {
                 "t": k, "band": spec.band, "t_min": int(ts.min()), "t_max": int(ts.max()),
                 "alpha_bar": float(alpha_np[ts].mean()), "snr": float(snr_np[ts].mean()),
             }
         else:
             tt = int(k[1:])
-            key_info[k] = {"t": tt, "band": None, "alpha_bar": float(alpha_np[tt]), "snr": float(snr_np[tt])}
+            info[k] = {"t": tt, "band": None, "alpha_bar": float(alpha_np[tt]), "snr": float(snr_np[tt])}
+    return info
 
-    manifest: dict[str, Any] = {
+
+def _new_manifest(plan: _Plan, command: list[str] | None) -> dict[str, Any]:
+    """The manifest of a store in progress (``complete: False``, shards without checksums)."""
+    config, info, layout = plan.config, plan.info, plan.layout
+    return {
         "kind": STORE_KIND,
         "format_version": FORMAT_VERSION,
         "tool": "geomprobe",
@@ -331,120 +422,156 @@ def extract_gradients(
         "seed": config.seed,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(config),
-        "identity": identity,
-        "checkpoint": {"path": str(Path(config.ckpt).resolve()), "checksum": checksum},
+        "identity": config.comparable(plan.checksum),
+        "checkpoint": {"path": str(Path(config.ckpt).resolve()), "checksum": plan.checksum},
         "dataset": {"name": info.dataset, "split": config.split, "image_size": info.image_size, "channels": info.channels},
-        "t_spec": spec.text,
-        "keys": keys,
-        "key_info": key_info,
-        "n": n,
-        "P": P,
+        "t_spec": plan.spec.text,
+        "keys": plan.keys,
+        "key_info": plan.key_info,
+        "n": plan.n,
+        "P": plan.P,
         "params": {"names": list(layout.names), "shapes": [list(s) for s in layout.shapes], "slices": [list(s) for s in layout.slices]},
-        "projection": projector.describe() if projector else None,
+        "projection": plan.projector.describe() if plan.projector else None,
         "shard_rows": config.shard_rows,
-        "shards": [{"file": shard_name(j), "rows": [a, b]} for j, (a, b) in enumerate(shard_ranges)],
+        "shards": [{"file": shard_name(j), "rows": [a, b]} for j, (a, b) in enumerate(plan.shard_ranges)],
         "complete": False,
     }
 
-    # ---- prepare the directory (every rank checks; only rank 0 changes anything)
-    error: Exception | None = None
-    old: dict[str, Any] | None = None
-    try:
-        old = _prepare_out(out, identity, overwrite, rank)
-    except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
-        error = exc
-    if not _all_ok(world, error is None):
-        raise error if error is not None else DataError(f"another rank could not prepare {out}")
-    if rank == 0:
+
+def _open_store(plan: _Plan, manifest: dict[str, Any], overwrite: bool) -> dict[str, str | None]:
+    """Prepare ``out`` (every rank checks; rank 0 clears and writes the manifest); the old shards'
+    checksums {file: sha256} when resuming."""
+    old = _on_every_rank(
+        plan.world, lambda: _prepare_out(plan.out, manifest["identity"], overwrite, plan.rank),
+        f"another rank could not prepare {plan.out}",
+    )
+    if plan.rank == 0:
         if old is not None:
             manifest["created"] = old.get("created", manifest["created"])
-        write_manifest(out, manifest)
-    _barrier(world)
-    old_sums = {s["file"]: s.get("sha256") for s in (old or {}).get("shards", [])} if old else {}
+        write_manifest(plan.out, manifest)
+    _barrier(plan.world)
+    return {s["file"]: s.get("sha256") for s in old.get("shards", [])} if old else {}
 
-    file_attrs = {
-        "target": config.target,
+
+def _file_attrs(plan: _Plan, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The HDF5 attributes every shard file carries."""
+    layout = plan.layout
+    return {
+        "target": plan.config.target,
         "param_names": np.array(layout.names, dtype=h5py_str()),
         "param_shapes": json.dumps([list(s) for s in layout.shapes]),
         "param_slices": json.dumps([list(s) for s in layout.slices]),
-        "projection": json.dumps(projector.describe() if projector else "none"),
+        "projection": json.dumps(plan.projector.describe() if plan.projector else "none"),
         "checkpoint": json.dumps(manifest["checkpoint"]),
-        "dtype": config.dtype,
-        "P": P,
+        "dtype": plan.config.dtype,
+        "P": plan.P,
     }
 
-    mine = [j for j in range(len(shard_ranges)) if j % world == rank]
-    summaries = {k: KeySummary(k, key_info[k]["t"], 0, P) for k in keys}
-    result = ExtractResult(out=out, n=n, P=P, num_params=layout.P, rank=rank, world_size=world)
-    total = sum(shard_ranges[j][1] - shard_ranges[j][0] for j in mine) * len(keys)
-    done = 0
-    t0 = time.perf_counter()
-    error = None
-    try:
-        for j in mine:
-            a, b = shard_ranges[j]
-            final = out / shard_name(j)
-            if final.exists():
-                try:
-                    check_shard(final, {"row_start": a, "row_stop": b, "keys": keys, "P": P}, sha256=old_sums.get(final.name))
-                except DataError as exc:
-                    raise DataError(f"{exc}; delete it to recompute it, or pass --overwrite to start afresh") from None
-                result.shards_skipped += 1
-                for s in summaries.values():
-                    s.skipped_shards += 1
-                done += (b - a) * len(keys)
-                if progress:
-                    progress(done, total)
-                continue
-            x0_all, y_all = dataset.batch(sample_rows[a:b])
-            with ShardWriter(final, {**file_attrs, "row_start": a, "row_stop": b, "shard": j}) as writer:
-                for k in keys:
-                    tk = time.perf_counter()
-                    writer.create_key(k, b - a, P, config.dtype, key_info[k] | {"key": k, "band": key_info[k]["band"] or ""}, sample_shape, config.target == "true")
-                    for c0 in range(a, b, chunk):
-                        c1 = min(b, c0 + chunk)
-                        x0, y = x0_all[c0 - a : c1 - a], y_all[c0 - a : c1 - a]
-                        t, noise, xi = row_inputs(spec, k, range(c0, c1), sample_shape, config.seed, config.target == "true")
-                        target = true_fisher_target(unet, x0, noise, t, y, alphas_cumprod, xi) if xi is not None else None
-                        G, losses = per_sample_grads(unet, names, x0, noise, t, y, alphas_cumprod, target=target, chunk_size=chunk,
-                                                     return_losses=True, out=row_buffer(c1 - c0))
-                        if projector:
-                            G = projector.project(G)
-                        writer.write_rows(
-                            k, c0 - a, c1 - a, G.cpu().numpy().astype(config.dtype, copy=False),
-                            labels=y.numpy(), sample_index=sample_rows[c0:c1].astype(np.int64), loss=losses.cpu().numpy(),
-                            t=t.numpy(), alpha_bar=alpha_np[t.numpy()], x0=x0.numpy(), noise=noise.numpy(),
-                            xi=None if xi is None else xi.numpy(),
-                        )
-                        done += c1 - c0
-                        if progress:
-                            el = time.perf_counter() - t0
-                            progress(done, total, samples_per_s=done / el if el > 0 else 0.0, key=k)
-                    summaries[k].n += b - a
-                    summaries[k].seconds += time.perf_counter() - tk
-                for k in keys:
-                    summaries[k].bytes += (b - a) * P * np.dtype(config.dtype).itemsize
-            result.shards_written += 1
-    except Exception as exc:  # noqa: BLE001 - re-raised after telling the other ranks
-        error = exc
-    if not _all_ok(world, error is None):
-        if error is not None:
-            raise error
-        raise DataError("another torchrun rank failed; rerun the same command to resume")
 
-    if rank == 0:
-        for s, (a, b) in zip(manifest["shards"], shard_ranges):
-            path = out / s["file"]
-            s["sha256"] = file_sha256(path)
-            s["bytes"] = path.stat().st_size
-        manifest["complete"] = True
-        manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        manifest["world_size"] = world
-        write_manifest(out, manifest)
-    _barrier(world)
-    result.keys = list(summaries.values())
-    result.seconds = time.perf_counter() - t_start
-    return result
+@dataclass
+class _Progress:
+    """This process's row count over all keys, reported to the caller's ``progress`` callback."""
+
+    callback: Callable[..., None] | None
+    total: int
+    done: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def skipped(self, rows: int) -> None:
+        self.done += rows
+        if self.callback:
+            self.callback(self.done, self.total)
+
+    def computed(self, rows: int, key: str) -> None:
+        self.done += rows
+        if self.callback:
+            el = time.perf_counter() - self.t0
+            self.callback(self.done, self.total, samples_per_s=self.done / el if el > 0 else 0.0, key=key)
+
+
+class _RowBuffer:
+    """(rows, P) views of one float32 buffer reused by every chunk (no fresh (chunk, P) allocation and
+    its page faults per chunk; each chunk is written out before the next one is computed)."""
+
+    def __init__(self, chunk: int, P: int, device: torch.device):
+        self.chunk, self.P, self.device = chunk, P, device
+        self.buffer = torch.empty(0)
+
+    def __call__(self, rows: int) -> torch.Tensor:
+        if self.buffer.shape[0] < rows:
+            self.buffer = torch.empty(self.chunk, self.P, dtype=torch.float32, device=self.device)
+        return self.buffer[:rows]
+
+
+def _extract_shards(plan: _Plan, file_attrs: dict[str, Any], old_sums: dict[str, str | None],
+                    result: ExtractResult, summaries: dict[str, KeySummary], progress: Callable[..., None] | None) -> None:
+    """Write this rank's shards; complete ones (checked against their checksums) are skipped."""
+    tracker = _Progress(progress, sum(b - a for a, b in (plan.shard_ranges[j] for j in plan.my_shards)) * len(plan.keys))
+    rows = _RowBuffer(plan.chunk, plan.layout.P, plan.device)
+    for j in plan.my_shards:
+        a, b = plan.shard_ranges[j]
+        final = plan.out / shard_name(j)
+        if final.exists():
+            try:
+                check_shard(final, {"row_start": a, "row_stop": b, "keys": plan.keys, "P": plan.P}, sha256=old_sums.get(final.name))
+            except DataError as exc:
+                raise DataError(f"{exc}; delete it to recompute it, or pass --overwrite to start afresh") from None
+            result.shards_skipped += 1
+            for s in summaries.values():
+                s.skipped_shards += 1
+            tracker.skipped((b - a) * len(plan.keys))
+            continue
+        _write_shard(plan, j, {**file_attrs, "row_start": a, "row_stop": b, "shard": j}, summaries, tracker, rows)
+        result.shards_written += 1
+
+
+def _write_shard(plan: _Plan, j: int, attrs: dict[str, Any], summaries: dict[str, KeySummary],
+                 tracker: _Progress, rows: _RowBuffer) -> None:
+    """Compute and write shard ``j``: every key, chunk by chunk."""
+    a, b = plan.shard_ranges[j]
+    x0_all, y_all = plan.dataset.batch(plan.sample_rows[a:b])
+    with ShardWriter(plan.out / shard_name(j), attrs) as writer:
+        for k in plan.keys:
+            tk = time.perf_counter()
+            info = plan.key_info[k]
+            writer.create_key(k, b - a, plan.P, plan.config.dtype, info | {"key": k, "band": info["band"] or ""}, plan.sample_shape, plan.with_xi)
+            for c0 in range(a, b, plan.chunk):
+                c1 = min(b, c0 + plan.chunk)
+                _write_chunk(plan, writer, k, a, range(c0, c1), x0_all[c0 - a : c1 - a], y_all[c0 - a : c1 - a], rows)
+                tracker.computed(c1 - c0, k)
+            summaries[k].n += b - a
+            summaries[k].seconds += time.perf_counter() - tk
+        for k in plan.keys:
+            summaries[k].bytes += (b - a) * plan.P * np.dtype(plan.config.dtype).itemsize
+
+
+def _write_chunk(plan: _Plan, writer: ShardWriter, key: str, shard_start: int, chunk: range,
+                 x0: torch.Tensor, y: torch.Tensor, rows: _RowBuffer) -> None:
+    """Per-sample gradients (projected if asked) and inputs of store rows ``chunk`` at ``key``."""
+    batch, xi = keyed_batch(plan.spec, key, chunk, x0, y, plan.config.seed, plan.unet, plan.alphas_cumprod, plan.with_xi)
+    G, losses = per_sample_grads(plan.unet, plan.names, batch.x0, batch.noise, batch.t, batch.y, plan.alphas_cumprod,
+                                 target=batch.target, chunk_size=plan.chunk, return_losses=True, out=rows(len(chunk)))
+    if plan.projector:
+        G = plan.projector.project(G)
+    t = batch.t.numpy()
+    writer.write_rows(
+        key, chunk.start - shard_start, chunk.stop - shard_start, G.cpu().numpy().astype(plan.config.dtype, copy=False),
+        labels=y.numpy(), sample_index=plan.sample_rows[chunk.start : chunk.stop].astype(np.int64), loss=losses.cpu().numpy(),
+        t=t, alpha_bar=plan.alphas_cumprod.double().numpy()[t], x0=x0.numpy(), noise=batch.noise.numpy(),
+        xi=None if xi is None else xi.numpy(),
+    )
+
+
+def _finish_manifest(plan: _Plan, manifest: dict[str, Any]) -> None:
+    """Rank 0, after every rank wrote its shards: checksums and sizes, ``complete: True``."""
+    for s in manifest["shards"]:
+        path = plan.out / s["file"]
+        s["sha256"] = file_sha256(path)
+        s["bytes"] = path.stat().st_size
+    manifest["complete"] = True
+    manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest["world_size"] = plan.world
+    write_manifest(plan.out, manifest)
 
 
 def _quiet_load(path: str, device: torch.device):

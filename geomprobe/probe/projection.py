@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from geomprobe.errors import UsageError
+from geomprobe.io import torch_generator
 
 DEFAULT_BLOCK = 4096
 
@@ -40,7 +41,7 @@ class RandomProjection:
             return self._cache[j]
         start = j * self.block
         width = min(self.block, self.P - start)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+        gen = torch_generator(self.seed * 1_000_003 + j)
         r = torch.randn(self.K, width, generator=gen) / self.K**0.5
         if self._cache_ok:
             self._cache[j] = r

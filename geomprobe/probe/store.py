@@ -41,8 +41,7 @@ import numpy as np
 import torch
 
 from geomprobe.errors import DataError, UsageError
-
-MANIFEST = "manifest.json"
+from geomprobe.io import MANIFEST, write_json
 STORE_KIND = "geomprobe-gradient-store"
 FORMAT_VERSION = 1
 TARGET_CHUNK_BYTES = 1 << 20
@@ -94,10 +93,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
 
 
 def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
-    path = Path(directory) / MANIFEST
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
+    """Write ``directory/manifest.json`` atomically (:func:`geomprobe.io.write_json`)."""
+    write_json(Path(directory) / MANIFEST, manifest)
 
 
 class ShardWriter:
@@ -380,12 +377,12 @@ class GradientStore:
         return self.meta_array(t, "t")
 
     def inputs(self, t: int | str, start: int = 0, stop: int | None = None):
-        """The stored probe inputs of rows ``start:stop`` as a :class:`geomprobe.probe.grads.ProbeBatch`.
+        """The stored probe inputs of rows ``start:stop`` as a :class:`geomprobe.probe.ProbeBatch`.
 
         With the checkpoint, ``per_sample_grads`` on this batch reproduces the rows (for a
         target=true store, ``target`` is rebuilt from the stored xi).
         """
-        from geomprobe.probe.grads import ProbeBatch
+        from geomprobe.probe.products import ProbeBatch
 
         k = self.key(t)
         stop = self.n(t) if stop is None else stop

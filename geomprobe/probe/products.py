@@ -1,0 +1,180 @@
+"""Products of the per-sample gradient matrix G (B, P) computed without forming it (O(P) memory).
+
+    mean_gradient            G^T 1 / n     one batched backward per batch
+    weighted_gradient        G^T w         one backward of sum_i w_i l_i
+    directional_derivatives  G v           one forward-mode jvp of the (B,) loss vector
+    per_sample_losses        (l_i)_i       one forward, no gradients
+    true_fisher_target       eps_theta(x_t).detach() + xi, the "true Fisher" regression target
+
+The data are :class:`ProbeBatch` es (x0, noise, target (B, C, H, W); t, y (B,) int64); a row
+g_i is the gradient of sample i's loss over the parameters ``names`` in :func:`param_layout` order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch.func import jvp
+
+from geomprobe.diffusion import per_sample_loss, predict_noise
+from geomprobe.errors import UsageError
+from geomprobe.probe.losses import functional_losses, on_device, probe_inputs
+from geomprobe.probe.params import device_of, flat_row, param_layout, split_state
+
+
+@dataclass
+class ProbeBatch:
+    """One batch of probe inputs: x0, noise, target (B, C, H, W); t, y (B,) int64.
+
+    ``target`` is ``None`` for the empirical Fisher (the target is ``noise``).
+    """
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+    target: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+
+def _as_batches(batches) -> Iterable[ProbeBatch]:
+    for b in batches:
+        yield b if isinstance(b, ProbeBatch) else ProbeBatch(*b)
+
+
+def _loss_gradients(
+    unet: torch.nn.Module,
+    names: Sequence[str],
+    selected: dict[str, torch.Tensor],
+    constants: dict[str, torch.Tensor],
+    batch: ProbeBatch,
+    alphas_cumprod: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """grad of sum_i w_i l_i (w = 1 when ``weights`` is None) over ``names``: one tensor per name."""
+    inputs = probe_inputs(unet, batch.x0, batch.noise, batch.t, batch.y, alphas_cumprod, batch.target)
+    params = {n: p.clone().requires_grad_(True) for n, p in selected.items()}
+    losses = functional_losses(unet, params, constants, inputs)
+    if weights is not None:
+        losses = losses * weights.to(device=losses.device, dtype=losses.dtype)
+    return torch.autograd.grad(losses.sum(), [params[n] for n in names])
+
+
+def mean_gradient(
+    unet: torch.nn.Module,
+    names: Sequence[str],
+    x0: torch.Tensor | Iterable[ProbeBatch] | Iterable[tuple],
+    noise: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    alphas_cumprod: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """mu = (1/n) sum_i grad l_i: (P,) float32, from one batched backward of the mean loss per batch.
+
+    Either pass one batch (``x0, noise, t, y, alphas_cumprod[, target]`` as tensors), or pass an
+    iterable of :class:`ProbeBatch` (or tuples ``(x0, noise, t, y[, target])``) as ``x0`` together with
+    ``alphas_cumprod=``; batches are weighted by their size, so the result is the mean over all
+    samples. Equals ``per_sample_grads(...).mean(0)`` without forming G (O(P) memory).
+    """
+    if alphas_cumprod is None:
+        raise UsageError("mean_gradient needs alphas_cumprod")
+    batches = [ProbeBatch(x0, noise, t, y, target)] if isinstance(x0, torch.Tensor) else _as_batches(x0)
+    names = list(names)
+    selected, constants = split_state(unet, names)
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in selected.items()}
+    n_total = 0
+    for b in batches:
+        for n, g in zip(names, _loss_gradients(unet, names, selected, constants, b, alphas_cumprod)):
+            acc[n] += g.float()
+        n_total += len(b)
+    if n_total == 0:
+        raise UsageError("mean_gradient got no samples")
+    return flat_row(acc, names) / n_total
+
+
+def weighted_gradient(
+    unet: torch.nn.Module,
+    names: Sequence[str],
+    batch: ProbeBatch,
+    alphas_cumprod: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """G^T w = sum_i w_i g_i: (P,) float32, from one backward of the weighted loss sum_i w_i l_i.
+
+    weights: (B,). The vjp half of a Fisher-vector product (:func:`directional_derivatives` is the jvp
+    half); :func:`mean_gradient` is the case w = 1/n.
+    """
+    names = list(names)
+    selected, constants = split_state(unet, names)
+    grads = _loss_gradients(unet, names, selected, constants, batch, alphas_cumprod, weights)
+    return torch.cat([g.reshape(-1).float() for g in grads])
+
+
+def directional_derivatives(
+    unet: torch.nn.Module,
+    names: Sequence[str],
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    v: torch.Tensor,
+    target: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """All v^T g_i: (B,) float32, from ONE forward-mode ``torch.func.jvp`` of the (B,) loss vector.
+
+    ``v``: (P,) in the layout of ``names`` (:func:`param_layout`). Equals ``per_sample_grads(...) @ v``
+    without forming G: O(P) memory and about the cost of two forward passes.
+    """
+    device = device_of(unet)
+    names = list(names)
+    selected, constants = split_state(unet, names)
+    layout = param_layout(unet, names)
+    if v.shape != (layout.P,):
+        raise UsageError(f"direction v has shape {tuple(v.shape)}, expected ({layout.P},)")
+    tangents = {n: tv.to(device=device, dtype=selected[n].dtype) for n, tv in layout.view(v.detach()).items()}
+    inputs = probe_inputs(unet, x0, noise, t, y, alphas_cumprod, target)
+
+    def losses(params):
+        return functional_losses(unet, params, constants, inputs)
+
+    _, dots = jvp(losses, (selected,), (tangents,))
+    return dots.float()
+
+
+@torch.no_grad()
+def per_sample_losses(
+    unet: torch.nn.Module,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    target: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B,) float32 per-sample losses l_i, without gradients."""
+    x0, noise, t, y, target, alphas_cumprod = on_device(unet, x0, noise, t, y, target, alphas_cumprod)
+    return per_sample_loss(unet, x0, noise, t, y, alphas_cumprod, target).float()
+
+
+@torch.no_grad()
+def true_fisher_target(
+    unet: torch.nn.Module,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    xi: torch.Tensor,
+) -> torch.Tensor:
+    """The "true Fisher" target eps_theta(x_t, t, y).detach() + xi: (B, C, H, W) (DESIGN section 6).
+
+    ``xi`` (B, C, H, W) ~ N(0, I) is drawn by the caller so it can be stored and replayed.
+    """
+    x_t, t, y, _ = probe_inputs(unet, x0, noise, t, y, alphas_cumprod)
+    return predict_noise(unet, x_t, t, y) + xi.to(x_t.device)
