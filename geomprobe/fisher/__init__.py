@@ -37,7 +37,7 @@ _LAZY = {
     "ImplicitFisher": "geomprobe.fisher.implicit",
     "ModelGradients": "geomprobe.fisher.implicit",
     "FunctionGradients": "geomprobe.fisher.implicit",
-    "weighted_gradient": "geomprobe.fisher.implicit",
+    "weighted_gradient": "geomprobe.probe",
     "ModelFisherOperator": "geomprobe.fisher.model",
     "diagonal_from_model": "geomprobe.fisher.model",
     "lowrank_from_model": "geomprobe.fisher.model",

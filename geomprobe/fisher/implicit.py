@@ -138,6 +138,8 @@ class ModelGradients:
         ])
 
     def vjp(self, w: torch.Tensor) -> torch.Tensor:
+        from geomprobe.probe import weighted_gradient
+
         out = torch.zeros(self.P, dtype=torch.float32, device=w.device)
         for b, rows in self._slices():
             out += weighted_gradient(self.unet, self.names, b, self.alphas_cumprod, w[rows]).to(w.device)
@@ -157,34 +159,6 @@ class ModelGradients:
                 part = ProbeBatch(*(None if x is None else x[a : a + rows] for x in (b.x0, b.noise, b.t, b.y, b.target)))
                 yield per_sample_grads(self.unet, self.names, part.x0, part.noise, part.t, part.y,
                                        self.alphas_cumprod, part.target, max_memory=max_memory).cpu()
-
-
-def weighted_gradient(
-    unet: torch.nn.Module, names: Sequence[str], batch, alphas_cumprod: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """G^T w = sum_i w_i g_i: (P,) float32, from one backward of the weighted loss sum_i w_i l_i.
-
-    ``batch``: a ProbeBatch (B samples); ``weights``: (B,). Labels reach the model only when it is
-    label-conditioned (:func:`geomprobe.diffusion.per_sample_loss`).
-    """
-    from geomprobe.diffusion import per_sample_loss
-
-    device = next(unet.parameters()).device
-    params = dict(unet.named_parameters())
-    wanted = [params[n] for n in names]
-    flags = [p.requires_grad for p in wanted]
-    for p in wanted:
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():  # also inside an autograd backward (the matrix-free penalty)
-            target = None if batch.target is None else batch.target.to(device)
-            losses = per_sample_loss(unet, batch.x0.to(device), batch.noise.to(device), batch.t.to(device),
-                                     batch.y.to(device), alphas_cumprod.to(device), target)
-            grads = torch.autograd.grad((losses * weights.to(device=device, dtype=losses.dtype)).sum(), wanted)
-    finally:
-        for p, f in zip(wanted, flags):
-            p.requires_grad_(f)
-    return torch.cat([g.reshape(-1).float() for g in grads])
 
 
 class ImplicitFisher(FisherMatrix):

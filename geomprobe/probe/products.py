@@ -57,11 +57,12 @@ def _loss_gradients(
 ) -> tuple[torch.Tensor, ...]:
     """grad of sum_i w_i l_i (w = 1 when ``weights`` is None) over ``names``: one tensor per name."""
     inputs = probe_inputs(unet, batch.x0, batch.noise, batch.t, batch.y, alphas_cumprod, batch.target)
-    params = {n: p.clone().requires_grad_(True) for n, p in selected.items()}
-    losses = functional_losses(unet, params, constants, inputs)
-    if weights is not None:
-        losses = losses * weights.to(device=losses.device, dtype=losses.dtype)
-    return torch.autograd.grad(losses.sum(), [params[n] for n in names])
+    with torch.enable_grad():  # also when called inside an autograd backward (the matrix-free EWC penalty)
+        params = {n: p.clone().requires_grad_(True) for n, p in selected.items()}
+        losses = functional_losses(unet, params, constants, inputs)
+        if weights is not None:
+            losses = losses * weights.to(device=losses.device, dtype=losses.dtype)
+        return torch.autograd.grad(losses.sum(), [params[n] for n in names])
 
 
 def mean_gradient(
