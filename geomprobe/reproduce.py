@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from geomprobe.errors import UsageError
+from geomprobe.io import COSINE_MAPS, MANIFEST, METRICS, SPECTRUM_JSON
 
 
 @dataclass(frozen=True)
@@ -49,23 +52,43 @@ class ReproducePreset:
 
 PRESETS: dict[str, ReproducePreset] = {
     "quick": ReproducePreset(
-        name="quick", dataset="digits", image_size=16, models=("small3",), train_steps=3000, lr=1e-3,
-        batch_size=128, t_spec="100..900", samples=1024, top_k=5,
+        name="quick",
+        dataset="digits",
+        image_size=16,
+        models=("small3",),
+        train_steps=3000,
+        lr=1e-3,
+        batch_size=128,
+        t_spec="100..900",
+        samples=1024,
+        top_k=5,
         continual_options={"tasks": 5},
         description="digits 16 px, Small-3, 3000 steps at lr 1e-3 (minutes on 2 CPU cores)",
     ),
     "paper": ReproducePreset(
-        name="paper", dataset="mnist", image_size=32, models=("base", "small1", "small3"),
+        name="paper",
+        dataset="mnist",
+        image_size=32,
+        models=("base", "small1", "small3"),
         # 200 epochs of 60,000 images at batch 128 (paper App. D)
-        train_steps=200 * 469, lr=2e-4, batch_size=128, t_spec="100..900", samples=1024, top_k=5,
+        train_steps=200 * 469,
+        lr=2e-4,
+        batch_size=128,
+        t_spec="100..900",
+        samples=1024,
+        top_k=5,
         # paper section 4.3: the `cl` UNet, 200 epochs per task (12,000 images at batch 128), lr 2e-4
-        continual_options={"model": "cl", "tasks": 5, "steps_per_task": 200 * 94, "lr": 2e-4, "replay_per_class": 5000,
-                           "n_generated": 1000},
+        continual_options={
+            "model": "cl",
+            "tasks": 5,
+            "steps_per_task": 200 * 94,
+            "lr": 2e-4,
+            "replay_per_class": 5000,
+            "n_generated": 1000,
+        },
         description="MNIST 32 px (--data-root), base + Small-1 + Small-3, 200 epochs at lr 2e-4 (GPU hours)",
     ),
 }
-
-STAGES = ("train", "grads", "spectrum", "continual", "figures")
 
 
 class StageProgress(Protocol):
@@ -101,6 +124,8 @@ class StageRecord:
 
 @dataclass
 class ReproduceResult:
+    """What a run did: its stages in order, the figure files written and the figures it had to skip (name, reason)."""
+
     out: Path
     preset: ReproducePreset
     stages: list[StageRecord] = field(default_factory=list)
@@ -109,17 +134,15 @@ class ReproduceResult:
 
     @property
     def seconds(self) -> float:
+        """Wall-clock seconds of all stages."""
         return sum(s.seconds for s in self.stages)
 
 
 def get_preset(name: str) -> ReproducePreset:
+    """The preset called ``name``; UsageError naming the choices for an unknown one."""
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4g}"
 
 
 # ---------------------------------------------------------------- stages
@@ -136,8 +159,15 @@ def _checkpoint_step(ckpt: Path) -> int:
         return 0
 
 
-def train_stage(preset: ReproducePreset, model: str, ckpt: Path, seed: int, device: str, data_root: str | None,
-                progress: StageProgress) -> str:
+def train_stage(
+    preset: ReproducePreset,
+    model: str,
+    ckpt: Path,
+    seed: int,
+    device: str,
+    data_root: str | None,
+    progress: StageProgress,
+) -> str:
     """Train ``model`` into ``ckpt`` or resume it; 'skipped' when it already reached the preset's steps."""
     from geomprobe.training import TrainConfig, train
 
@@ -147,8 +177,17 @@ def train_stage(preset: ReproducePreset, model: str, ckpt: Path, seed: int, devi
     if done >= preset.train_steps:
         progress.update(key, preset.train_steps)
         return "skipped"
-    config = TrainConfig(dataset=preset.dataset, model=model, image_size=preset.image_size, steps=preset.train_steps,
-                         batch_size=preset.batch_size, lr=preset.lr, seed=seed, data_root=data_root, device=device)
+    config = TrainConfig(
+        dataset=preset.dataset,
+        model=model,
+        image_size=preset.image_size,
+        steps=preset.train_steps,
+        batch_size=preset.batch_size,
+        lr=preset.lr,
+        seed=seed,
+        data_root=data_root,
+        device=device,
+    )
     train(config, ckpt, resume=True, progress=lambda step, loss: progress.update(key, step, info=f"loss={loss:.4g}"))
     return "done" if done == 0 else f"resumed from step {done}"
 
@@ -165,12 +204,23 @@ def store_is_complete(store: Path, config) -> bool:
     from geomprobe.probe.store import read_manifest
 
     manifest = read_manifest(store) if store.is_dir() else None
-    return bool(manifest and manifest.get("complete")
-                and manifest.get("identity") == config.comparable(checkpoint_checksum(config.ckpt)))
+    return bool(
+        manifest
+        and manifest.get("complete")
+        and manifest.get("identity") == config.comparable(checkpoint_checksum(config.ckpt))
+    )
 
 
-def grads_stage(preset: ReproducePreset, model: str, ckpt: Path, store: Path, seed: int, device: str,
-                data_root: str | None, progress: StageProgress) -> str:
+def grads_stage(
+    preset: ReproducePreset,
+    model: str,
+    ckpt: Path,
+    store: Path,
+    seed: int,
+    device: str,
+    data_root: str | None,
+    progress: StageProgress,
+) -> str:
     """Per-sample gradients at the preset's timesteps into ``store`` (resumes from complete shards)."""
     from geomprobe.probe.extract import extract_gradients
 
@@ -185,14 +235,15 @@ def grads_stage(preset: ReproducePreset, model: str, ckpt: Path, store: Path, se
         rate = fields.get("samples_per_s")
         progress.update(key, done, total, info=f"{rate:.0f} samples/s" if rate else "")
 
-    extract_gradients(config, store, device=device, progress=on_progress,
-                      command=["geomprobe", "reproduce", "--preset", preset.name])
+    extract_gradients(
+        config, store, device=device, progress=on_progress, command=["geomprobe", "reproduce", "--preset", preset.name]
+    )
     return "done"
 
 
 def spectrum_stage(model: str, store: Path, top_k: int, device: str, progress: StageProgress) -> str:
     """spectrum.json and cosine_maps.h5 for ``store``; skipped when both are newer than the store's manifest."""
-    from geomprobe.analysis import COSINE_MAPS, SPECTRUM_JSON, analyze_store, write_spectrum
+    from geomprobe.analysis import analyze_store, write_spectrum
     from geomprobe.probe import GradientStore
     from geomprobe.probe.store import read_manifest
 
@@ -201,7 +252,7 @@ def spectrum_stage(model: str, store: Path, top_k: int, device: str, progress: S
     keys = manifest.get("keys") or [None]
     progress.start(key, f"spectrum {model}", len(keys))
     outputs = [store / SPECTRUM_JSON, store / COSINE_MAPS]
-    manifest_path = store / "manifest.json"
+    manifest_path = store / MANIFEST
     if all(p.is_file() and p.stat().st_mtime >= manifest_path.stat().st_mtime for p in outputs):
         progress.update(key, len(keys), len(keys))
         return "skipped"
@@ -220,8 +271,9 @@ def spectrum_stage(model: str, store: Path, top_k: int, device: str, progress: S
     return "done"
 
 
-def continual_stage(preset: ReproducePreset, out: Path, seed: int, device: str, data_root: str | None,
-                    progress: StageProgress) -> str:
+def continual_stage(
+    preset: ReproducePreset, out: Path, seed: int, device: str, data_root: str | None, progress: StageProgress
+) -> str:
     """The paper's strategy comparison (``geomprobe continual --compare``) into ``out``; it resumes by itself."""
     from geomprobe.continual import COMPARE_STRATEGIES, ContinualConfig, run_compare
     from geomprobe.continual.runner import total_steps
@@ -231,24 +283,31 @@ def continual_stage(preset: ReproducePreset, out: Path, seed: int, device: str, 
     config.validate()
     total = total_steps(config, [seed]) * len(COMPARE_STRATEGIES)
     progress.start("continual", "continual --compare", total)
-    run_compare(config, out, seeds=[seed], resume=True, device=device,
-                progress=lambda done, fields: progress.update("continual", done, total,
-                                                              info=" ".join(f"{k}={v}" for k, v in fields.items())))
+    run_compare(
+        config,
+        out,
+        seeds=[seed],
+        resume=True,
+        device=device,
+        progress=lambda done, fields: progress.update(
+            "continual", done, total, info=" ".join(f"{k}={v}" for k, v in fields.items())
+        ),
+    )
     return "done"
 
 
 def _newest_input(run_dirs: list[Path]) -> float:
-    from geomprobe.figures.results import METRICS_FILE, SPECTRUM_FILE, find_files
+    from geomprobe.figures.results import find_files
 
-    files = find_files(run_dirs, SPECTRUM_FILE) + find_files(run_dirs, METRICS_FILE)
+    files = find_files(run_dirs, SPECTRUM_JSON) + find_files(run_dirs, METRICS)
     return max((f.stat().st_mtime for f in files), default=0.0)
 
 
 def figures_stage(run_dirs: list[Path], figures_dir: Path, progress: StageProgress, result: ReproduceResult) -> str:
     """All figures the results allow; skipped when the figures' manifest is newer than every input."""
-    from geomprobe.figures import FIGURES_MANIFEST, make_figures
+    from geomprobe.figures import make_figures
 
-    manifest = figures_dir / FIGURES_MANIFEST
+    manifest = figures_dir / MANIFEST
     progress.start("figures", "figures", 1)
     if manifest.is_file() and manifest.stat().st_mtime >= _newest_input(run_dirs):
         record = json.loads(manifest.read_text())
@@ -273,6 +332,30 @@ def figures_stage(run_dirs: list[Path], figures_dir: Path, progress: StageProgre
 # ---------------------------------------------------------------- driver
 
 
+def _resolve_preset(preset: str | ReproducePreset, overrides: dict, data_root: str | None) -> ReproducePreset:
+    """The preset by name or as given, with ``overrides`` applied; UsageError for unknown settings or missing data."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if overrides:
+        unknown = set(overrides) - set(ReproducePreset.__dataclass_fields__)
+        if unknown:
+            raise UsageError(f"unknown preset setting(s): {', '.join(sorted(unknown))}")
+        preset = replace(preset, **overrides)
+    if preset.dataset != "digits" and data_root is None:
+        raise UsageError(f"the {preset.name} preset trains on {preset.dataset}: pass --data-root DIR with its files")
+    return preset
+
+
+def _run_stage(
+    result: ReproduceResult, progress: StageProgress, stage: str, output: Path, fn: Callable[[], str]
+) -> None:
+    """Run one stage ``fn()``, time it, report its status and record it in ``result``."""
+    t0 = time.perf_counter()
+    status = fn()
+    seconds = time.perf_counter() - t0
+    progress.finish(stage, status)
+    result.stages.append(StageRecord(stage, status, seconds, output))
+
+
 def reproduce(
     preset: str | ReproducePreset,
     out: str | Path,
@@ -287,39 +370,30 @@ def reproduce(
 
     ``overrides`` replace preset fields (e.g. ``train_steps=500`` or ``samples=256`` for a smoke run).
     """
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    if overrides:
-        unknown = set(overrides) - set(ReproducePreset.__dataclass_fields__)
-        if unknown:
-            raise UsageError(f"unknown preset setting(s): {', '.join(sorted(unknown))}")
-        preset = replace(preset, **overrides)
-    if preset.dataset != "digits" and data_root is None:
-        raise UsageError(f"the {preset.name} preset trains on {preset.dataset}: pass --data-root DIR with its files")
+    preset = _resolve_preset(preset, overrides, data_root)
     progress = progress or _Silent()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = ReproduceResult(out=out, preset=preset)
-
-    def run(stage: str, output: Path, fn: Callable[[], str]) -> None:
-        t0 = time.perf_counter()
-        status = fn()
-        seconds = time.perf_counter() - t0
-        progress.finish(stage, status)
-        result.stages.append(StageRecord(stage, status, seconds, output))
-
     for model in preset.models:
         ckpt = out / "models" / model
         store = ckpt / "grads"
-        run(f"train:{model}", ckpt, lambda: train_stage(preset, model, ckpt, seed, device, data_root, progress))
-        run(f"grads:{model}", store, lambda: grads_stage(preset, model, ckpt, store, seed, device, data_root, progress))
-        run(f"spectrum:{model}", store, lambda: spectrum_stage(model, store, preset.top_k, device, progress))
+        train = partial(train_stage, preset, model, ckpt, seed, device, data_root, progress)
+        _run_stage(result, progress, f"train:{model}", ckpt, train)
+        grads = partial(grads_stage, preset, model, ckpt, store, seed, device, data_root, progress)
+        _run_stage(result, progress, f"grads:{model}", store, grads)
+        spectrum = partial(spectrum_stage, model, store, preset.top_k, device, progress)
+        _run_stage(result, progress, f"spectrum:{model}", store, spectrum)
     run_dirs = [out / "models"]
     if with_continual:
         cl_dir = out / "continual"
-        run("continual", cl_dir, lambda: continual_stage(preset, cl_dir, seed, device, data_root, progress))
+        continual = partial(continual_stage, preset, cl_dir, seed, device, data_root, progress)
+        _run_stage(result, progress, "continual", cl_dir, continual)
         run_dirs.append(cl_dir)
     figures_dir = out / "figures"
-    run("figures", figures_dir, lambda: figures_stage(run_dirs, figures_dir, progress, result))
+    _run_stage(
+        result, progress, "figures", figures_dir, partial(figures_stage, run_dirs, figures_dir, progress, result)
+    )
     return result
 
 
@@ -328,8 +402,11 @@ def stage_keys(preset: str | ReproducePreset, with_continual: bool) -> list[tupl
     preset = get_preset(preset) if isinstance(preset, str) else preset
     keys = []
     for model in preset.models:
-        keys += [(f"train:{model}", f"train {model}"), (f"grads:{model}", f"grads {model}"),
-                 (f"spectrum:{model}", f"spectrum {model}")]
+        keys += [
+            (f"train:{model}", f"train {model}"),
+            (f"grads:{model}", f"grads {model}"),
+            (f"spectrum:{model}", f"spectrum {model}"),
+        ]
     if with_continual:
         keys.append(("continual", "continual --compare"))
     keys.append(("figures", "figures"))

@@ -12,11 +12,12 @@ reports each figure it could not make with the command that would produce its in
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from geomprobe.errors import DataError
+from geomprobe.figures import samples as figures_samples
 from geomprobe.figures.continual import (
     fig4_average_fid,
     fig_task_fid,
@@ -26,7 +27,7 @@ from geomprobe.figures.continual import (
 )
 from geomprobe.figures.results import (
     ContinualRuns,
-    SpectrumResult,
+    SpectrumFile,
     check_run_dirs,
     find_continual,
     find_spectra,
@@ -34,7 +35,6 @@ from geomprobe.figures.results import (
     read_metrics,
     read_spectrum,
 )
-from geomprobe.figures import samples as figures_samples
 from geomprobe.figures.samples import fig5_samples_across_tasks, find_sample_grids, read_samples
 from geomprobe.figures.spectra import (
     fig1_scaled_identity_mse,
@@ -46,9 +46,10 @@ from geomprobe.figures.spectra import (
     fig6_model_sizes,
 )
 from geomprobe.figures.style import FigureOutput
+from geomprobe.io import MANIFEST, write_json
 
 __all__ = [
-    "FIGURES_MANIFEST",
+    "figures_samples",  # the Fig. 5 module under its historical name
     "FigureReport",
     "make_figures",
     "fig1_scaled_identity_mse",
@@ -68,7 +69,7 @@ __all__ = [
     "read_cosine_maps",
     "read_metrics",
     "read_samples",
-    "SpectrumResult",
+    "SpectrumFile",
     "ContinualRuns",
 ]
 
@@ -86,14 +87,85 @@ class FigureReport:
         return [f for fig in self.made for f in fig.files]
 
 
-def _primary_spectra(spectra: Sequence[SpectrumResult]) -> list[tuple[SpectrumResult, str]]:
+def _primary_spectra(spectra: Sequence[SpectrumFile]) -> list[tuple[SpectrumFile, str]]:
     """(spectrum, stem suffix) for Fig. 1-3: no suffix when there is one spectrum, else the model/dir label."""
     if len(spectra) == 1:
         return [(spectra[0], "")]
     from geomprobe.figures.spectra import model_variant_labels
 
     labels = model_variant_labels(spectra)
-    return [(s, "_" + "".join(c if c.isalnum() else "-" for c in lab).strip("-")) for s, lab in zip(spectra, labels)]
+    return [
+        (s, "_" + "".join(c if c.isalnum() else "-" for c in lab).strip("-"))
+        for s, lab in zip(spectra, labels, strict=True)
+    ]
+
+
+SPECTRUM_FIGURES = ("fig1", "fig2", "fig3a", "fig3b", "fig3c", "fig3d", "fig6")
+CONTINUAL_FIGURES = ("fig4", "fig7", "table1", "table5", "table6")
+
+
+class _Attempts:
+    """Make figures one by one into a :class:`FigureReport`; a DataError skips a figure, not the run."""
+
+    def __init__(self, report: FigureReport, on_figure: Callable[[str], None] | None):
+        self.report = report
+        self.on_figure = on_figure
+
+    def __call__(self, name: str, make: Callable[[], FigureOutput | list[FigureOutput]]) -> None:
+        """Make figure ``name``; record its outputs, or the reason it was skipped."""
+        if self.on_figure is not None:
+            self.on_figure(name)
+        try:
+            result = make()
+        except DataError as exc:
+            self.report.skipped.append((name, str(exc)))
+            return
+        self.report.made.extend(result if isinstance(result, list) else [result])
+
+    def skip_all(self, names: Sequence[str], exc: DataError) -> None:
+        """Skip every figure of ``names`` because their common input is missing."""
+        self.report.skipped.extend((name, str(exc)) for name in names)
+
+
+def _spectrum_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attempts) -> None:
+    """Fig. 1-3 per spectrum.json (suffixed by model when there are several) and Fig. 6 over all of them."""
+    try:
+        spectra = find_spectra(run_dirs)
+    except DataError as exc:
+        attempt.skip_all(SPECTRUM_FIGURES, exc)
+        return
+    for spectrum, suffix in _primary_spectra(spectra):
+        attempt(
+            "fig1" + suffix,
+            lambda s=spectrum, x=suffix: fig1_scaled_identity_mse(s, out_dir, "fig1_scaled_identity_mse" + x),
+        )
+        attempt("fig2" + suffix, lambda s=spectrum, x=suffix: fig2_cosine_maps(s, out_dir, stem="fig2_cosine_maps" + x))
+        attempt("fig3a" + suffix, lambda s=spectrum, x=suffix: fig3a_mu_cosine(s, out_dir, "fig3a_mu_cosine" + x))
+        attempt(
+            "fig3b" + suffix, lambda s=spectrum, x=suffix: fig3b_eigenvalues(s, out_dir, stem="fig3b_eigenvalues" + x)
+        )
+        attempt(
+            "fig3c" + suffix, lambda s=spectrum, x=suffix: fig3c_eigengap_ratio(s, out_dir, "fig3c_eigengap_ratio" + x)
+        )
+        attempt(
+            "fig3d" + suffix,
+            lambda s=spectrum, x=suffix: fig3d_approximation_errors(s, out_dir, "fig3d_approximation_errors" + x),
+        )
+    attempt("fig6", lambda: fig6_model_sizes(spectra, out_dir))
+
+
+def _continual_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attempts) -> None:
+    """Fig. 4, the per-task FID curves (fig7) and Tables 1, 5, 6 from every metrics.jsonl."""
+    try:
+        runs = find_continual(run_dirs)
+    except DataError as exc:
+        attempt.skip_all(CONTINUAL_FIGURES, exc)
+        return
+    attempt("fig4", lambda: fig4_average_fid(runs, out_dir))
+    attempt("fig7", lambda: [fig_task_fid(run, out_dir) for run in runs.values()])
+    attempt("table1", lambda: table1_final_afid(runs, out_dir))
+    attempt("table5", lambda: table5_low_rank(runs, out_dir))
+    attempt("table6", lambda: table6_finetune(runs, out_dir))
 
 
 def make_figures(
@@ -110,47 +182,10 @@ def make_figures(
     run_dirs = check_run_dirs(run_dirs)
     out_dir = Path(out_dir)
     report = FigureReport(out_dir=out_dir)
-
-    def attempt(name: str, make: Callable[[], FigureOutput | list[FigureOutput]]) -> None:
-        if on_figure is not None:
-            on_figure(name)
-        try:
-            result = make()
-        except DataError as exc:
-            report.skipped.append((name, str(exc)))
-            return
-        report.made.extend(result if isinstance(result, list) else [result])
-
-    try:
-        spectra = find_spectra(run_dirs)
-    except DataError as exc:
-        spectra = []
-        for name in ("fig1", "fig2", "fig3a", "fig3b", "fig3c", "fig3d", "fig6"):
-            report.skipped.append((name, str(exc)))
-    for spectrum, suffix in _primary_spectra(spectra):
-        attempt("fig1" + suffix, lambda s=spectrum, x=suffix: fig1_scaled_identity_mse(s, out_dir, "fig1_scaled_identity_mse" + x))
-        attempt("fig2" + suffix, lambda s=spectrum, x=suffix: fig2_cosine_maps(s, out_dir, stem="fig2_cosine_maps" + x))
-        attempt("fig3a" + suffix, lambda s=spectrum, x=suffix: fig3a_mu_cosine(s, out_dir, "fig3a_mu_cosine" + x))
-        attempt("fig3b" + suffix, lambda s=spectrum, x=suffix: fig3b_eigenvalues(s, out_dir, stem="fig3b_eigenvalues" + x))
-        attempt("fig3c" + suffix, lambda s=spectrum, x=suffix: fig3c_eigengap_ratio(s, out_dir, "fig3c_eigengap_ratio" + x))
-        attempt("fig3d" + suffix, lambda s=spectrum, x=suffix: fig3d_approximation_errors(s, out_dir, "fig3d_approximation_errors" + x))
-    if spectra:
-        attempt("fig6", lambda: fig6_model_sizes(spectra, out_dir))
-
-    try:
-        runs = find_continual(run_dirs)
-    except DataError as exc:
-        runs = {}
-        for name in ("fig4", "fig7", "table1", "table5", "table6"):
-            report.skipped.append((name, str(exc)))
-    if runs:
-        attempt("fig4", lambda: fig4_average_fid(runs, out_dir))
-        attempt("fig7", lambda: [fig_task_fid(run, out_dir) for run in runs.values()])
-        attempt("table1", lambda: table1_final_afid(runs, out_dir))
-        attempt("table5", lambda: table5_low_rank(runs, out_dir))
-        attempt("table6", lambda: table6_finetune(runs, out_dir))
+    attempt = _Attempts(report, on_figure)
+    _spectrum_figures(run_dirs, out_dir, attempt)
+    _continual_figures(run_dirs, out_dir, attempt)
     attempt("fig5", lambda: fig5_samples_across_tasks(find_sample_grids(run_dirs), out_dir))
-
     if not report.made:
         reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped[:2])
         raise DataError(f"no figure could be made from {', '.join(map(str, run_dirs))} ({reasons})")
@@ -158,18 +193,13 @@ def make_figures(
     return report
 
 
-FIGURES_MANIFEST = "manifest.json"
-
-
 def write_figures_manifest(report: FigureReport, run_dirs: Sequence[Path]) -> Path:
     """``manifest.json`` of the figures directory: tool, command, inputs with checksums, files, skipped."""
     import hashlib
-    import json
     import sys
     from datetime import datetime, timezone
 
     from geomprobe import __version__
-    from geomprobe.figures.style import atomic_write_text
 
     inputs = sorted({p for fig in report.made for p in fig.sources})
     manifest = {
@@ -178,8 +208,11 @@ def write_figures_manifest(report: FigureReport, run_dirs: Sequence[Path]) -> Pa
         "command": list(sys.argv),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dirs": [str(d) for d in run_dirs],
-        "inputs": [{"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in inputs if p.is_file()],
+        "inputs": [
+            {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in inputs if p.is_file()
+        ],
         "files": [p.name for p in report.files],
         "skipped": dict(report.skipped),
     }
-    return atomic_write_text(report.out_dir / FIGURES_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    report.out_dir.mkdir(parents=True, exist_ok=True)
+    return write_json(report.out_dir / MANIFEST, manifest)

@@ -1,6 +1,6 @@
 """Continual-learning figures and tables (paper Fig. 4, Fig. 7-14, Tables 1, 5, 6) from ``metrics.jsonl``.
 
-Numbers are read from the runner's rows (DESIGN section 9): AFID@k and forgetting from the
+Numbers are read from the runner's rows (docs/design.md §9): AFID@k and forgetting from the
 summary rows, FID_i(m_k) from the per-task rows. Across seeds we show the mean and the
 standard error (sample standard deviation / sqrt(number of seeds)); with one seed there is
 no error band and the caption says so.
@@ -12,8 +12,8 @@ import csv
 import io
 import math
 import re
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -24,7 +24,14 @@ from geomprobe.figures.results import (
     mean_and_standard_error,
     order_strategies,
 )
-from geomprobe.figures.style import FigureOutput, atomic_write_text, new_figure, save_figure, series_style, write_caption
+from geomprobe.figures.style import (
+    FigureOutput,
+    new_figure,
+    save_figure,
+    series_style,
+    write_caption,
+    write_output_text,
+)
 
 AFID_PANEL_SIZE = (4.8, 4.0)  # inches per dataset panel of Fig. 4
 LEGEND_WIDTH = 1.8
@@ -35,7 +42,14 @@ TASK_PANEL_COLUMNS = 5
 #: Fixed palette slot per strategy, so a strategy has the same colour and marker in every figure
 #: (rank1+gd, the paper's method, in vermillion; yellow, hard to see on white, only for "full").
 STRATEGY_STYLE_SLOT = {
-    "diag+gd": 0, "rank1+gd": 1, "diag": 2, "rank1": 3, "gd": 4, "finetune": 5, "non-continual": 6, "full": 7,
+    "diag+gd": 0,
+    "rank1+gd": 1,
+    "diag": 2,
+    "rank1": 3,
+    "gd": 4,
+    "finetune": 5,
+    "non-continual": 6,
+    "full": 7,
 }
 
 
@@ -102,6 +116,7 @@ def afid_curve(run: ContinualRuns, strategy: str) -> tuple[np.ndarray, np.ndarra
 
 
 def fig4_layout(num_datasets: int) -> tuple[float, float]:
+    """Figure size (inches) of Fig. 4: one AFID panel per dataset plus the legend column."""
     return (AFID_PANEL_SIZE[0] * num_datasets + LEGEND_WIDTH, AFID_PANEL_SIZE[1])
 
 
@@ -113,7 +128,7 @@ def fig4_average_fid(runs, out_dir: str | Path, stem: str = "fig4_average_fid") 
     styles = _strategy_styles(s for r in runs for s in r.afid)
     fig, axes = new_figure(*fig4_layout(len(runs)), ncols=len(runs))
     handles = {}
-    for ax, run in zip(axes[0], runs):
+    for ax, run in zip(axes[0], runs, strict=True):
         for strategy in order_strategies(run.afid):
             ks, mean, se, _ = afid_curve(run, strategy)
             (line,) = ax.plot(ks, mean, lw=1.6, ms=4, label=strategy, **styles[strategy])
@@ -155,6 +170,7 @@ def task_fid_curve(run: ContinualRuns, strategy: str, task: int) -> tuple[np.nda
 
 
 def task_fid_layout(num_tasks: int) -> tuple[int, int, tuple[float, float]]:
+    """(rows, columns, figure size in inches) of the per-task FID grid: one panel per task."""
     cols = min(TASK_PANEL_COLUMNS, num_tasks)
     rows = math.ceil(num_tasks / cols)
     return rows, cols, (TASK_PANEL_SIZE[0] * cols + LEGEND_WIDTH, TASK_PANEL_SIZE[1] * rows + 0.4)
@@ -169,11 +185,11 @@ def fig_task_fid(run: ContinualRuns, out_dir: str | Path, stem: str | None = Non
     styles = _strategy_styles(run.fid)
     rows, cols, size = task_fid_layout(len(tasks))
     fig, axes = new_figure(*size, nrows=rows, ncols=cols, sharey=True)
-    for ax in axes.ravel()[len(tasks):]:
+    for ax in axes.ravel()[len(tasks) :]:
         ax.set_axis_off()
     handles = {}
     last_task = max(k for per_seed in run.fid.values() for cells in per_seed.values() for (k, _) in cells)
-    for ax, task in zip(axes.ravel(), tasks):
+    for ax, task in zip(axes.ravel(), tasks, strict=False):  # a grid may have more panels than tasks
         for strategy in order_strategies(run.fid):
             ks, mean, se = task_fid_curve(run, strategy, task)
             if ks.size == 0:
@@ -221,8 +237,14 @@ def final_metrics(run: ContinualRuns, strategy: str) -> dict:
     tasks = max((max(afid) for afid in per_seed.values() if afid), default=0)
     afid_mean, afid_se, m = mean_and_standard_error(finals)
     f_mean, f_se, _ = mean_and_standard_error(run.forgetting.get(strategy, {}).values())
-    return {"tasks": tasks, "afid_mean": afid_mean, "afid_se": afid_se, "forgetting_mean": f_mean,
-            "forgetting_se": f_se, "seeds": m}
+    return {
+        "tasks": tasks,
+        "afid_mean": afid_mean,
+        "afid_se": afid_se,
+        "forgetting_mean": f_mean,
+        "forgetting_se": f_se,
+        "seeds": m,
+    }
 
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
@@ -230,8 +252,12 @@ def _csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     for row in rows:
-        writer.writerow(["" if isinstance(v, float) and not math.isfinite(v) else (f"{v:.6g}" if isinstance(v, float) else v)
-                         for v in row])
+        writer.writerow(
+            [
+                "" if isinstance(v, float) and not math.isfinite(v) else (f"{v:.6g}" if isinstance(v, float) else v)
+                for v in row
+            ]
+        )
     return buf.getvalue()
 
 
@@ -241,13 +267,17 @@ def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_table(out_dir: Path, stem: str, title: str, note: str, md_header, md_rows, csv_header, csv_rows,
-                 paths: list[Path]) -> FigureOutput:
+def _write_table(
+    out_dir: Path, stem: str, title: str, note: str, md_header, md_rows, csv_header, csv_rows, paths: list[Path]
+) -> FigureOutput:
     from geomprobe.figures.style import display_path
 
     sources = ", ".join(display_path(p) for p in paths)
     md = f"**{title}**\n\n" + _markdown(md_header, md_rows) + f"\n{note}\n\nData source: {sources}\n"
-    files = [atomic_write_text(out_dir / f"{stem}.md", md), atomic_write_text(out_dir / f"{stem}.csv", _csv_text(csv_header, csv_rows))]
+    files = [
+        write_output_text(out_dir / f"{stem}.md", md),
+        write_output_text(out_dir / f"{stem}.csv", _csv_text(csv_header, csv_rows)),
+    ]
     return FigureOutput(stem, files, paths)
 
 
@@ -271,25 +301,45 @@ def table1_final_afid(runs, out_dir: str | Path, stem: str = "table1") -> Figure
                 continue
             m = final_metrics(run, strategy)
             cells += [_format(m["afid_mean"], m["afid_se"]), _format(m["forgetting_mean"], m["forgetting_se"])]
-            csv_rows.append([strategy, run.dataset, m["tasks"], m["afid_mean"], m["afid_se"], m["forgetting_mean"],
-                             m["forgetting_se"], m["seeds"]])
+            csv_rows.append(
+                [
+                    strategy,
+                    run.dataset,
+                    m["tasks"],
+                    m["afid_mean"],
+                    m["afid_se"],
+                    m["forgetting_mean"],
+                    m["forgetting_se"],
+                    m["seeds"],
+                ]
+            )
         md_rows.append(cells)
     seeds = sorted({s for r in runs for s in r.seeds})
-    note = (f"AFID = average FID at the final task (AFID@T), F = average forgetting (DESIGN section 6), mean ± standard "
-            f"error over seeds {seeds}" + (" (one seed: no error)" if len(seeds) < 2 else "") +
-            ". Lower is better. Paper Table 1 reports MNIST/FMNIST/CIFAR-10/ImageNet-1k with 3 seeds.")
+    note = (
+        f"AFID = average FID at the final task (AFID@T), F = average forgetting (DESIGN section 6), mean ± standard "
+        f"error over seeds {seeds}"
+        + (" (one seed: no error)" if len(seeds) < 2 else "")
+        + ". Lower is better. Paper Table 1 reports MNIST/FMNIST/CIFAR-10/ImageNet-1k with 3 seeds."
+    )
     paths = [p for r in runs for p in r.paths]
-    return _write_table(Path(out_dir), stem, "Table 1: average FID at the final task and average forgetting", note,
-                        md_header, md_rows,
-                        ["strategy", "dataset", "tasks", "afid_mean", "afid_se", "forgetting_mean", "forgetting_se", "seeds"],
-                        csv_rows, paths)
+    return _write_table(
+        Path(out_dir),
+        stem,
+        "Table 1: average FID at the final task and average forgetting",
+        note,
+        md_header,
+        md_rows,
+        ["strategy", "dataset", "tasks", "afid_mean", "afid_se", "forgetting_mean", "forgetting_se", "seeds"],
+        csv_rows,
+        paths,
+    )
 
 
 RANK_STRATEGY = re.compile(r"^rank(?P<k>\d+)\+gd$")
 
 
 def rank_of_strategy(strategy: str) -> int | None:
-    """k of a rank-k EWC + distillation strategy as the runner names it (``rank1+gd``, ``rank5+gd``), else None."""
+    """K of a rank-k EWC + distillation strategy as the runner names it (``rank1+gd``, ``rank5+gd``), else None."""
     m = RANK_STRATEGY.match(strategy)
     return int(m.group("k")) if m else None
 
@@ -317,16 +367,35 @@ def table5_low_rank(runs, out_dir: str | Path, stem: str = "table5") -> FigureOu
                 continue
             m = final_metrics(run, strategy)
             cells += [_format(m["afid_mean"], m["afid_se"]), _format(m["forgetting_mean"], m["forgetting_se"])]
-            csv_rows.append([strategy, k, run.dataset, m["afid_mean"], m["afid_se"], m["forgetting_mean"],
-                             m["forgetting_se"], m["seeds"]])
+            csv_rows.append(
+                [
+                    strategy,
+                    k,
+                    run.dataset,
+                    m["afid_mean"],
+                    m["afid_se"],
+                    m["forgetting_mean"],
+                    m["forgetting_se"],
+                    m["seeds"],
+                ]
+            )
         md_rows.append(cells)
-    note = ("Final FID = AFID at the final task; mean ± standard error over seeds. Rank-1 uses c* mu mu^T from the mean "
-            "gradient; rank-k uses the runner's top-k eigenpairs (paper Table 5: stochastic power iteration).")
+    note = (
+        "Final FID = AFID at the final task; mean ± standard error over seeds. Rank-1 uses c* mu mu^T from the mean "
+        "gradient; rank-k uses the runner's top-k eigenpairs (paper Table 5: stochastic power iteration)."
+    )
     paths = [p for r in datasets for p in r.paths]
-    return _write_table(Path(out_dir), stem, "Table 5: low-rank Fisher ablations (with generative distillation)", note,
-                        md_header, md_rows,
-                        ["strategy", "rank", "dataset", "final_fid_mean", "final_fid_se", "forgetting_mean",
-                         "forgetting_se", "seeds"], csv_rows, paths)
+    return _write_table(
+        Path(out_dir),
+        stem,
+        "Table 5: low-rank Fisher ablations (with generative distillation)",
+        note,
+        md_header,
+        md_rows,
+        ["strategy", "rank", "dataset", "final_fid_mean", "final_fid_se", "forgetting_mean", "forgetting_se", "seeds"],
+        csv_rows,
+        paths,
+    )
 
 
 FINETUNE_STRATEGIES = ("finetune",)  # the runner's name for --fisher none --no-gd (and lambda 0 in --compare)
@@ -344,11 +413,22 @@ def table6_finetune(runs, out_dir: str | Path, stem: str = "table6") -> FigureOu
     md_rows, csv_rows = [], []
     for run, strategy in sorted(selected, key=lambda x: x[0].dataset):
         m = final_metrics(run, strategy)
-        md_rows.append([run.dataset, _format(m["afid_mean"], m["afid_se"]), _format(m["forgetting_mean"], m["forgetting_se"])])
-        csv_rows.append([run.dataset, strategy, m["afid_mean"], m["afid_se"], m["forgetting_mean"], m["forgetting_se"], m["seeds"]])
+        md_rows.append(
+            [run.dataset, _format(m["afid_mean"], m["afid_se"]), _format(m["forgetting_mean"], m["forgetting_se"])]
+        )
+        csv_rows.append(
+            [run.dataset, strategy, m["afid_mean"], m["afid_se"], m["forgetting_mean"], m["forgetting_se"], m["seeds"]]
+        )
     note = "Final FID = AFID at the final task; mean ± standard error over seeds when there are several."
     paths = [p for r, _ in selected for p in r.paths]
-    return _write_table(Path(out_dir), stem, "Table 6: continual fine-tuning with no regularisation (lambda = 0)", note,
-                        ["Dataset", "Final FID", "Avg forgetting"], md_rows,
-                        ["dataset", "strategy", "final_fid_mean", "final_fid_se", "forgetting_mean", "forgetting_se",
-                         "seeds"], csv_rows, sorted(set(paths)))
+    return _write_table(
+        Path(out_dir),
+        stem,
+        "Table 6: continual fine-tuning with no regularisation (lambda = 0)",
+        note,
+        ["Dataset", "Final FID", "Avg forgetting"],
+        md_rows,
+        ["dataset", "strategy", "final_fid_mean", "final_fid_se", "forgetting_mean", "forgetting_se", "seeds"],
+        csv_rows,
+        sorted(set(paths)),
+    )

@@ -1,7 +1,7 @@
 """Finding and reading the stored results the figures are drawn from (never recomputing them).
 
-* ``spectrum.json`` (DESIGN section 9) and ``cosine_maps.h5`` from ``geomprobe spectrum``;
-* ``metrics.jsonl`` (DESIGN section 9) from ``geomprobe continual``;
+* ``spectrum.json`` (docs/design.md §9) and ``cosine_maps.h5`` from ``geomprobe spectrum``;
+* ``metrics.jsonl`` (docs/design.md §9) from ``geomprobe continual``;
 * ``samples.h5`` stored by the continual runner, for Fig. 5 (read in :mod:`geomprobe.figures.samples`).
 
 A missing or malformed input raises :class:`DataError` naming the command that produces it.
@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from geomprobe.errors import DataError
+from geomprobe.io import COSINE_MAPS, MANIFEST, METRICS, SPECTRUM_JSON
 
-SPECTRUM_FILE = "spectrum.json"
-COSINE_MAPS_FILE = "cosine_maps.h5"
-METRICS_FILE = "metrics.jsonl"
-MANIFEST_FILE = "manifest.json"
-CHECKPOINT_META = "geomprobe.json"
+CHECKPOINT_META = "geomprobe.json"  # a checkpoint's metadata (docs/design.md §8); read here without loading models
 
 SPECTRUM_COMMAND = "geomprobe spectrum --grads STORE (after geomprobe grads --ckpt CKPT --t 100..900 --out STORE)"
 CONTINUAL_COMMAND = "geomprobe continual --dataset digits --compare --out runs/cl"
@@ -56,7 +54,9 @@ def check_run_dirs(run_dirs: Iterable[str | Path]) -> list[Path]:
     """The run directories as paths; a missing one is a DataError (a typo should not pass silently)."""
     paths = [Path(d) for d in run_dirs]
     if not paths:
-        raise DataError("no run directory given; pass --from RUN_DIR (the --out of geomprobe reproduce, spectrum or continual)")
+        raise DataError(
+            "no run directory given; pass --from RUN_DIR (the --out of geomprobe reproduce, spectrum or continual)"
+        )
     for p in paths:
         if not p.exists():
             raise DataError(f"run directory not found: {p}")
@@ -142,9 +142,9 @@ def checkpoint_provenance(ckpt_dir: Path | None, into: Provenance) -> Provenance
 def store_provenance(store_dir: Path | None) -> Provenance:
     """Provenance of a gradient store: its manifest's seed and the checkpoint it came from."""
     prov = Provenance()
-    if store_dir is None or not (store_dir / MANIFEST_FILE).is_file():
+    if store_dir is None or not (store_dir / MANIFEST).is_file():
         return prov
-    manifest = _read_json(store_dir / MANIFEST_FILE)
+    manifest = _read_json(store_dir / MANIFEST)
     seed = _find_key(manifest, ("seed",))
     if isinstance(seed, int):
         prov.seeds = [seed]
@@ -158,8 +158,12 @@ def store_provenance(store_dir: Path | None) -> Provenance:
 
 
 @dataclass
-class SpectrumResult:
-    """One ``spectrum.json``: rows at single timesteps sorted by t, plus provenance."""
+class SpectrumFile:
+    """One ``spectrum.json`` file as read back for figures: rows at single timesteps sorted by t, plus provenance.
+
+    Not to be confused with :class:`geomprobe.analysis.report.SpectrumResult`, the in-memory result
+    that ``geomprobe spectrum`` computes and writes into this file.
+    """
 
     path: Path
     data: dict
@@ -173,10 +177,10 @@ class SpectrumResult:
     @property
     def cosine_maps_path(self) -> Path | None:
         """``cosine_maps.h5`` next to this spectrum.json or next to / inside its store."""
-        candidates = [self.path.parent / COSINE_MAPS_FILE]
+        candidates = [self.path.parent / COSINE_MAPS]
         store = self.store_dir
         if store is not None:
-            candidates += [store / COSINE_MAPS_FILE, store.parent / COSINE_MAPS_FILE]
+            candidates += [store / COSINE_MAPS, store.parent / COSINE_MAPS]
         return next((c for c in candidates if c.is_file()), None)
 
     @property
@@ -204,7 +208,7 @@ class SpectrumResult:
         return f"P: {ps[0]:,} parameters in the gradients" if len(ps) == 1 else "P: " + ", ".join(f"{p:,}" for p in ps)
 
 
-def read_spectrum(path: str | Path) -> SpectrumResult:
+def read_spectrum(path: str | Path) -> SpectrumFile:
     """Read and check one ``spectrum.json``; keep the rows at single timesteps (not bands)."""
     path = Path(path)
     if not path.is_file():
@@ -212,20 +216,28 @@ def read_spectrum(path: str | Path) -> SpectrumResult:
     data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise DataError(f"{path} is not a spectrum.json (no 'rows' list); rerun {SPECTRUM_COMMAND}")
-    rows = [r for r in data["rows"] if isinstance(r, dict) and isinstance(r.get("t"), (int, float)) and not isinstance(r.get("t"), bool)]
+    rows = [
+        r
+        for r in data["rows"]
+        if isinstance(r, dict) and isinstance(r.get("t"), (int, float)) and not isinstance(r.get("t"), bool)
+    ]
     if not rows:
-        raise DataError(f"{path} has no rows at single timesteps; run {SPECTRUM_COMMAND} on a store made with --t 100..900")
+        raise DataError(
+            f"{path} has no rows at single timesteps; run {SPECTRUM_COMMAND} on a store made with --t 100..900"
+        )
     rows.sort(key=lambda r: r["t"])
-    result = SpectrumResult(path=path, data=data, rows=rows, provenance=Provenance())
+    result = SpectrumFile(path=path, data=data, rows=rows, provenance=Provenance())
     result.provenance = store_provenance(result.store_dir)
     return result
 
 
-def find_spectra(run_dirs: Iterable[str | Path]) -> list[SpectrumResult]:
+def find_spectra(run_dirs: Iterable[str | Path]) -> list[SpectrumFile]:
     """Every spectrum.json under ``run_dirs``; DataError (naming ``geomprobe spectrum``) if none."""
-    paths = find_files(run_dirs, SPECTRUM_FILE)
+    paths = find_files(run_dirs, SPECTRUM_JSON)
     if not paths:
-        raise DataError(f"no {SPECTRUM_FILE} under {', '.join(map(str, run_dirs))}; it is written by {SPECTRUM_COMMAND}")
+        raise DataError(
+            f"no {SPECTRUM_JSON} under {', '.join(map(str, run_dirs))}; it is written by {SPECTRUM_COMMAND}"
+        )
     return [read_spectrum(p) for p in paths]
 
 
@@ -313,7 +325,15 @@ class ContinualRuns:
 
 #: Strategy order in legends and tables: the paper's Table 1 order, then anything else sorted.
 STRATEGY_ORDER = (
-    "non-continual", "finetune", "diag", "rank1", "full", "gd", "diag+gd", "full+gd", "rank1+gd",
+    "non-continual",
+    "finetune",
+    "diag",
+    "rank1",
+    "full",
+    "gd",
+    "diag+gd",
+    "full+gd",
+    "rank1+gd",
 )
 
 
@@ -339,7 +359,7 @@ def _number(row: dict, key: str, path: Path, line_no: int) -> float:
 def _run_config_value(metrics_path: Path, keys: tuple[str, ...]) -> str | None:
     """A string setting (dataset, model) of the run a metrics.jsonl belongs to, from a manifest beside or above it."""
     for directory in [metrics_path.parent, *metrics_path.parents][:4]:
-        for name in (MANIFEST_FILE, "config.json", "run.json"):
+        for name in (MANIFEST, "config.json", "run.json"):
             f = directory / name
             if f.is_file():
                 try:
@@ -355,7 +375,7 @@ def read_metrics(paths: Iterable[Path], dataset: str | None = None) -> dict[str,
     """Parse metrics.jsonl files into one :class:`ContinualRuns` per dataset.
 
     Per-task rows need ``seed``, ``strategy``, ``after_task``, ``task``, ``fid``; summary rows
-    ``seed``, ``strategy``, ``summary: true``, ``afid`` and ``forgetting`` (DESIGN section 9).
+    ``seed``, ``strategy``, ``summary: true``, ``afid`` and ``forgetting`` (docs/design.md §9).
     """
     runs: dict[str, ContinualRuns] = {}
     for path in paths:
@@ -397,12 +417,12 @@ def read_metrics(paths: Iterable[Path], dataset: str | None = None) -> dict[str,
 def find_continual(run_dirs: Iterable[str | Path]) -> dict[str, ContinualRuns]:
     """All metrics.jsonl under ``run_dirs`` grouped by dataset; DataError naming the command if none."""
     run_dirs = list(run_dirs)
-    paths = find_files(run_dirs, METRICS_FILE)
+    paths = find_files(run_dirs, METRICS)
     # the runner writes each seed's rows to seed-{s}/metrics.jsonl and all of them again one level up
     found = set(paths)
-    paths = [p for p in paths if not any(parent / METRICS_FILE in found for parent in p.parents[1:])]
+    paths = [p for p in paths if not any(parent / METRICS in found for parent in p.parents[1:])]
     if not paths:
-        raise DataError(f"no {METRICS_FILE} under {', '.join(map(str, run_dirs))}; it is written by {CONTINUAL_COMMAND}")
+        raise DataError(f"no {METRICS} under {', '.join(map(str, run_dirs))}; it is written by {CONTINUAL_COMMAND}")
     return read_metrics(paths)
 
 

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from geomprobe.errors import DataError
-from geomprobe.figures.results import CONTINUAL_COMMAND, MANIFEST_FILE, find_files, order_strategies
+from geomprobe.figures.results import CONTINUAL_COMMAND, find_files, order_strategies
 from geomprobe.figures.style import FigureOutput, new_figure, save_figure, write_caption
+from geomprobe.io import MANIFEST, SAMPLES
 
-SAMPLES_FILE = "samples.h5"
 SAMPLES_NEEDED = (
     "Fig. 5 needs the evaluation samples the continual runner stores (seed-{s}/samples.h5 with "
     f"after_task{{k}}/images and labels); none were found: run {CONTINUAL_COMMAND}"
@@ -56,7 +56,7 @@ def _strategy_and_seed(path: Path) -> tuple[str, int]:
     seed_match = re.fullmatch(r"seed-(\d+)", path.parent.name)
     seed = int(seed_match.group(1)) if seed_match else 0
     strategy_dir = path.parent.parent if seed_match else path.parent
-    manifest = strategy_dir / MANIFEST_FILE
+    manifest = strategy_dir / MANIFEST
     if manifest.is_file():
         try:
             name = json.loads(manifest.read_text()).get("strategy")
@@ -92,7 +92,7 @@ def read_samples(path: str | Path) -> StoredSamples:
 
 def find_sample_grids(run_dirs: Iterable[str | Path]) -> list[StoredSamples]:
     """Every stored ``samples.h5`` under ``run_dirs``; DataError saying what is needed when there is none."""
-    paths = find_files(run_dirs, SAMPLES_FILE)
+    paths = find_files(run_dirs, SAMPLES)
     if not paths:
         raise DataError(SAMPLES_NEEDED)
     return [read_samples(p) for p in paths]
@@ -100,8 +100,10 @@ def find_sample_grids(run_dirs: Iterable[str | Path]) -> list[StoredSamples]:
 
 def fig5_layout(num_classes: int, num_strategies: int, num_tasks: int) -> tuple[float, float]:
     """Figure size (inches): a block of one row per strategy for each class, one column per task."""
-    return (max(4.2, LABEL_INCHES + CELL_INCHES * num_tasks + 0.2),  # at least the title's width
-            num_classes * (CELL_INCHES * num_strategies + 0.4) + 0.4)
+    return (
+        max(4.2, LABEL_INCHES + CELL_INCHES * num_tasks + 0.2),  # at least the title's width
+        num_classes * (CELL_INCHES * num_strategies + 0.4) + 0.4,
+    )
 
 
 def _to_display(image: np.ndarray) -> np.ndarray:
@@ -110,34 +112,34 @@ def _to_display(image: np.ndarray) -> np.ndarray:
     return x[0] if x.shape[0] == 1 else np.transpose(x, (1, 2, 0))
 
 
-def fig5_samples_across_tasks(
-    samples: Sequence[StoredSamples], out_dir: str | Path, classes: Sequence[int] | None = None,
-    stem: str = "fig5_samples_across_tasks",
-) -> FigureOutput:
-    """Fig. 5: for each chosen class, one row per strategy, one column per task after which it was sampled.
-
-    ``classes`` default: the first class that appears after task 0 and the first new class after task 1
-    (the paper shows a class from the first task and one from a later task). The lowest seed is shown.
-    """
-    if not samples:
-        raise DataError(SAMPLES_NEEDED)
+def _lowest_seed_per_strategy(samples: Sequence[StoredSamples]) -> dict[str, StoredSamples]:
+    """The samples of the lowest seed of each strategy."""
     by_strategy: dict[str, StoredSamples] = {}
     for s in sorted(samples, key=lambda s: s.seed):
         by_strategy.setdefault(s.strategy, s)
-    strategies = order_strategies(by_strategy)
-    tasks = sorted({k for s in by_strategy.values() for k in s.images})
-    if classes is None:
-        seen = set(np.unique(next(iter(by_strategy.values())).labels[tasks[0]]).tolist())
-        classes = [min(seen)]
-        if len(tasks) > 1:
-            later = set(np.unique(next(iter(by_strategy.values())).labels[tasks[1]]).tolist()) - seen
-            if later:
-                classes.append(min(later))
-    classes = list(classes)
-    size = fig5_layout(len(classes), len(strategies), len(tasks))
-    fig, axes = new_figure(*size, nrows=len(classes) * len(strategies), ncols=len(tasks))
-    any_stored = next(iter(by_strategy.values()))
-    blank = np.ones_like(_to_display(any_stored.images[tasks[0]][0]))
+    return by_strategy
+
+
+def _default_classes(first: StoredSamples, tasks: list[int]) -> list[int]:
+    """The first class sampled after task 0 and the first new class after task 1 (when there is one)."""
+    seen = set(np.unique(first.labels[tasks[0]]).tolist())
+    classes = [min(seen)]
+    if len(tasks) > 1:
+        later = set(np.unique(first.labels[tasks[1]]).tolist()) - seen
+        if later:
+            classes.append(min(later))
+    return classes
+
+
+def _draw_sample_grid(
+    axes,
+    by_strategy: dict[str, StoredSamples],
+    strategies: list[str],
+    classes: list[int],
+    tasks: list[int],
+    blank: np.ndarray,
+) -> None:
+    """One block of rows per class, one row per strategy, one column per task; empty cells are white."""
     for ci, cls in enumerate(classes):
         for si, strategy in enumerate(strategies):
             r = ci * len(strategies) + si
@@ -154,16 +156,51 @@ def fig5_samples_across_tasks(
                     ax.set_ylabel(f"class {cls}\n{strategy}", rotation=0, ha="right", va="center", fontsize=8)
                 if si == 0:
                     ax.set_title(f"task {k}", fontsize=7)
-    fig.suptitle("Fig. 5: samples of a class after each task", fontsize=10)
-    out_dir = Path(out_dir)
-    files = save_figure(fig, out_dir, stem)
+
+
+def _fig5_caption(
+    out_dir: Path, stem: str, by_strategy: dict[str, StoredSamples], strategies: list[str], classes: list[int]
+) -> Path:
+    """The caption file of Fig. 5."""
     body = (
         f"Generated samples of class(es) {', '.join(map(str, classes))} after each task (columns), one row per strategy "
         "(paper Fig. 5: distillation only, diagonal and rank-1). Each cell is the first stored sample of that class "
         "from the model after that task; empty cells: the class was not sampled then. Lowest seed shown."
     )
-    details = ["model: see the continual run's manifest.json", f"seeds: {', '.join(str(by_strategy[s].seed) for s in strategies)}",
-               f"n: one sample per cell (of {', '.join(str(len(v)) for v in next(iter(by_strategy.values())).labels.values())} stored per task)"]
+    stored = ", ".join(str(len(v)) for v in next(iter(by_strategy.values())).labels.values())
+    details = [
+        "model: see the continual run's manifest.json",
+        f"seeds: {', '.join(str(by_strategy[s].seed) for s in strategies)}",
+        f"n: one sample per cell (of {stored} stored per task)",
+    ]
     paths = [by_strategy[s].path for s in strategies]
-    caption = write_caption(out_dir, stem, "Fig. 5: per-class samples across tasks", body, paths, details)
-    return FigureOutput(stem, files + [caption], paths)
+    return write_caption(out_dir, stem, "Fig. 5: per-class samples across tasks", body, paths, details)
+
+
+def fig5_samples_across_tasks(
+    samples: Sequence[StoredSamples],
+    out_dir: str | Path,
+    classes: Sequence[int] | None = None,
+    stem: str = "fig5_samples_across_tasks",
+) -> FigureOutput:
+    """Fig. 5: for each chosen class, one row per strategy, one column per task after which it was sampled.
+
+    ``classes`` default: the first class that appears after task 0 and the first new class after task 1
+    (the paper shows a class from the first task and one from a later task). The lowest seed is shown.
+    """
+    if not samples:
+        raise DataError(SAMPLES_NEEDED)
+    by_strategy = _lowest_seed_per_strategy(samples)
+    strategies = order_strategies(by_strategy)
+    tasks = sorted({k for s in by_strategy.values() for k in s.images})
+    first = next(iter(by_strategy.values()))
+    classes = _default_classes(first, tasks) if classes is None else list(classes)
+    size = fig5_layout(len(classes), len(strategies), len(tasks))
+    fig, axes = new_figure(*size, nrows=len(classes) * len(strategies), ncols=len(tasks))
+    blank = np.ones_like(_to_display(first.images[tasks[0]][0]))
+    _draw_sample_grid(axes, by_strategy, strategies, classes, tasks, blank)
+    fig.suptitle("Fig. 5: samples of a class after each task", fontsize=10)
+    out_dir = Path(out_dir)
+    files = save_figure(fig, out_dir, stem)
+    caption = _fig5_caption(out_dir, stem, by_strategy, strategies, classes)
+    return FigureOutput(stem, files + [caption], [by_strategy[s].path for s in strategies])

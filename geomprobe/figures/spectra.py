@@ -8,13 +8,13 @@ Each function reads stored results only, writes ``<stem>.png``, ``<stem>.pdf`` a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from geomprobe.errors import DataError
-from geomprobe.figures.results import SPECTRUM_COMMAND, SpectrumResult, read_cosine_maps, read_spectrum
+from geomprobe.figures.results import SPECTRUM_COMMAND, SpectrumFile, read_cosine_maps, read_spectrum
 from geomprobe.figures.style import (
     SEQUENTIAL_CMAP,
     FigureOutput,
@@ -32,11 +32,11 @@ COSINE_MAP_COLUMNS = 5
 FIG6_ROW_HEIGHT = 3.0
 
 
-def _as_spectrum(spectrum: SpectrumResult | str | Path) -> SpectrumResult:
-    return spectrum if isinstance(spectrum, SpectrumResult) else read_spectrum(spectrum)
+def _as_spectrum(spectrum: SpectrumFile | str | Path) -> SpectrumFile:
+    return spectrum if isinstance(spectrum, SpectrumFile) else read_spectrum(spectrum)
 
 
-def _details(spectrum: SpectrumResult) -> list[str]:
+def _details(spectrum: SpectrumFile) -> list[str]:
     return [
         spectrum.provenance.model_line(),
         spectrum.sample_count_line(),
@@ -46,7 +46,7 @@ def _details(spectrum: SpectrumResult) -> list[str]:
     ]
 
 
-def _shade_low_snr(ax, spectrum: SpectrumResult) -> None:
+def _shade_low_snr(ax, spectrum: SpectrumFile) -> None:
     """Grey background over the timesteps whose stored SNR is below the low-SNR threshold."""
     if not all("snr" in r for r in spectrum.rows):
         return
@@ -59,11 +59,19 @@ def _shade_low_snr(ax, spectrum: SpectrumResult) -> None:
     left = ts[first] if first == 0 else (ts[first - 1] + ts[first]) / 2
     right = ts[-1] + (ts[-1] - ts[-2]) / 2 if ts.size > 1 else ts[-1] + 50
     ax.axvspan(left, right, color="0.92", zorder=0, lw=0)
-    ax.text((left + right) / 2, 0.98, f"low SNR\n(< {LOW_SNR_THRESHOLD:g})", transform=ax.get_xaxis_transform(),
-            ha="center", va="top", fontsize=8, color="0.35")
+    ax.text(
+        (left + right) / 2,
+        0.98,
+        f"low SNR\n(< {LOW_SNR_THRESHOLD:g})",
+        transform=ax.get_xaxis_transform(),
+        ha="center",
+        va="top",
+        fontsize=8,
+        color="0.35",
+    )
 
 
-def _timestep_axis(ax, spectrum: SpectrumResult) -> None:
+def _timestep_axis(ax, spectrum: SpectrumFile) -> None:
     ts = spectrum.timesteps
     ax.set_xlabel("diffusion timestep t (larger t = lower SNR)")
     if len(ts) <= 12:
@@ -96,9 +104,11 @@ def fig1_scaled_identity_mse(spectrum, out_dir: str | Path, stem: str = "fig1_sc
         "Mean squared error between the model input x_t and the scaled prediction "
         "sqrt(1 - alpha_bar_t) * eps_theta(x_t, t) at each timestep (paper Fig. 1; Tweedie's identity). "
         "Values near 0 mean the denoiser acts as a scaled identity map, which Proposition 1 predicts at low SNR. "
-        f"Values: {', '.join(f't={t}: {v:.4g}' for t, v in zip(spectrum.timesteps, mse))}."
+        f"Values: {', '.join(f't={t}: {v:.4g}' for t, v in zip(spectrum.timesteps, mse, strict=True))}."
     )
-    caption = write_caption(Path(out_dir), stem, "Fig. 1: scaled-identity MSE against t", body, [spectrum.path], _details(spectrum))
+    caption = write_caption(
+        Path(out_dir), stem, "Fig. 1: scaled-identity MSE against t", body, [spectrum.path], _details(spectrum)
+    )
     return FigureOutput(stem, files + [caption], [spectrum.path])
 
 
@@ -134,13 +144,14 @@ def fig2_cosine_maps(
     image = None
     for ax in axes.ravel():
         ax.set_axis_off()
-    for ax, t in zip(axes.ravel(), ts):
+    for ax, t in zip(axes.ravel(), ts, strict=False):  # spare panels stay empty
         v = maps.values[t]
         grid_rows, grid_cols = cosine_map_grid_shape(v.size)
         padded = np.full(grid_rows * grid_cols, np.nan)
         padded[: v.size] = v
-        image = ax.imshow(padded.reshape(grid_rows, grid_cols), cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0,
-                          interpolation="nearest")
+        image = ax.imshow(
+            padded.reshape(grid_rows, grid_cols), cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest"
+        )
         snr = snr_of.get(t)
         snr_text = f", SNR {snr:.2g}" if isinstance(snr, (int, float)) else ""
         ax.set_title(f"t = {t}{snr_text}\nmedian {np.median(v):.2f}", fontsize=9)
@@ -154,7 +165,9 @@ def fig2_cosine_maps(
         "gradient mu_t at each timestep (paper Fig. 2). Each pixel is one sample, in the order of the gradient "
         "store (sample index, row-major); brighter (yellow) = more collinear with mu_t. " + n_line + "."
     )
-    caption = write_caption(out_dir, stem, "Fig. 2: cosine-to-mean maps", body, [maps.path, spectrum.path], _details(spectrum))
+    caption = write_caption(
+        out_dir, stem, "Fig. 2: cosine-to-mean maps", body, [maps.path, spectrum.path], _details(spectrum)
+    )
     return FigureOutput(stem, files + [caption], [maps.path, spectrum.path])
 
 
@@ -170,13 +183,17 @@ def fig3a_mu_cosine(spectrum, out_dir: str | Path, stem: str = "fig3a_mu_cosine"
     labels = list(block["t"])
     matrix = np.array(block["matrix"], dtype=np.float64)
     if matrix.shape != (len(labels), len(labels)):
-        raise DataError(f"{spectrum.path}: mu_cosine.matrix must be {len(labels)}x{len(labels)}, got {matrix.shape}; rerun {SPECTRUM_COMMAND}")
+        raise DataError(
+            f"{spectrum.path}: mu_cosine.matrix must be {len(labels)}x{len(labels)}, got {matrix.shape}; rerun {SPECTRUM_COMMAND}"
+        )
     # keep single timesteps; pooled band rows (t = "band-...") are not part of the paper's heatmap
     keep = [i for i, t in enumerate(labels) if isinstance(t, int) and not isinstance(t, bool)]
     ts = [int(labels[i]) for i in keep]
     matrix = matrix[np.ix_(keep, keep)]
     if len(ts) < 2:
-        raise DataError(f"{spectrum.path}: mu_cosine needs at least 2 single timesteps; rerun {SPECTRUM_COMMAND} on a store made with --t 100..900")
+        raise DataError(
+            f"{spectrum.path}: mu_cosine needs at least 2 single timesteps; rerun {SPECTRUM_COMMAND} on a store made with --t 100..900"
+        )
     signed = bool(np.nanmin(matrix) < 0)
     fig, axes = new_figure(*HEATMAP_SIZE)
     ax = axes[0, 0]
@@ -189,8 +206,15 @@ def fig3a_mu_cosine(spectrum, out_dir: str | Path, stem: str = "fig3a_mu_cosine"
     if len(ts) <= 12:
         for i in range(len(ts)):
             for j in range(len(ts)):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if abs(matrix[i, j]) > 0.85 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{matrix[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if abs(matrix[i, j]) > 0.85 else "black",
+                )
     fig.colorbar(image, ax=ax, shrink=0.85, label=r"$\cos(\mu_s, \mu_t)$")
     ax.set_title(f"Fig. 3a: pairwise cosine of mean gradients ({spectrum.provenance.label})")
     out_dir = Path(out_dir)
@@ -201,18 +225,22 @@ def fig3a_mu_cosine(spectrum, out_dir: str | Path, stem: str = "fig3a_mu_cosine"
         "High values everywhere mean one direction serves all timesteps. "
         f"Off-diagonal: min {off_diagonal.min():.3f}, median {np.median(off_diagonal):.3f}, max {off_diagonal.max():.3f}."
     )
-    caption = write_caption(out_dir, stem, "Fig. 3a: mu_t pairwise cosine heatmap", body, [spectrum.path], _details(spectrum))
+    caption = write_caption(
+        out_dir, stem, "Fig. 3a: mu_t pairwise cosine heatmap", body, [spectrum.path], _details(spectrum)
+    )
     return FigureOutput(stem, files + [caption], [spectrum.path])
 
 
 # ---------------------------------------------------------------- Fig. 3b / 3c / 3d
 
 
-def _eigenvalue_matrix(spectrum: SpectrumResult, top_k: int) -> np.ndarray:
+def _eigenvalue_matrix(spectrum: SpectrumFile, top_k: int) -> np.ndarray:
     """(num_t, k) eigenvalues, NaN where a row stored fewer than k; DataError if absent."""
     missing = [r.get("t") for r in spectrum.rows if not isinstance(r.get("eigenvalues"), list) or not r["eigenvalues"]]
     if missing:
-        raise DataError(f"{spectrum.path} has no 'eigenvalues' for t={missing[0]}; rerun {SPECTRUM_COMMAND} --top-k {top_k}")
+        raise DataError(
+            f"{spectrum.path} has no 'eigenvalues' for t={missing[0]}; rerun {SPECTRUM_COMMAND} --top-k {top_k}"
+        )
     k = min(top_k, max(len(r["eigenvalues"]) for r in spectrum.rows))
     values = np.full((len(spectrum.rows), k), np.nan)
     for i, r in enumerate(spectrum.rows):
@@ -221,7 +249,7 @@ def _eigenvalue_matrix(spectrum: SpectrumResult, top_k: int) -> np.ndarray:
     return values
 
 
-def _plot_eigenvalues(ax, spectrum: SpectrumResult, top_k: int) -> np.ndarray:
+def _plot_eigenvalues(ax, spectrum: SpectrumFile, top_k: int) -> np.ndarray:
     values = _eigenvalue_matrix(spectrum, top_k)
     for j in range(values.shape[1]):
         positive = np.where(values[:, j] > 0, values[:, j], np.nan)  # log axis: drop non-positive round-off
@@ -233,15 +261,23 @@ def _plot_eigenvalues(ax, spectrum: SpectrumResult, top_k: int) -> np.ndarray:
     return values
 
 
-def _plot_ratio(ax, spectrum: SpectrumResult) -> np.ndarray:
+def _plot_ratio(ax, spectrum: SpectrumFile) -> np.ndarray:
     ratio = spectrum.column("lambda2_over_lambda1", "eigengap ratio")
     ax.plot(spectrum.timesteps, ratio, lw=1.8, **series_style(1))
     if np.isfinite(ratio).any():
         i = int(np.nanargmin(ratio))
         # ring the minimum and state it in the corner, where it cannot cover the curve
         ax.plot([spectrum.timesteps[i]], [ratio[i]], marker="o", ms=11, mfc="none", mec="0.3", mew=1.0, ls="none")
-        ax.text(0.02, 0.97, f"min {ratio[i]:.3g} at t={spectrum.timesteps[i]}", transform=ax.transAxes,
-                ha="left", va="top", fontsize=8, color="0.25")
+        ax.text(
+            0.02,
+            0.97,
+            f"min {ratio[i]:.3g} at t={spectrum.timesteps[i]}",
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            fontsize=8,
+            color="0.25",
+        )
     ax.set_ylabel(r"$r_t = \lambda_2 / \lambda_1$")
     ax.set_ylim(0, max(1.0, float(np.nanmax(ratio)) * 1.05) if np.isfinite(ratio).any() else 1.0)
     _timestep_axis(ax, spectrum)
@@ -260,9 +296,11 @@ def fig3b_eigenvalues(spectrum, out_dir: str | Path, top_k: int = 5, stem: str =
     body = (
         f"Top {values.shape[1]} eigenvalues of the uncentered empirical Fisher F_t = G^T G / n at each timestep, "
         "computed by the Gram trick (paper Fig. 3b). A wide gap between lambda_1 and the rest means F_t is nearly rank-1. "
-        f"lambda_1/lambda_2: {', '.join(f't={t}: {g:.3g}' for t, g in zip(spectrum.timesteps, gap))}."
+        f"lambda_1/lambda_2: {', '.join(f't={t}: {g:.3g}' for t, g in zip(spectrum.timesteps, gap, strict=True))}."
     )
-    caption = write_caption(out_dir, stem, "Fig. 3b: top eigenvalues against t (log)", body, [spectrum.path], _details(spectrum))
+    caption = write_caption(
+        out_dir, stem, "Fig. 3b: top eigenvalues against t (log)", body, [spectrum.path], _details(spectrum)
+    )
     return FigureOutput(stem, files + [caption], [spectrum.path])
 
 
@@ -277,9 +315,11 @@ def fig3c_eigengap_ratio(spectrum, out_dir: str | Path, stem: str = "fig3c_eigen
     body = (
         "Ratio r_t = lambda_2 / lambda_1 of the two largest eigenvalues of F_t (paper Fig. 3c; the paper reports "
         "r_t < 0.4 everywhere and a minimum of 0.022 at t = 700). Smaller = more nearly rank-1. "
-        f"Values: {', '.join(f't={t}: {r:.3g}' for t, r in zip(spectrum.timesteps, ratio))}."
+        f"Values: {', '.join(f't={t}: {r:.3g}' for t, r in zip(spectrum.timesteps, ratio, strict=True))}."
     )
-    caption = write_caption(out_dir, stem, "Fig. 3c: lambda2/lambda1 against t", body, [spectrum.path], _details(spectrum))
+    caption = write_caption(
+        out_dir, stem, "Fig. 3c: lambda2/lambda1 against t", body, [spectrum.path], _details(spectrum)
+    )
     return FigureOutput(stem, files + [caption], [spectrum.path])
 
 
@@ -298,7 +338,9 @@ def fig3d_approximation_errors(spectrum, out_dir: str | Path, stem: str = "fig3d
     rankk_key = _common_rankk_key(spectrum)
     if rankk_key is not None:
         best = np.array([float(r["rel_err_rankk"][rankk_key]) for r in spectrum.rows])
-        ax.plot(spectrum.timesteps, best, lw=1.2, ls="--", label=f"best rank-{rankk_key} (reference)", **series_style(2))
+        ax.plot(
+            spectrum.timesteps, best, lw=1.2, ls="--", label=f"best rank-{rankk_key} (reference)", **series_style(2)
+        )
     ax.set_ylabel(r"$\|F_t - \hat F_t\|_F \,/\, \|F_t\|_F$")
     ax.set_ylim(0, max(1.05, float(np.nanmax(np.concatenate([diag, rank1]))) * 1.05))
     ax.legend(frameon=False, loc="best")
@@ -310,14 +352,19 @@ def fig3d_approximation_errors(spectrum, out_dir: str | Path, stem: str = "fig3d
         "Relative Frobenius error ||F_t - F_hat||_F / ||F_t||_F of the diagonal approximation and of the rank-1 "
         "approximation c* mu mu^T (paper eq. 5-6, Fig. 3d; the paper reports about 1.0 for the diagonal at every t)"
         + (f", with the best rank-{rankk_key} error from the top eigenvalues as a floor" if rankk_key else "")
-        + ". diagonal: " + ", ".join(f"t={t}: {d:.3g}" for t, d in zip(spectrum.timesteps, diag))
-        + "; rank-1: " + ", ".join(f"t={t}: {r:.3g}" for t, r in zip(spectrum.timesteps, rank1)) + "."
+        + ". diagonal: "
+        + ", ".join(f"t={t}: {d:.3g}" for t, d in zip(spectrum.timesteps, diag, strict=True))
+        + "; rank-1: "
+        + ", ".join(f"t={t}: {r:.3g}" for t, r in zip(spectrum.timesteps, rank1, strict=True))
+        + "."
     )
-    caption = write_caption(out_dir, stem, "Fig. 3d: relative Frobenius errors against t", body, [spectrum.path], _details(spectrum))
+    caption = write_caption(
+        out_dir, stem, "Fig. 3d: relative Frobenius errors against t", body, [spectrum.path], _details(spectrum)
+    )
     return FigureOutput(stem, files + [caption], [spectrum.path])
 
 
-def _common_rankk_key(spectrum: SpectrumResult) -> str | None:
+def _common_rankk_key(spectrum: SpectrumFile) -> str | None:
     """The largest k present in every row's ``rel_err_rankk``, or None."""
     sets = [set(r["rel_err_rankk"]) for r in spectrum.rows if isinstance(r.get("rel_err_rankk"), dict)]
     if len(sets) != len(spectrum.rows) or not sets:
@@ -329,12 +376,12 @@ def _common_rankk_key(spectrum: SpectrumResult) -> str | None:
 # ---------------------------------------------------------------- Fig. 6
 
 
-def model_variant_labels(spectra: Sequence[SpectrumResult]) -> list[str]:
+def model_variant_labels(spectra: Sequence[SpectrumFile]) -> list[str]:
     """A distinct legend label per spectrum: the model preset, plus the directory when presets repeat."""
     labels = [s.provenance.label for s in spectra]
     if len(set(labels)) == len(labels):
         return labels
-    return [f"{lab} ({s.path.parent.name})" for lab, s in zip(labels, spectra)]
+    return [f"{lab} ({s.path.parent.name})" for lab, s in zip(labels, spectra, strict=True)]
 
 
 def fig6_layout(num_models: int) -> tuple[float, float]:
@@ -342,7 +389,9 @@ def fig6_layout(num_models: int) -> tuple[float, float]:
     return (10.0, FIG6_ROW_HEIGHT * num_models + 0.4)
 
 
-def fig6_model_sizes(spectra: Sequence, out_dir: str | Path, top_k: int = 5, stem: str = "fig6_model_sizes") -> FigureOutput:
+def fig6_model_sizes(
+    spectra: Sequence, out_dir: str | Path, top_k: int = 5, stem: str = "fig6_model_sizes"
+) -> FigureOutput:
     """Fig. 6: top-k eigenvalues (left) and lambda2/lambda1 (right) for each model-size variant (one row each).
 
     ``spectra``: spectrum.json paths or results from at least two models, drawn in the order given.
@@ -355,7 +404,7 @@ def fig6_model_sizes(spectra: Sequence, out_dir: str | Path, top_k: int = 5, ste
         )
     labels = model_variant_labels(spectra)
     fig, axes = new_figure(*fig6_layout(len(spectra)), nrows=len(spectra), ncols=2)
-    for row, (spectrum, label) in enumerate(zip(spectra, labels)):
+    for row, (spectrum, label) in enumerate(zip(spectra, labels, strict=True)):
         letters = "abcdefghijklmnopqrstuvwxyz"
         _plot_eigenvalues(axes[row, 0], spectrum, top_k)
         _plot_ratio(axes[row, 1], spectrum)
@@ -367,18 +416,26 @@ def fig6_model_sizes(spectra: Sequence, out_dir: str | Path, top_k: int = 5, ste
     out_dir = Path(out_dir)
     files = save_figure(fig, out_dir, stem)
     lines = []
-    for spectrum, label in zip(spectra, labels):
+    for spectrum, label in zip(spectra, labels, strict=True):
         ratio = spectrum.column("lambda2_over_lambda1", "eigengap ratio")
         i = int(np.nanargmin(ratio))
-        lines.append(f"{label}: min lambda2/lambda1 = {ratio[i]:.3g} at t={spectrum.timesteps[i]}, "
-                     f"median {np.nanmedian(ratio):.3g}")
+        lines.append(
+            f"{label}: min lambda2/lambda1 = {ratio[i]:.3g} at t={spectrum.timesteps[i]}, "
+            f"median {np.nanmedian(ratio):.3g}"
+        )
     body = (
         "Top eigenvalues of F_t (log scale) and the eigengap ratio lambda_2/lambda_1 for each model variant "
         "(paper Fig. 6: the gap widens as the model grows). " + "; ".join(lines) + "."
     )
     details = []
-    for spectrum, label in zip(spectra, labels):
+    for spectrum, label in zip(spectra, labels, strict=True):
         details += [f"[{label}] " + line for line in _details(spectrum)]
-    caption = write_caption(out_dir, stem, "Fig. 6: eigenvalues and eigengap for model-size variants", body,
-                            [s.path for s in spectra], details)
+    caption = write_caption(
+        out_dir,
+        stem,
+        "Fig. 6: eigenvalues and eigengap for model-size variants",
+        body,
+        [s.path for s in spectra],
+        details,
+    )
     return FigureOutput(stem, files + [caption], [s.path for s in spectra])

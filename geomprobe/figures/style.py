@@ -8,10 +8,11 @@ deficiencies); every line also gets its own marker so figures read in greyscale 
 
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+
+from geomprobe.io import atomic_path, write_text
 
 DPI = 150
 
@@ -79,13 +80,10 @@ class FigureOutput:
         return next((p for p in self.files if p.suffix == ".png"), None)
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+def write_output_text(path: Path, text: str) -> Path:
+    """Write a caption, table or manifest atomically (:func:`geomprobe.io.write_text`), creating its directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, text)
 
 
 def save_figure(fig, out_dir: Path, stem: str) -> list[Path]:
@@ -100,15 +98,16 @@ def save_figure(fig, out_dir: Path, stem: str) -> list[Path]:
     written = []
     for fmt, metadata in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
         final = out_dir / f"{stem}.{fmt}"
-        tmp = out_dir / f"{stem}.tmp.{fmt}"
-        fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
-        os.replace(tmp, final)
+        with atomic_path(final, suffix=f".{fmt}") as tmp:
+            fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
         written.append(final)
     plt.close(fig)
     return written
 
 
-def write_caption(out_dir: Path, stem: str, title: str, body: str, sources: Sequence[Path], details: Sequence[str]) -> Path:
+def write_caption(
+    out_dir: Path, stem: str, title: str, body: str, sources: Sequence[Path], details: Sequence[str]
+) -> Path:
     """Write the caption file ``stem.txt``: title, what the figure shows, data source and provenance.
 
     ``details`` are lines such as ``model: small3 on digits (95,873 parameters)``,
@@ -120,7 +119,7 @@ def write_caption(out_dir: Path, stem: str, title: str, body: str, sources: Sequ
     from geomprobe import __version__
 
     lines.append(f"made by: geomprobe {__version__} `geomprobe figures` (reads stored results, recomputes nothing)")
-    return atomic_write_text(out_dir / f"{stem}.txt", "\n".join(lines) + "\n")
+    return write_output_text(out_dir / f"{stem}.txt", "\n".join(lines) + "\n")
 
 
 def display_path(path: Path) -> str:
