@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from geomprobe.errors import DataError, UsageError
 
@@ -33,6 +32,8 @@ STATE = "state.json"
 TRAIN_LOG = "train_log.jsonl"
 TIMINGS = "timings.jsonl"
 SAMPLES = "samples.h5"
+CHECKPOINT_META = "geomprobe.json"
+TRAIN_STATE = "train_state.json"
 TMP_SUFFIX = ".tmp"
 
 
@@ -100,8 +101,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
 # ---------------------------------------------------------------- seeds
 
 
-def torch_generator(seed: int) -> torch.Generator:
+def torch_generator(seed: int):
     """A CPU ``torch.Generator`` seeded with ``seed`` (draws are the same on CPU and CUDA runs)."""
+    import torch  # here, so that file helpers (figures, the CLI's argument checks) do not load torch
+
     return torch.Generator().manual_seed(int(seed))
 
 

@@ -24,8 +24,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from geomprobe.errors import DataError, UsageError
+from geomprobe.io import CHECKPOINT_META, TRAIN_STATE
 
-CHECKPOINT_META = "geomprobe.json"
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -181,7 +181,7 @@ def save_checkpoint(
     if optimizer_state is not None:
         save_file({k: v.contiguous().cpu() for k, v in optimizer_state.items()}, str(staging / "optimizer.safetensors"))
     if train_state is not None:
-        (staging / "train_state.json").write_text(json.dumps(train_state))
+        (staging / TRAIN_STATE).write_text(json.dumps(train_state))
     (staging / STAGING_COMPLETE).write_text("")
     finish_staged_checkpoint(directory)
     return directory
@@ -240,7 +240,7 @@ def load_optimizer_state(directory: str | Path) -> dict[str, torch.Tensor] | Non
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / "train_state.json"
+    path = Path(directory) / TRAIN_STATE
     return json.loads(path.read_text()) if path.is_file() else None
 
 

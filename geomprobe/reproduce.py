@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from geomprobe.errors import UsageError
-from geomprobe.io import COSINE_MAPS, MANIFEST, METRICS, SPECTRUM_JSON
+from geomprobe.io import COSINE_MAPS, MANIFEST, METRICS, SPECTRUM_JSON, TRAIN_STATE
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def get_preset(name: str) -> ReproducePreset:
 
 def _checkpoint_step(ckpt: Path) -> int:
     """The step of a checkpoint's resumable state (0 when there is none)."""
-    state = ckpt / "train_state.json"
+    state = ckpt / TRAIN_STATE
     if not state.is_file():
         return 0
     try:

@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 
 from geomprobe.errors import DataError
-from geomprobe.io import COSINE_MAPS, MANIFEST, METRICS, SPECTRUM_JSON
+from geomprobe.io import CHECKPOINT_META, COSINE_MAPS, MANIFEST, METRICS, SPECTRUM_JSON
 
-CHECKPOINT_META = "geomprobe.json"  # a checkpoint's metadata (docs/design.md §8); read here without loading models
 
 SPECTRUM_COMMAND = "geomprobe spectrum --grads STORE (after geomprobe grads --ckpt CKPT --t 100..900 --out STORE)"
 CONTINUAL_COMMAND = "geomprobe continual --dataset digits --compare --out runs/cl"
