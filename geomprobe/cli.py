@@ -405,46 +405,97 @@ def continual(
 
 @app.command()
 def spectrum(
-    grads_store: Path = typer.Option(..., "--grads", help="gradient store directory (written by `geomprobe grads`)"),
-    t_range: Optional[str] = typer.Option(None, "--t-range", help="t-spec or band to analyse (default: every key of the store)"),
+    grads_store: Optional[Path] = typer.Option(None, "--grads", help="gradient store directory (written by `geomprobe grads`)"),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="a model instead of a store: exact Gram matrix over parameter blocks, no stored G"),
+    t_range: Optional[str] = typer.Option(None, "--t", "--t-range", help="t-spec or band (default with --grads: every key of the store)"),
+    samples: int = typer.Option(1024, help="with --ckpt: samples per t (the rows `grads` would store)"),
+    classes: Optional[str] = typer.Option(None, help="with --ckpt: only these classes, e.g. '0,1'"),
+    split: str = typer.Option("train", help="with --ckpt: train | test"),
+    params: Optional[str] = typer.Option(None, help="with --ckpt: regex on parameter names (default: all)"),
+    target: str = typer.Option("empirical", help="with --ckpt: empirical | true"),
+    seed: int = typer.Option(0, help="with --ckpt: random seed of the rows (as for `grads`)"),
+    data_root: Optional[Path] = typer.Option(None, help="with --ckpt: directory with the dataset's files"),
     top_k: int = typer.Option(5, "--top-k", help="eigenvalues per t, and the rank of the best rank-k error"),
     as_json: bool = typer.Option(False, "--json", help="print spectrum.json to stdout instead of the table"),
     centered: bool = typer.Option(False, "--centered", help="covariance (G - 1 mu^T) instead of the second moment"),
-    max_memory: int = memory_option("one t: two row blocks + the n x n Gram matrix"),
+    max_memory: int = memory_option("one t: row blocks (or one parameter block of all rows) + the n x n Gram matrix"),
     out: Optional[Path] = typer.Option(None, "--out", help="directory for spectrum.json and cosine_maps.h5 (default: the store)"),
-    model: bool = typer.Option(True, "--model/--no-model", help="compute the scaled-identity MSE with the store's checkpoint"),
+    model: bool = typer.Option(True, "--model/--no-model", help="with --grads: the scaled-identity MSE from the store's checkpoint"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
 ) -> None:
-    """Fisher spectra per t from a gradient store: gaps, rank-1/diag/rank-k errors, cosine maps."""
-    from geomprobe.analysis import analyze_store, select_entries, write_spectrum
+    """Fisher spectra per t from a gradient store (--grads) or a model (--ckpt): gaps, errors, cosine maps."""
+    from geomprobe.analysis import write_spectrum
+    from geomprobe.errors import UsageError
     from geomprobe.models import resolve_device
+
+    if (grads_store is None) == (ckpt is None):
+        raise UsageError("give either --grads STORE or --ckpt MODEL")
+    if ckpt is not None and out is None:
+        raise UsageError("--ckpt needs --out DIR for spectrum.json (the model directory is not written to)")
+    dev = str(resolve_device(device))
+    with progress_bar("spectrum", 1, quiet or as_json) as update:
+        if ckpt is not None:
+            from geomprobe.probe import ExtractConfig
+
+            config = ExtractConfig(ckpt=str(ckpt), t=t_range or "", samples=samples, classes=classes, split=split,
+                                   params=params, target=target, seed=seed, data_root=str(data_root) if data_root else None)
+            result = _spectrum_of_model(config, top_k, centered, max_memory, dev, update)
+        else:
+            result = _spectrum_of_store(grads_store, t_range, top_k, centered, max_memory, model, dev, update)
+    json_path, maps_path = write_spectrum(result, None, out)
+    if as_json:
+        print_json(result.to_json())
+        return
+    _print_spectrum(result, top_k, centered, quiet)
+    console(quiet).print(f"wrote {json_path} and {maps_path}")
+
+
+def _spectrum_of_store(path, t_range, top_k, centered, max_memory, with_model, device, update):
+    """analyze_store with a progress bar counting finished keys."""
+    from geomprobe.analysis import analyze_store, select_entries
     from geomprobe.probe import GradientStore
 
-    store = GradientStore(grads_store)
+    store = GradientStore(path)
     total = len(select_entries(store, t_range))
     finished: set[str] = set()
-    with progress_bar("spectrum", total, quiet or as_json) as update:
 
-        def on_block(name: str, done: int, pairs: int) -> None:
-            if done == pairs:
-                finished.add(name)
-            update(len(finished), key=name)
+    def on_block(name: str, done: int, pairs: int) -> None:
+        if done == pairs:
+            finished.add(name)
+        update(len(finished), total=total, key=name)
 
-        result = analyze_store(
-            store, t_range=t_range, top_k=top_k, centered=centered, max_memory=max_memory, with_model=model,
-            progress=on_block, device=str(resolve_device(device)),
-        )
-    json_path, maps_path = write_spectrum(result, store, out)
+    return analyze_store(store, t_range=t_range, top_k=top_k, centered=centered, max_memory=max_memory,
+                         with_model=with_model, progress=on_block, device=device)
+
+
+def _spectrum_of_model(config, top_k, centered, max_memory, device, update):
+    """analyze_model with a progress bar counting parameter blocks over all keys."""
+    from geomprobe.analysis.model_spectrum import analyze_model
+
+    if not config.t:
+        from geomprobe.errors import UsageError
+
+        raise UsageError("--ckpt needs --t (e.g. 100..900)")
+    done_keys: list[str] = []
+
+    def on_block(key: str, done: int, blocks: int) -> None:
+        if done == blocks:
+            done_keys.append(key)
+        update(len(done_keys) * blocks + (done if done < blocks else 0), total=None, key=key, blocks=blocks)
+
+    return analyze_model(config, top_k=top_k, centered=centered, max_memory=max_memory, progress=on_block, device=device)
+
+
+def _print_spectrum(result, top_k: int, centered: bool, quiet: bool) -> None:
+    """The spectrum table (one row per t or band) and the result's notes, on stderr."""
     report = result.to_json()
-    if as_json:
-        print_json(report)
-        return
     con = console(quiet)
     if not con.is_terminal:  # rich assumes 80 columns off a terminal; the table has up to 17
         con = Console(stderr=True, quiet=quiet, width=170)
     kind = "covariance" if centered else "empirical Fisher"
-    table = Table(title=f"{kind} spectrum of {store.path} (P={store.P:,})")
+    P = report["rows"][0]["P"] if report["rows"] else 0
+    table = Table(title=f"{kind} spectrum of {result.store} (P={P:,})")
     k = top_k
     for col in ("t", "SNR", "n", *[f"λ{j + 1}" for j in range(k)], "λ2/λ1", "λ1/Σλ", "err_diag", "err_rank1", f"err_rank{k}", "med |cos|", "cos(v1,μ)", "id-MSE"):
         table.add_column(col, justify="right")
@@ -463,7 +514,6 @@ def spectrum(
     con.print(table)
     for note in result.notes:
         con.print(f"note: {note}")
-    con.print(f"wrote {json_path} and {maps_path}")
 
 
 # ---------------------------------------------------------------- entry point

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from geomprobe.analysis.identity import scaled_identity_mse
+from geomprobe.analysis.means import MeanGradients
 from geomprobe.errors import DataError, UsageError
 from geomprobe.fisher.rows import ConcatRows, StoreRows, gram_statistics
-from geomprobe.fisher.spectrum import FisherSpectrum, fisher_spectrum, mean_cosine_matrix
+from geomprobe.fisher.spectrum import FisherSpectrum, fisher_spectrum
 from geomprobe.io import COSINE_MAPS, DEFAULT_MAX_MEMORY, SPECTRUM_JSON, atomic_path, write_json
 from geomprobe.timesteps import parse_timesteps
 
@@ -44,6 +45,8 @@ class SpectrumEntry:
     keys: list[str]
     spectrum: FisherSpectrum
     scaled_identity_mse: float | None = None
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per-row provenance for cosine_maps.h5: ``labels``, ``sample_index``, ``t`` (n,) int64."""
 
 
 @dataclass
@@ -169,30 +172,40 @@ def analyze_store(
     result = SpectrumResult(store=str(store.path), centered=centered, top_k=top_k)
     checkpoint = _load_model(store, result.notes, device) if with_model else None
 
+    means = MeanGradients(budget)
     for label, keys in selection:
         source = StoreRows(store, keys[0]) if len(keys) == 1 else ConcatRows([StoreRows(store, k) for k in keys])
         name = f"t={label}" if isinstance(label, int) else str(label)
         stats = gram_statistics(source, budget, progress=(lambda d, tot, _n=name: progress(_n, d, tot)) if progress else None)
         spectrum = fisher_spectrum(stats, top_k=top_k, centered=centered)
-        snrs = [float(store.meta(k)["snr"]) for k in keys]
-        mse = None
-        if checkpoint is not None:
-            sq_sum, count = 0.0, 0
-            for k in keys:
-                batch = store.inputs(k)
-                value = scaled_identity_mse(
-                    checkpoint.unet, batch.x0, batch.noise, batch.t, batch.y, checkpoint.scheduler.alphas_cumprod
-                )
-                sq_sum += value * len(batch)
-                count += len(batch)
-            mse = sq_sum / count
-        result.entries.append(SpectrumEntry(label, float(np.mean(snrs)), keys, spectrum, mse))
-    result.mu_cosine = mean_cosine_matrix([e.spectrum.mu for e in result.entries])
+        means.add(spectrum.mu)
+        spectrum.mu = None  # held by ``means`` within the budget
+        mse = _store_identity_mse(checkpoint, store, keys) if checkpoint is not None else None
+        rows = {name: torch.cat([getter(k) for k in keys]).numpy()
+                for name, getter in (("labels", store.labels), ("sample_index", store.sample_index), ("t", store.row_timesteps))}
+        snr = float(np.mean([float(store.meta(k)["snr"]) for k in keys]))
+        result.entries.append(SpectrumEntry(label, snr, keys, spectrum, mse, rows))
+    result.mu_cosine = means.cosine_matrix()
+    means.close()
     return result
 
 
-def write_spectrum(result: SpectrumResult, store: Any, out_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """Write spectrum.json and cosine_maps.h5 (each to ``*.tmp``, then renamed). Returns both paths."""
+def _store_identity_mse(checkpoint: Any, store: Any, keys: list[str]) -> float:
+    """The scaled-identity MSE (paper Fig. 1) over the stored inputs of ``keys``, weighted by rows."""
+    sq_sum, count = 0.0, 0
+    for k in keys:
+        batch = store.inputs(k)
+        value = scaled_identity_mse(checkpoint.unet, batch.x0, batch.noise, batch.t, batch.y, checkpoint.scheduler.alphas_cumprod)
+        sq_sum += value * len(batch)
+        count += len(batch)
+    return sq_sum / count
+
+
+def write_spectrum(result: SpectrumResult, store: Any = None, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Write spectrum.json and cosine_maps.h5 into ``out_dir`` (default: the store), atomically. Returns both paths.
+
+    ``store`` is not read (each entry carries its rows' provenance); it is kept for callers.
+    """
     out = Path(out_dir) if out_dir is not None else Path(result.store)
     out.mkdir(parents=True, exist_ok=True)
     json_path, maps_path = out / SPECTRUM_JSON, out / COSINE_MAPS
@@ -207,8 +220,8 @@ def write_spectrum(result: SpectrumResult, store: Any, out_dir: str | Path | Non
             g.attrs["snr"] = e.snr
             g.attrs["eigenvalues"] = e.spectrum.eigenvalues
             g.create_dataset("cos_to_mean", data=e.spectrum.cos_to_mean.astype(np.float32))
-            for name, getter in (("labels", store.labels), ("sample_index", store.sample_index), ("t", store.row_timesteps)):
-                g.create_dataset(name, data=torch.cat([getter(k) for k in e.keys]).numpy())
+            for name, values in e.rows.items():
+                g.create_dataset(name, data=values)
         m = f.create_group("mu_cosine")
         m.create_dataset("matrix", data=result.mu_cosine if result.mu_cosine is not None else np.zeros((0, 0)))
         m.create_dataset("t", data=np.array([str(e.label) for e in result.entries], dtype=h5py.string_dtype()))

@@ -116,7 +116,8 @@ class FisherSpectrum:
     """The numbers of one spectrum.json row (docs/design.md §9) plus the per-sample cosine map.
 
     ``cos_to_mean``: (n,) signed cosines cos(g_i, mu) (the paper plots their absolute value).
-    ``mu``: (P,) float64 mean gradient, kept for the cosine matrix across timesteps.
+    ``mu``: (P,) float64 mean gradient, for the cosine matrix across timesteps (a report may drop it
+    to None once it has taken it, see :class:`geomprobe.analysis.means.MeanGradients`).
     """
 
     n: int
@@ -131,7 +132,7 @@ class FisherSpectrum:
     rel_err_rankk: dict[str, float]
     cos_to_mean: np.ndarray
     cos_v1_mu: float
-    mu: np.ndarray
+    mu: np.ndarray | None
     centered: bool = False
 
     @property

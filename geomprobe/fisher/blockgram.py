@@ -1,0 +1,177 @@
+"""The exact Gram statistics of a model's per-sample gradients without storing G (docs/design.md §11).
+
+K = G G^T / n = sum_b G_b G_b^T / n over column blocks b of the flat parameter vector: for each
+block, the per-sample gradients of just that block's parameters are computed for all n probe
+rows (chunk by chunk, :func:`geomprobe.probe.per_sample_grads`), held as an (n, P_b) float32
+matrix, and their Gram matrix is added to K in float64. The column sums and sums of squares
+(-> mu, diag F) come from the same matrices. The result is a :class:`GramStatistics`, so every
+spectrum number (:func:`geomprobe.fisher.spectrum.fisher_spectrum`) follows exactly as from a
+stored G.
+
+Memory: the (n, P_b) block, a float64 slab of it for the product, K (n x n float64) and three
+(P,) float64 vectors fit in ``max_memory``. Passes over the data (one forward + backward of the
+n rows each) = number of blocks = ceil(P / P_b) with
+
+    P_b = (max_memory - 8 n^2 - 24 P) / (4 n + 8 n / 4)       (about max_memory / (6 n) values)
+
+A parameter tensor larger than P_b is split into column ranges (its per-sample gradient is then
+recomputed once per range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from geomprobe.errors import UsageError
+from geomprobe.fisher.rows import GramStatistics
+from geomprobe.io import DEFAULT_MAX_MEMORY
+
+_FLOAT64_SLAB = 4  # the float64 product slab is at most 1/4 of a block's columns
+
+
+@dataclass(frozen=True)
+class ParameterBlock:
+    """Columns of the flat parameter vector: ``pieces`` = [(name, start, stop)] flat ranges within each tensor.
+
+    ``columns`` = (first, last + 1) in the layout of all selected parameters.
+    """
+
+    pieces: tuple[tuple[str, int, int], ...]
+    columns: tuple[int, int]
+
+    @property
+    def size(self) -> int:
+        """P_b, the number of columns."""
+        return self.columns[1] - self.columns[0]
+
+    @property
+    def names(self) -> list[str]:
+        """The parameters whose gradients the block needs (each once, in layout order)."""
+        return list(dict.fromkeys(name for name, _, _ in self.pieces))
+
+
+def block_columns(n: int, P: int, max_memory: int) -> int:
+    """P_b: the widest block whose (n, P_b) float32 rows, float64 slab, K and (P,) vectors fit.
+
+    Raises:
+        UsageError: not even one column fits (names the budget needed).
+    """
+    reserved = 8 * n * n + 24 * P
+    per_column = 4 * n + 8 * n // _FLOAT64_SLAB + 1
+    width = (int(max_memory) - reserved) // per_column
+    if width < 1:
+        need = (reserved + 64 * per_column) / 2**20
+        raise UsageError(f"--max-memory {max_memory / 2**20:.0f} MiB is too small for n={n} rows: the n x n Gram "
+                         f"matrix alone needs {8 * n * n / 2**20:.0f} MiB; give at least {need:.0f} MiB")
+    return int(width)
+
+
+def parameter_blocks(names: Sequence[str], sizes: Sequence[int], width: int) -> list[ParameterBlock]:
+    """Cut the flat layout of ``names`` (tensor sizes ``sizes``) into consecutive blocks of <= ``width`` columns."""
+    blocks: list[ParameterBlock] = []
+    pieces: list[tuple[str, int, int]] = []
+    first = column = filled = 0
+    for name, size in zip(names, sizes, strict=True):
+        start = 0
+        while start < size:
+            take = min(size - start, width - filled)
+            pieces.append((name, start, start + take))
+            start, filled, column = start + take, filled + take, column + take
+            if filled == width:
+                blocks.append(ParameterBlock(tuple(pieces), (first, column)))
+                pieces, first, filled = [], column, 0
+    if pieces:
+        blocks.append(ParameterBlock(tuple(pieces), (first, column)))
+    return blocks
+
+
+def block_rows(
+    block: ParameterBlock,
+    gradients: Callable[[list[str], torch.Tensor], None],
+    layout_sizes: dict[str, int],
+    n: int,
+) -> torch.Tensor:
+    """G_b: (n, P_b) float32, filled by ``gradients(names, out)`` with the rows of the block's whole tensors."""
+    names = block.names
+    offsets, start = {}, 0
+    for name in names:
+        offsets[name] = start
+        start += layout_sizes[name]
+    whole = torch.empty(n, start, dtype=torch.float32)
+    gradients(names, whole)
+    if len(block.pieces) == len(names) and all(a == 0 and b == layout_sizes[name] for name, a, b in block.pieces):
+        return whole
+    columns = torch.cat([torch.arange(offsets[name] + a, offsets[name] + b) for name, a, b in block.pieces])
+    return whole[:, columns]
+
+
+def accumulate_block(G_b: torch.Tensor, K: np.ndarray, column_sum: np.ndarray, column_sumsq: np.ndarray,
+                     columns: tuple[int, int]) -> None:
+    """K += G_b G_b^T (float64, in slabs of columns); the block's column sums and sums of squares."""
+    a, b = columns
+    slab = max(1, G_b.shape[1] // _FLOAT64_SLAB)
+    for c in range(0, G_b.shape[1], slab):
+        part = G_b[:, c : c + slab].double()
+        K += (part @ part.T).numpy()
+        column_sum[a + c : a + c + part.shape[1]] = part.sum(0).numpy()
+        column_sumsq[a + c : a + c + part.shape[1]] = part.pow(2).sum(0).numpy()
+
+
+def block_gram_statistics(
+    gradients: Callable[[list[str], torch.Tensor], None],
+    names: Sequence[str],
+    sizes: Sequence[int],
+    n: int,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    progress: Callable[[int, int], None] | None = None,
+    blocks: Sequence[ParameterBlock] | None = None,
+) -> GramStatistics:
+    """K = G G^T / n, G^T 1 and column sums of G^2 of n rows, accumulated over parameter blocks.
+
+    Args:
+        gradients: ``gradients(block_names, out)`` writes the (n, sum of their sizes) float32
+            per-sample gradients of the parameters ``block_names`` (in that order) into ``out``.
+        names, sizes: the selected parameters in layout order and their numbers of values.
+        n: rows.
+        max_memory: bytes (see the module docstring for what must fit).
+        progress: called as ``progress(blocks done, blocks)``.
+        blocks: the blocks to add (default: all, :func:`parameter_blocks`); a subset gives the
+            partial sums one torchrun rank contributes.
+
+    Returns:
+        GramStatistics (float64); the column vectors are zero outside the given blocks.
+    """
+    P = int(sum(sizes))
+    if blocks is None:
+        blocks = parameter_blocks(names, sizes, block_columns(n, P, max_memory))
+    K = np.zeros((n, n))
+    column_sum, column_sumsq = np.zeros(P), np.zeros(P)
+    layout_sizes = dict(zip(names, sizes, strict=True))
+    for done, block in enumerate(blocks, 1):
+        accumulate_block(block_rows(block, gradients, layout_sizes, n), K, column_sum, column_sumsq, block.columns)
+        if progress is not None:
+            progress(done, len(blocks))
+    K /= max(n, 1)
+    return GramStatistics(K=K, column_sum=column_sum, column_sumsq=column_sumsq, n=n, P=P)
+
+
+def model_gradients(unet: torch.nn.Module, batches: Sequence, alphas_cumprod: torch.Tensor,
+                    max_memory: int = DEFAULT_MAX_MEMORY) -> Callable[[list[str], torch.Tensor], None]:
+    """The ``gradients`` callback of :func:`block_gram_statistics` for a UNet on probe batches (rows in order)."""
+    from geomprobe.probe import per_sample_grads
+
+    def fill(names: list[str], out: torch.Tensor) -> None:
+        a = 0
+        for b in batches:
+            rows = per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, b.target,
+                                    max_memory=max_memory)
+            out[a : a + len(b)] = rows.cpu()
+            a += len(b)
+        if a != out.shape[0]:
+            raise UsageError(f"probe batches hold {a} rows, expected {out.shape[0]}")
+
+    return fill

@@ -1,0 +1,119 @@
+"""``spectrum --ckpt`` (no stored G) against ``spectrum --grads`` on the same rows, and its pieces.
+
+Reference: the store route (tested against dense float64 F in test_analysis_store.py) on a store
+written by ``grads`` with the same options. The block-Gram route accumulates K in float64 from
+float32 per-sample gradients, the store route multiplies float32 rows: they agree to 1e-5
+relative. A --max-memory that forces many blocks (and splits tensors) must give the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from geomprobe.analysis.means import MeanGradients
+from geomprobe.cli import app
+from geomprobe.fisher.blockgram import ParameterBlock, block_gram_statistics, parameter_blocks
+from geomprobe.fisher.spectrum import mean_cosine_matrix
+
+PARAM_REGEX = r"^(conv_in|conv_out|class_embedding)|norm"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt_and_store(tmp_path_factory):
+    from geomprobe.models import ModelInfo, build_scheduler, build_unet, save_checkpoint
+    from geomprobe.probe import ExtractConfig, extract_gradients
+
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    info = ModelInfo(preset="small1", dataset="digits", image_size=8, channels=1, num_classes=10, seed=0, step=0)
+    save_checkpoint(root / "ckpt", build_unet("small1", 8, 1, 10), build_scheduler(), info)
+    config = ExtractConfig(ckpt=str(root / "ckpt"), t="100,800", samples=24, params=PARAM_REGEX, shard_rows=16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract_gradients(config, root / "grads", device="cpu")
+    finally:
+        torch.set_num_threads(before)
+    return root / "ckpt", root / "grads"
+
+
+def _spectrum(args, tmp_path, name):
+    res = CliRunner().invoke(app, ["spectrum", *args, "--top-k", "3", "--out", str(tmp_path / name), "--quiet"])
+    assert res.exit_code == 0, res.output
+    return json.loads((tmp_path / name / "spectrum.json").read_text())
+
+
+@pytest.mark.parametrize("budget", ["64M", "1200K"], ids=["one-block", "many-blocks"])
+def test_spectrum_from_the_model_equals_spectrum_from_its_store(ckpt_and_store, tmp_path, budget):
+    ckpt, store = ckpt_and_store
+    ref = _spectrum(["--grads", str(store), "--no-model"], tmp_path, "store")
+    ours = _spectrum(["--ckpt", str(ckpt), "--t", "100,800", "--samples", "24", "--params", PARAM_REGEX,
+                      "--max-memory", budget], tmp_path, "model")
+    for a, b in zip(ref["rows"], ours["rows"], strict=True):
+        assert a["t"] == b["t"] and a["n"] == b["n"] and a["P"] == b["P"]
+        for key in ("trace", "frobenius", "mu_norm", "c_star", "rel_err_diag", "rel_err_rank1", "cos_v1_mu",
+                    "lambda2_over_lambda1", "lambda1_over_trace"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
+        np.testing.assert_allclose(b["eigenvalues"], a["eigenvalues"], rtol=1e-5)
+        assert b["cos_to_mean"]["median"] == pytest.approx(a["cos_to_mean"]["median"], rel=1e-5)
+        assert b["scaled_identity_mse"] is not None
+    np.testing.assert_allclose(ours["mu_cosine"]["matrix"], ref["mu_cosine"]["matrix"], rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_blocks_cover_every_column_once():
+    blocks = parameter_blocks(["a", "b", "c"], [5, 12, 3], width=4)
+    assert all(b.size <= 4 for b in blocks)
+    columns = [c for b in blocks for c in range(*b.columns)]
+    assert columns == list(range(20))
+    pieces = [(n, i) for b in blocks for n, lo, hi in b.pieces for i in range(lo, hi)]
+    assert pieces == [("a", i) for i in range(5)] + [("b", i) for i in range(12)] + [("c", i) for i in range(3)]
+
+
+def test_block_gram_statistics_equal_the_dense_gram_matrix():
+    """Explicit G (float64 reference): K, column sums and sums of squares from blocks that split tensors."""
+    rng = np.random.default_rng(0)
+    sizes, names = [7, 10, 4], ["a", "b", "c"]
+    G = rng.standard_normal((9, sum(sizes))).astype(np.float32)
+    starts = dict(zip(names, np.cumsum([0, *sizes[:-1]]), strict=True))
+
+    def gradients(block_names, out):
+        out[:] = torch.from_numpy(np.concatenate([G[:, starts[n] : starts[n] + sizes[names.index(n)]] for n in block_names], 1))
+
+    blocks = parameter_blocks(names, sizes, width=3)
+    assert any(isinstance(b, ParameterBlock) and len(b.pieces) > 1 for b in blocks)
+    stats = block_gram_statistics(gradients, names, sizes, 9, blocks=blocks)
+    G64 = G.astype(np.float64)
+    np.testing.assert_allclose(stats.K, G64 @ G64.T / 9, rtol=1e-12)
+    np.testing.assert_allclose(stats.column_sum, G64.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.column_sumsq, (G64**2).sum(0), rtol=1e-12)
+
+
+def test_mean_gradients_spill_to_disk_and_give_the_same_cosines():
+    rng = np.random.default_rng(1)
+    mus = [rng.standard_normal(20_000) for _ in range(4)]
+    held = MeanGradients(max_memory=2**20)  # a quarter of 1 MiB holds fewer than 4 x 20,000 float64
+    for mu in mus:
+        held.add(mu)
+    assert held._tmp is not None
+    np.testing.assert_allclose(held.cosine_matrix(), mean_cosine_matrix(mus), atol=1e-6)
+    held.close()
+
+
+def test_spectrum_needs_exactly_one_source(ckpt_and_store, tmp_path):
+    ckpt, store = ckpt_and_store
+    for args in ([], ["--grads", str(store), "--ckpt", str(ckpt)], ["--ckpt", str(ckpt), "--t", "100"]):
+        res = CliRunner().invoke(app, ["spectrum", *args])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
