@@ -20,6 +20,7 @@ from torch.func import jvp
 
 from geomprobe.diffusion import per_sample_loss, predict_noise
 from geomprobe.errors import UsageError
+from geomprobe.probe.autodiff import autodiff_safe
 from geomprobe.probe.losses import functional_losses, on_device, probe_inputs
 from geomprobe.probe.params import device_of, flat_row, param_layout, split_state
 
@@ -57,7 +58,7 @@ def _loss_gradients(
 ) -> tuple[torch.Tensor, ...]:
     """grad of sum_i w_i l_i (w = 1 when ``weights`` is None) over ``names``: one tensor per name."""
     inputs = probe_inputs(unet, batch.x0, batch.noise, batch.t, batch.y, alphas_cumprod, batch.target)
-    with torch.enable_grad():  # also when called inside an autograd backward (the matrix-free EWC penalty)
+    with torch.enable_grad(), autodiff_safe(unet):  # enable_grad: also inside an autograd backward (EWC penalty)
         params = {n: p.clone().requires_grad_(True) for n, p in selected.items()}
         losses = functional_losses(unet, params, constants, inputs)
         if weights is not None:
@@ -144,7 +145,8 @@ def directional_derivatives(
     def losses(params):
         return functional_losses(unet, params, constants, inputs)
 
-    _, dots = jvp(losses, (selected,), (tangents,))
+    with autodiff_safe(unet, forward_mode=True):
+        _, dots = jvp(losses, (selected,), (tangents,))
     return dots.float()
 
 
