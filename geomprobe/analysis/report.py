@@ -154,12 +154,14 @@ def analyze_store(
     with_model: bool = True,
     progress: ProgressFn | None = None,
     device: str = "cpu",
+    gram_dtype: str = "float64",
 ) -> SpectrumResult:
     """Spectrum rows of a gradient store (path or :class:`GradientStore`), streamed in bounded memory.
 
     ``max_memory``: bytes for one key's working set (two row blocks + the n x n Gram matrix).
     ``with_model``: compute the scaled-identity MSE with
-    the store's checkpoint (needs the checkpoint directory, verified by checksum).
+    the store's checkpoint (needs the checkpoint directory, verified by checksum). ``gram_dtype``:
+    float64 (default) or float32 products for K (see :func:`geomprobe.fisher.rows.gram_statistics`).
     """
     from geomprobe.probe import GradientStore
 
@@ -168,6 +170,9 @@ def analyze_store(
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
     budget = int(max_memory)
+    if gram_dtype not in ("float64", "float32"):
+        raise UsageError(f"--gram-dtype must be float64 or float32, got {gram_dtype!r}")
+    compute_dtype = getattr(torch, gram_dtype)
     selection = select_entries(store, t_range)
     result = SpectrumResult(store=str(store.path), centered=centered, top_k=top_k)
     checkpoint = _load_model(store, result.notes, device) if with_model else None
@@ -176,7 +181,8 @@ def analyze_store(
     for label, keys in selection:
         source = StoreRows(store, keys[0]) if len(keys) == 1 else ConcatRows([StoreRows(store, k) for k in keys])
         name = f"t={label}" if isinstance(label, int) else str(label)
-        stats = gram_statistics(source, budget, progress=(lambda d, tot, _n=name: progress(_n, d, tot)) if progress else None)
+        on_pair = (lambda d, tot, _n=name: progress(_n, d, tot)) if progress else None
+        stats = gram_statistics(source, budget, compute_dtype=compute_dtype, progress=on_pair)
         spectrum = fisher_spectrum(stats, top_k=top_k, centered=centered)
         means.add(spectrum.mu)
         spectrum.mu = None  # held by ``means`` within the budget

@@ -189,14 +189,19 @@ def gram_statistics(
 
     Block pairs (I, J) with J <= I are multiplied, so a source larger than the budget is read
     about (number of blocks + 1) / 2 times; when G fits in one block it is read once.
-    ``compute_dtype``: dtype of the block products (default: the block's own dtype, so float32
-    stores use float32 matmuls); products are accumulated in float64. ``progress(done, total)``
-    is called after each block pair.
+    ``compute_dtype``: dtype of the block products (default: the rows' own dtype), accumulated in
+    float64 either way. float64 products of float32 rows cost about 2x and hold a float64 copy of
+    each live block (accounted in the budget); float32 products err by ~1e-7 of the largest
+    entries of K, which moves the small eigenvalues lambda_2..lambda_k of a nearly rank-1 K
+    (``geomprobe spectrum`` uses float64 unless ``--gram-dtype float32``; bench/README.md has the
+    measured difference). ``progress(done, total)`` is called after each block pair.
     """
     source = as_row_source(source)
     n, P = source.n, source.P
     # live: the outer block, the inner block (or the outer block squared, for the column sums)
-    rows = rows_per_block(P, max_memory, gram_reserved_bytes(n, P), live_blocks=2)
+    # float64 products hold a float64 copy of each live block beside the float32 rows
+    per_value = 12 if compute_dtype == torch.float64 else 4
+    rows = rows_per_block(P, max_memory, gram_reserved_bytes(n, P), live_blocks=2, bytes_per_value=per_value)
     rows = min(rows, n)
     n_blocks = -(-n // rows) if n else 0
     total_pairs = n_blocks * (n_blocks + 1) // 2
