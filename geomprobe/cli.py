@@ -9,6 +9,7 @@ exit code in one place, :class:`_GeomprobeGroup.invoke`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -435,6 +436,8 @@ def spectrum(
     if ckpt is not None and out is None:
         raise UsageError("--ckpt needs --out DIR for spectrum.json (the model directory is not written to)")
     dev = str(resolve_device(device))
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun (spectrum --ckpt) rank 0 alone writes and prints
+    quiet = quiet or rank != 0
     with progress_bar("spectrum", 1, quiet or as_json) as update:
         if ckpt is not None:
             from geomprobe.probe import ExtractConfig
@@ -444,6 +447,8 @@ def spectrum(
             result = _spectrum_of_model(config, top_k, centered, max_memory, dev, update)
         else:
             result = _spectrum_of_store(grads_store, t_range, top_k, centered, max_memory, model, dev, update, gram_dtype)
+    if rank != 0:
+        return
     json_path, maps_path = write_spectrum(result, None, out)
     if as_json:
         print_json(result.to_json())

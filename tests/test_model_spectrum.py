@@ -117,3 +117,27 @@ def test_spectrum_needs_exactly_one_source(ckpt_and_store, tmp_path):
     for args in ([], ["--grads", str(store), "--ckpt", str(ckpt)], ["--ckpt", str(ckpt), "--t", "100"]):
         res = CliRunner().invoke(app, ["spectrum", *args])
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+
+
+def test_torchrun_two_ranks_share_the_blocks_and_equal_one_process(ckpt_and_store, tmp_path):
+    """spectrum --ckpt under torchrun (2 gloo ranks, blocks split between them, K all-reduced) == 1 process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ckpt, _ = ckpt_and_store
+    args = ["spectrum", "--ckpt", str(ckpt), "--t", "100,800", "--samples", "24", "--params", PARAM_REGEX,
+            "--max-memory", "1200K", "--top-k", "3", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(29600 + os.getpid() % 1000),
+                           "-m", "geomprobe", *args, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = _spectrum(args[1:-1], tmp_path, "one")
+    two = json.loads((tmp_path / "two" / "spectrum.json").read_text())
+    for a, b in zip(one["rows"], two["rows"], strict=True):
+        for key in ("trace", "frobenius", "c_star", "rel_err_diag", "rel_err_rank1", "lambda2_over_lambda1"):
+            assert b[key] == pytest.approx(a[key], rel=1e-12), key
+        np.testing.assert_allclose(b["eigenvalues"], a["eigenvalues"], rtol=1e-12)

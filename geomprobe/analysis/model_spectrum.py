@@ -8,7 +8,9 @@ result is the same :class:`~geomprobe.analysis.report.SpectrumResult` as for a s
 :func:`~geomprobe.analysis.report.write_spectrum`.
 
 Cost per key: (number of parameter blocks) passes of one forward + backward over the n rows
-(docs/design.md §11 gives the block width as a function of n, P and the budget).
+(docs/design.md §11 gives the block width as a function of n, P and the budget). Under
+``torchrun --nproc-per-node K`` the ranks share the blocks and all-reduce the statistics; every
+rank then holds the result and rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from geomprobe.analysis.identity import scaled_identity_mse
 from geomprobe.analysis.means import MeanGradients
 from geomprobe.analysis.report import SpectrumEntry, SpectrumResult
 from geomprobe.errors import UsageError
-from geomprobe.fisher.blockgram import block_columns, block_gram_statistics, model_gradients, parameter_blocks
+from geomprobe.fisher.blockgram import (
+    all_reduce_statistics,
+    block_columns,
+    block_gram_statistics,
+    model_gradients,
+    parameter_blocks,
+)
 from geomprobe.fisher.spectrum import fisher_spectrum
 from geomprobe.io import DEFAULT_MAX_MEMORY
 
@@ -66,15 +74,18 @@ def analyze_model(
     plan = _plan(config, None, device, int(max_memory))
     sizes = [math.prod(s) for s in plan.layout.shapes]
     blocks = plan_blocks(plan.n, sizes, list(plan.layout.names), int(max_memory))
+    mine = blocks[plan.rank :: plan.world]  # torchrun: each rank adds its share of the blocks
     result = SpectrumResult(store=str(config.ckpt), centered=centered, top_k=top_k)
-    result.notes.append(f"{len(blocks)} parameter block(s) per t: {len(blocks)} passes over the {plan.n} rows per t")
+    result.notes.append(f"{len(blocks)} parameter block(s) per t: {len(mine)} passes over the {plan.n} rows per t"
+                        + (f" on each of {plan.world} ranks" if plan.world > 1 else ""))
     means = MeanGradients(int(max_memory))
     for key in plan.keys:
         batches = list(probe_batches(plan.dataset, plan.sample_rows, plan.spec, key, config.seed, batch_size,
                                      plan.unet, plan.alphas_cumprod, config.target))
         fill = model_gradients(plan.unet, batches, plan.alphas_cumprod, int(max_memory))
         on_block = (lambda d, tot, _k=key: progress(_k, d, tot)) if progress else None
-        stats = block_gram_statistics(fill, list(plan.layout.names), sizes, plan.n, int(max_memory), on_block, blocks)
+        stats = block_gram_statistics(fill, list(plan.layout.names), sizes, plan.n, int(max_memory), on_block, mine)
+        stats = all_reduce_statistics(stats)
         spectrum = fisher_spectrum(stats, top_k=top_k, centered=centered)
         means.add(spectrum.mu)
         spectrum.mu = None

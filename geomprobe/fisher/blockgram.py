@@ -8,6 +8,9 @@ matrix, and their Gram matrix is added to K in float64. The column sums and sums
 spectrum number (:func:`geomprobe.fisher.spectrum.fisher_spectrum`) follows exactly as from a
 stored G.
 
+Under ``torchrun`` each rank adds a disjoint share of the blocks and :func:`all_reduce_statistics`
+sums them, so K ranks make about 1/K of the passes each.
+
 Memory: the (n, P_b) block, a float64 slab of it for the product, K (n x n float64) and three
 (P,) float64 vectors fit in ``max_memory``. Passes over the data (one forward + backward of the
 n rows each) = number of blocks = ceil(P / P_b) with
@@ -175,3 +178,21 @@ def model_gradients(unet: torch.nn.Module, batches: Sequence, alphas_cumprod: to
             raise UsageError(f"probe batches hold {a} rows, expected {out.shape[0]}")
 
     return fill
+
+
+def all_reduce_statistics(stats: GramStatistics) -> GramStatistics:
+    """Sum the partial statistics of all torchrun ranks (each added its own blocks); a no-op in one process.
+
+    K, the column sums and the column sums of squares are additive over disjoint column blocks,
+    so the sum is the statistics of all blocks (float64; the order of the additions differs from
+    one process by the all-reduce only, ~1e-16 relative).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    parts = [torch.from_numpy(stats.K), torch.from_numpy(stats.column_sum), torch.from_numpy(stats.column_sumsq)]
+    for part in parts:
+        dist.all_reduce(part)
+    return GramStatistics(K=parts[0].numpy(), column_sum=parts[1].numpy(), column_sumsq=parts[2].numpy(),
+                          n=stats.n, P=stats.P)
