@@ -16,7 +16,8 @@ in the same run:
 Variants are timed in interleaved rounds (the machine is shared); the table shows the median
 seconds per step and the overhead relative to no penalty. The penalty term alone (forward +
 backward of just the penalty) is also timed. Fisher values are random: the cost depends only on
-the shapes. No result is asserted.
+the shapes. "% of a step" is the penalty term alone relative to the median step without a
+penalty: the steadier of the two measures on a shared machine. No result is asserted.
 """
 
 from __future__ import annotations
@@ -134,10 +135,10 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"small3 16px, P={count_parameters(unet):,}, batch {args.batch}, {args.tasks} earlier tasks, "
           f"{args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps, load {load:.2f}")
-    print(f"{'variant':28s} {'s/step':>9s} {'overhead':>9s} {'penalty fwd+bwd':>16s}")
+    print(f"{'variant':28s} {'s/step':>9s} {'overhead':>9s} {'penalty fwd+bwd':>16s} {'% of a step':>12s}")
     for k in variants:
         med = statistics.median(times[k])
-        extra = f"{alone[k] * 1e3:13.3f} ms" if k in alone else f"{'-':>16s}"
+        extra = f"{alone[k] * 1e3:13.3f} ms {100 * alone[k] / base:11.1f}%" if k in alone else f"{'-':>16s} {'-':>12s}"
         print(f"{k:28s} {med:9.4f} {100 * (med / base - 1):+8.1f}% {extra}")
 
 
