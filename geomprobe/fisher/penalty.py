@@ -89,6 +89,13 @@ def _vector(x, dtype: torch.dtype) -> torch.Tensor:
     return torch.as_tensor(x).detach().reshape(-1).to(dtype).cpu()
 
 
+def _append(stacked: torch.Tensor | None, item: torch.Tensor) -> torch.Tensor:
+    """``stacked`` (K, ...) with ``item`` (...) appended as row K, on ``stacked``'s device."""
+    if stacked is None:
+        return item[None]
+    return torch.cat([stacked, item[None].to(stacked.device)])
+
+
 class DiagonalStack(_Stack):
     """strength/2 sum_k sum_j F_kj (theta_j - theta*_kj)^2 with F (K, P) and anchors (K, P) in float64.
 
@@ -110,12 +117,7 @@ class DiagonalStack(_Stack):
         d, a = _vector(diagonal, torch.float64), _vector(anchor, torch.float64)
         if d.shape != a.shape:
             raise DataError(f"Fisher diagonal has {d.shape[0]} entries but the anchor has {a.shape[0]}")
-        if self.diagonals is None:
-            self.diagonals, self.anchors = d[None], a[None]
-            return
-        device = self.diagonals.device
-        self.diagonals = torch.cat([self.diagonals, d[None].to(device)])
-        self.anchors = torch.cat([self.anchors, a[None].to(device)])
+        self.diagonals, self.anchors = _append(self.diagonals, d), _append(self.anchors, a)
 
     def task_arguments(self, fisher) -> tuple:
         return (fisher.diag(),)
@@ -203,32 +205,32 @@ class DenseStack(_Stack):
     def __init__(self, strength: float, dtype: torch.dtype = torch.float32):
         super().__init__(strength)
         self.dtype = dtype
-        self.matrices: list[torch.Tensor] = []
-        self.anchors: list[torch.Tensor] = []
+        self.matrices: torch.Tensor | None = None  # (K, P, P)
+        self.anchors: torch.Tensor | None = None  # (K, P)
 
     @property
     def num_tasks(self) -> int:
-        return len(self.matrices)
+        return 0 if self.matrices is None else int(self.matrices.shape[0])
 
     def add_task(self, matrix, anchor) -> None:
+        """Append task k: matrix (P, P), anchor (P,)."""
         a = _vector(anchor, self.dtype)
         F = torch.as_tensor(matrix).detach().to(self.dtype).cpu()
         if F.shape != (a.numel(), a.numel()):
             raise DataError(f"a {tuple(F.shape)} Fisher matrix for an anchor of {a.numel()} entries")
-        self.matrices.append(F)
-        self.anchors.append(a)
+        self.matrices, self.anchors = _append(self.matrices, F), _append(self.anchors, a)
 
     def task_arguments(self, fisher) -> tuple:
         return (fisher.matrix,)
 
     def to(self, device) -> "DenseStack":
-        self.matrices = [F.to(device) for F in self.matrices]
-        self.anchors = [a.to(device) for a in self.anchors]
+        if self.matrices is not None:
+            self.matrices, self.anchors = self.matrices.to(device), self.anchors.to(device)
         return self
 
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = theta.to(self.dtype).unsqueeze(0) - torch.stack(self.anchors)  # (K, P)
-        Fd = torch.bmm(torch.stack(self.matrices), d.unsqueeze(2)).squeeze(2)  # (K, P)
+        d = theta.to(self.dtype).unsqueeze(0) - self.anchors  # (K, P)
+        Fd = torch.bmm(self.matrices, d.unsqueeze(2)).squeeze(2)  # (K, P)
         value = 0.5 * self.strength * (Fd.double() * d.double()).sum()
         return value, (self.strength * Fd.sum(0)).to(theta.dtype)
 
@@ -256,12 +258,12 @@ class OperatorStack(_Stack):
         return self  # the Fisher object places its own products
 
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        value = torch.zeros((), dtype=torch.float64)
+        value = torch.zeros((), dtype=torch.float64, device=theta.device)
         grad = torch.zeros_like(theta)
         for fisher, anchor in zip(self.fishers, self.anchors):
             d = theta - anchor.to(theta)
-            Fd = torch.as_tensor(fisher.mv(d))
-            value = value + 0.5 * self.strength * torch.dot(Fd.double().reshape(-1), d.double()).cpu()
+            Fd = torch.as_tensor(fisher.mv(d)).to(theta.device)
+            value = value + 0.5 * self.strength * torch.dot(Fd.double().reshape(-1), d.double())
             grad = grad + self.strength * Fd.to(theta)
         return value, grad
 
@@ -351,7 +353,7 @@ class StackedPenalty(_Stack):
         """(value 0-dim float64, gradient (P,) in theta's dtype) at flat parameters theta (P,)."""
         parts = [s.value_and_grad(theta) for s in self.stacks.values() if s.num_tasks]
         if not parts:
-            return torch.zeros((), dtype=torch.float64), torch.zeros_like(theta)
+            return torch.zeros((), dtype=torch.float64, device=theta.device), torch.zeros_like(theta)
         if len(parts) == 1:
             return parts[0]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
