@@ -1,10 +1,12 @@
-"""EWC penalty overhead: training-step time with no penalty, diag, rank-1 and rank-5 after 4 tasks.
+"""EWC penalty overhead: training-step time with no penalty, diag, rank-1, rank-5 and full after 4 tasks.
 
-    python bench/penalties.py [--steps 30] [--rounds 5] [--batch 128] [--tasks 4] [--threads 1]
+    python bench/penalties.py [--steps 30] [--rounds 5] [--batch 128] [--tasks 4] [--threads 1] [--full-rows 256]
 
 A step is the training loop's step (small3 at 16 px, batch 128: DDPM loss + penalty, backward,
-Adam). Penalties are the continual runner's (geomprobe.continual.strategies: flat parameter view,
-anchors and Fisher rows stacked across tasks). References in the same run:
+Adam). Penalties are the continual runner's: the EWC term of geomprobe.continual.strategies over
+geomprobe.fisher.penalty.StackedPenalty (flat parameter view, anchors and Fisher rows stacked
+across tasks). "full" is a GramFisher of ``--full-rows`` per-sample gradients per task. References
+in the same run:
 
 - diag, "per-parameter loop": the textbook EWC implementation, a Python loop over named
   parameters and tasks: sum_k sum_name (F_k[name] * (p - p*_k)^2).sum();
@@ -14,20 +16,23 @@ anchors and Fisher rows stacked across tasks). References in the same run:
 Variants are timed in interleaved rounds (the machine is shared); the table shows the median
 seconds per step and the overhead relative to no penalty. The penalty term alone (forward +
 backward of just the penalty) is also timed. Fisher values are random: the cost depends only on
-the shapes. No result is asserted.
+the shapes. "% of a step" is the penalty term alone relative to the median step without a
+penalty: the steadier of the two measures on a shared machine. No result is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 
-from geomprobe.continual.strategies import add_fisher_to_penalty, flat_parameters, make_penalty
+from geomprobe.continual.strategies import PenaltyTerm, flat_parameters
 from geomprobe.diffusion import per_sample_loss
-from geomprobe.fisher import DiagonalFisher, LowRankFisher, Rank1Fisher
+from geomprobe.fisher import DiagonalFisher, GramFisher, LowRankFisher, Rank1Fisher
+from geomprobe.fisher.penalty import StackedPenalty
 from geomprobe.models import build_scheduler, build_unet, count_parameters
 from geomprobe.probe import select_parameters
 
@@ -39,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--tasks", type=int, default=4, help="earlier tasks in the penalty")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
+    ap.add_argument("--full-rows", type=int, default=256, help="per-sample gradients per task of the full (Gram) Fisher")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -55,13 +61,9 @@ def main() -> None:
         "diag": [DiagonalFisher(torch.rand(P, generator=g)) for _ in range(args.tasks)],
         "rank1": [Rank1Fisher(torch.randn(P, generator=g) * 1e-3, 2.0) for _ in range(args.tasks)],
         "rank5": [LowRankFisher(torch.rand(5, generator=g), torch.linalg.qr(torch.randn(P, 5, generator=g))[0]) for _ in range(args.tasks)],
+        "full": [GramFisher(torch.randn(args.full_rows, P, generator=g) * 1e-3) for _ in range(args.tasks)],
     }
-    ours = {}
-    for kind, fs in fishers.items():
-        pen = make_penalty("rankk" if kind == "rank5" else kind, names, 15000.0)
-        for f, a in zip(fs, anchors):
-            add_fisher_to_penalty(pen, f, a)
-        ours[kind] = pen
+    ours = {kind: PenaltyTerm(names, StackedPenalty(15000.0, pairs=list(zip(fs, anchors)))) for kind, fs in fishers.items()}
 
     params = dict(unet.named_parameters())
     slices, start = {}, 0
@@ -92,6 +94,7 @@ def main() -> None:
         "rank1 (Fisher objects)": objects("rank1"),
         "rank5 (ours)": ours["rank5"],
         "rank5 (Fisher objects)": objects("rank5"),
+        "full (ours)": ours["full"],
     }
     opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -129,12 +132,13 @@ def main() -> None:
     alone = {k: penalty_only(term) for k, term in variants.items() if term is not None}
 
     base = statistics.median(times["none"])
+    load = os.getloadavg()[0]
     print(f"small3 16px, P={count_parameters(unet):,}, batch {args.batch}, {args.tasks} earlier tasks, "
-          f"{args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps")
-    print(f"{'variant':28s} {'s/step':>9s} {'overhead':>9s} {'penalty fwd+bwd':>16s}")
+          f"{args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps, load {load:.2f}")
+    print(f"{'variant':28s} {'s/step':>9s} {'overhead':>9s} {'penalty fwd+bwd':>16s} {'% of a step':>12s}")
     for k in variants:
         med = statistics.median(times[k])
-        extra = f"{alone[k] * 1e3:13.3f} ms" if k in alone else f"{'-':>16s}"
+        extra = f"{alone[k] * 1e3:13.3f} ms {100 * alone[k] / base:11.1f}%" if k in alone else f"{'-':>16s} {'-':>12s}"
         print(f"{k:28s} {med:9.4f} {100 * (med / base - 1):+8.1f}% {extra}")
 
 

@@ -126,9 +126,8 @@ def train(
     """Train a label-conditioned UNet2DModel with the DDPM loss."""
     from geomprobe.training import TrainConfig, train as run_train
 
-    size = image_size if image_size is not None else (16 if dataset == "digits" else 32)
     config = TrainConfig(
-        dataset=dataset, model=model, image_size=size, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        dataset=dataset, model=model, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
         classes=classes, data_root=str(data_root) if data_root else None, checkpoint_every=checkpoint_every,
         device=device,
     )
@@ -321,52 +320,60 @@ def _fmt_ms(mean: float, err: float) -> str:
     return f"{mean:.1f}" if err != err else f"{mean:.1f} ± {err:.1f}"
 
 
+def _config_option(name: str, *decls: str):
+    """The typer option of ContinualConfig field ``name``: its default and help text come from the dataclass."""
+    from geomprobe.continual.config import config_field
+
+    f = config_field(name)
+    return typer.Option(f.default, *decls, help=f.metadata["help"])
+
+
 @app.command()
 def continual(
     out: Path = typer.Option(..., "--out", help="output directory (one per strategy with --compare)"),
-    dataset: str = typer.Option("digits", help="digits | mnist | fashion-mnist | cifar10 | imagenet32"),
-    model: str = typer.Option("small3", help="UNet preset"),
-    image_size: Optional[int] = typer.Option(None, help="digits only: 8, 16 (default) or 32"),
-    tasks: int = typer.Option(5, help="number of class-incremental tasks"),
-    steps: int = typer.Option(500, help="optimiser steps per task (quick preset: 500)"),
-    batch_size: int = typer.Option(128, help="images of the current task per step"),
-    lr: float = typer.Option(1e-3, help="Adam learning rate (restarted at each task)"),
-    fisher: str = typer.Option("none", help="EWC Fisher: none | diag | rank1 | rankk | full"),
-    gd: bool = typer.Option(False, "--gd/--no-gd", help="generative distillation from the previous task's model"),
-    non_continual: bool = typer.Option(False, "--non-continual", help="train on all tasks seen so far (upper bound)"),
-    lam: float = typer.Option(15000.0, "--lambda", help="EWC penalty weight lambda (paper: 15000; see --lambda-units)"),
-    lambda_units: str = typer.Option("paper", help="paper: lambda weighs the per-pixel-mean MSE Fisher as in the paper (applied as 2*lambda/D for our summed loss) | raw: used as is"),
-    rank: int = typer.Option(5, help="rank k of --fisher rankk"),
-    rankk_method: str = typer.Option("power", help="rank-k estimate: power (stochastic power iteration) | lanczos"),
-    fisher_samples: int = typer.Option(256, help="probe samples per task for the Fisher estimate"),
-    t_range: str = typer.Option("all", help="timesteps of the Fisher estimate: all | low-snr | mid-snr | high-snr | 100..900 ..."),
-    replay: str = typer.Option("auto", help="replay images: generative | real | none (auto: generative with --gd)"),
-    replay_per_class: int = typer.Option(64, help="replay images per earlier class (paper: 5000)"),
-    replay_batch: int = typer.Option(64, help="replay images per step"),
-    gd_weight: float = typer.Option(1.0, help="weight of the distillation loss"),
-    fid_features: str = typer.Option("classifier", help="classifier (cached small CNN) | inception"),
-    inception_weights: Optional[Path] = typer.Option(None, help="local Inception weights for --fid-features inception"),
-    n_generated: int = typer.Option(128, help="generated samples per task for FID"),
-    sample_steps: int = typer.Option(50, help="DDIM steps for evaluation and replay"),
+    dataset: str = _config_option("dataset"),
+    model: str = _config_option("model"),
+    image_size: Optional[int] = _config_option("image_size"),
+    tasks: int = _config_option("tasks"),
+    steps_per_task: int = _config_option("steps_per_task", "--steps"),
+    batch_size: int = _config_option("batch_size"),
+    lr: float = _config_option("lr"),
+    fisher: str = _config_option("fisher"),
+    gd: bool = _config_option("gd", "--gd/--no-gd"),
+    non_continual: bool = _config_option("non_continual", "--non-continual"),
+    lam: float = _config_option("lam", "--lambda"),
+    lambda_units: str = _config_option("lambda_units"),
+    rank: int = _config_option("rank"),
+    rankk_method: str = _config_option("rankk_method"),
+    fisher_samples: int = _config_option("fisher_samples"),
+    t_range: str = _config_option("t_range"),
+    replay: str = _config_option("replay"),
+    replay_per_class: int = _config_option("replay_per_class"),
+    replay_batch: int = _config_option("replay_batch"),
+    gd_weight: float = _config_option("gd_weight"),
+    fid_features: str = _config_option("fid_features"),
+    inception_weights: Optional[str] = _config_option("inception_weights"),
+    n_generated: int = _config_option("n_generated"),
+    sample_steps: int = _config_option("sample_steps"),
+    classifier_steps: int = _config_option("classifier_steps"),
+    data_root: Optional[str] = _config_option("data_root"),
     seeds: str = typer.Option("0", help="comma-separated seeds, e.g. 0,1,2 (mean ± standard error)"),
     compare: bool = typer.Option(False, "--compare", help="finetune, diag, rank1, gd, diag+gd, rank1+gd, non-continual"),
-    data_root: Optional[Path] = typer.Option(None, help="directory with the dataset's files (all but digits)"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last completed task"),
+    max_memory: Optional[str] = typer.Option(None, help="memory for the Fisher estimate's per-sample gradients, e.g. 512M, 2G (default 2G; does not change results)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Class-incremental continual learning: EWC (diag/rank-1/rank-k/full), distillation, FID and forgetting."""
-    from geomprobe.continual.runner import ContinualConfig, run_compare, run_continual, summary_dict, total_steps
+    from dataclasses import fields
 
-    config = ContinualConfig(
-        dataset=dataset, model=model, image_size=image_size if image_size is not None else (16 if dataset == "digits" else 32),
-        tasks=tasks, steps_per_task=steps, batch_size=batch_size, lr=lr, fisher=fisher, gd=gd, non_continual=non_continual,
-        lam=lam, lambda_units=lambda_units, rank=rank, rankk_method=rankk_method, fisher_samples=fisher_samples, t_range=t_range, replay=replay,
-        replay_per_class=replay_per_class, replay_batch=replay_batch, gd_weight=gd_weight, fid_features=fid_features,
-        inception_weights=str(inception_weights) if inception_weights else None, n_generated=n_generated,
-        sample_steps=sample_steps, data_root=str(data_root) if data_root else None,
-    )
+    from geomprobe.continual.runner import ContinualConfig, run_compare, run_continual, summary_dict, total_steps
+    from geomprobe.io import parse_memory
+
+    options = locals()
+    config = ContinualConfig(**{f.name: options[f.name] for f in fields(ContinualConfig)})
+    memory = parse_memory(max_memory)
     seed_list = _parse_seeds(seeds)
     if not compare:
         config.validate()
@@ -374,9 +381,11 @@ def continual(
     with progress_bar("continual", total, quiet) as update:
         progress = lambda done, fields: update(done, **fields)  # noqa: E731
         if compare:
-            results = run_compare(config, out, seed_list, resume=resume, progress=progress, device=device)
+            results = run_compare(config, out, seed_list, resume=resume, progress=progress, device=device,
+                                  max_memory=memory)
         else:
-            results = [run_continual(config, out, seed_list, resume=resume, progress=progress, device=device)]
+            results = [run_continual(config, out, seed_list, resume=resume, progress=progress, device=device,
+                                     max_memory=memory)]
     if json_out:
         print_json([summary_dict(r) for r in results])
         return

@@ -28,6 +28,31 @@ from geomprobe.errors import DataError, UsageError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagenet32")
 DIGITS_IMAGE_SIZES = (8, 16, 32)
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What is known of a dataset without loading it: classes, default image size (px), channels."""
+
+    num_classes: int
+    image_size: int
+    channels: int
+
+
+DATASET_FACTS = {
+    "digits": DatasetFacts(10, 16, 1),
+    "mnist": DatasetFacts(10, 32, 1),
+    "fashion-mnist": DatasetFacts(10, 32, 1),
+    "cifar10": DatasetFacts(10, 32, 3),
+    "imagenet32": DatasetFacts(1000, 32, 3),
+}
+
+
+def dataset_facts(name: str) -> DatasetFacts:
+    """The :class:`DatasetFacts` of ``name``; raises :class:`UsageError` for an unknown dataset."""
+    if name not in DATASET_FACTS:
+        raise UsageError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    return DATASET_FACTS[name]
 DEFAULT_TASKS = {"digits": 5, "mnist": 5, "fashion-mnist": 5, "cifar10": 5, "imagenet32": 20}
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from geomprobe.data import ImageDataset, load_dataset, parse_classes
+from geomprobe.data import DATASET_FACTS, ImageDataset, load_dataset, parse_classes
 from geomprobe.diffusion import per_sample_loss
 from geomprobe.errors import DataError, UsageError
 from geomprobe.models import (
@@ -45,7 +45,7 @@ class TrainConfig:
 
     dataset: str = "digits"
     model: str = "small3"
-    image_size: int = 16
+    image_size: int | None = None  # None: the dataset's size (geomprobe.data.DATASET_FACTS)
     steps: int = 3000
     batch_size: int = 128
     lr: float = 1e-3
@@ -55,6 +55,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.image_size is None and self.dataset in DATASET_FACTS:
+            self.image_size = DATASET_FACTS[self.dataset].image_size
 
     def validate(self) -> None:
         get_preset(self.model)

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from geomprobe.cli import app
 from geomprobe.continual.metrics import afid, forgetting, frechet_distance, mean_and_stderr
 from geomprobe.continual.runner import ContinualConfig, run_continual
+from geomprobe.continual.distill import DistillationTerm
 from geomprobe.continual.strategies import (
     DiagonalPenalty,
-    DistillationTerm,
     ProjectionPenalty,
     add_fisher_to_penalty,
     flat_parameters,

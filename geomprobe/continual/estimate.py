@@ -19,16 +19,18 @@ import torch
 
 from geomprobe.data import ImageDataset
 from geomprobe.errors import UsageError
+from geomprobe.fisher.kinds import canonical_kind
 from geomprobe.timesteps import TimestepSpec
 
 RANKK_METHODS = ("power", "lanczos")
+ESTIMATED_KINDS = ("diagonal", "rank1", "lowrank", "gram")  # the kinds of --fisher diag | rank1 | rankk | full
 
 
 def probe_batches(
     data: ImageDataset, n: int, timesteps: TimestepSpec, generator: torch.Generator, batch_size: int = 64
 ):
     """``n`` probe samples of ``data`` as a list of :class:`geomprobe.probe.grads.ProbeBatch`."""
-    from geomprobe.probe.grads import ProbeBatch
+    from geomprobe.probe import ProbeBatch
 
     if n <= 0:
         raise UsageError(f"--fisher-samples must be positive, got {n}")
@@ -59,50 +61,61 @@ def estimate_task_fisher(
     method: str = "power",
     batch_size: int = 64,
     power_iterations: int = 20,
+    max_memory: int | None = None,
 ):
-    """A Fisher object of ``kind`` (diag | rank1 | rankk | full) for ``data`` at the model's parameters.
+    """A Fisher object of ``kind`` (a kind or CLI name: diag | rank1 | rankk | full) for ``data`` at the model's parameters.
 
     Returns a :class:`geomprobe.fisher.FisherMatrix`: DiagonalFisher, Rank1Fisher, LowRankFisher
-    (rank ``rank``) or GramFisher holding G (n, P) float32.
+    (rank ``rank``) or GramFisher holding G (n, P) float32. ``timesteps``: the run's parsed
+    ``--t-range``; ``max_memory``: bytes for per-sample gradients (None: the default).
     """
-    from geomprobe.fisher import GramFisher
-    from geomprobe.fisher.model import (
-        diagonal_from_model,
-        lowrank_from_model,
-        power_iteration_from_model,
-        rank1_from_model,
-    )
-    from geomprobe.probe.grads import per_sample_grads
-
+    kind = canonical_kind(kind)
+    if kind == "lowrank" and method not in RANKK_METHODS:
+        raise UsageError(f"unknown rank-k method {method!r}; expected one of {', '.join(RANKK_METHODS)}")
+    if kind not in ESTIMATED_KINDS:
+        raise UsageError(f"no task Fisher of kind {kind!r}; expected diag, rank1, rankk or full")
     was_training = unet.training
     unet.eval()  # no dropout in these UNets, but keep the estimate independent of the mode
     try:
         batches = probe_batches(data, n, timesteps, generator, batch_size)
-        if kind == "rank1":
-            return rank1_from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text)
-        if kind == "diag":
-            return diagonal_from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text)
-        if kind == "rankk":
-            if method == "lanczos":
-                return lowrank_from_model(unet, names, batches, alphas_cumprod, k=rank, t_range=timesteps.text,
-                                          seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            if method != "power":
-                raise UsageError(f"unknown rank-k method {method!r}; expected one of {', '.join(RANKK_METHODS)}")
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-
-            def fresh():  # a new minibatch per power step, drawn from the same generator
-                while True:
-                    yield probe_batches(data, batch_size, timesteps, generator, batch_size)[0]
-
-            fisher = power_iteration_from_model(unet, names, fresh, alphas_cumprod, k=rank,
-                                                num_iters=power_iterations, seed=seed, t_range=timesteps.text)
-            fisher.info.n = batch_size * (power_iterations + 5)
-            return fisher
-        if kind == "full":
-            G = torch.cat([per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod).cpu() for b in batches])
-            from geomprobe.fisher import ImplicitFisher
-
-            return GramFisher(G, info=ImplicitFisher.from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text).info)
-        raise UsageError(f"unknown Fisher kind {kind!r}; expected diag, rank1, rankk or full")
+        if kind == "lowrank" and method == "power":
+            return _power_iteration(unet, names, data, alphas_cumprod, timesteps, generator, rank, batch_size,
+                                    power_iterations)
+        return _from_batches(kind, unet, names, batches, alphas_cumprod, timesteps, generator, rank, max_memory)
     finally:
         unet.train(was_training)
+
+
+def _from_batches(kind, unet, names, batches, alphas_cumprod, timesteps: TimestepSpec, generator, rank, max_memory):
+    """diag, rank1, lanczos rank-k and full from the fixed probe batches."""
+    from geomprobe.fisher import GramFisher, ImplicitFisher
+    from geomprobe.fisher.model import diagonal_from_model, lowrank_from_model, rank1_from_model
+    from geomprobe.probe import per_sample_grads
+
+    if kind == "rank1":
+        return rank1_from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text)
+    if kind == "diagonal":
+        return diagonal_from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text, max_memory=max_memory)
+    if kind == "lowrank":
+        return lowrank_from_model(unet, names, batches, alphas_cumprod, k=rank, t_range=timesteps.text,
+                                  seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    G = torch.cat([per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, max_memory=max_memory).cpu()
+                   for b in batches])
+    return GramFisher(G, info=ImplicitFisher.from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text).info)
+
+
+def _power_iteration(unet, names, data, alphas_cumprod, timesteps: TimestepSpec, generator, rank, batch_size,
+                     power_iterations):
+    """Stochastic power iteration on a fresh minibatch per step, drawn from the same generator (App. E.4.1)."""
+    from geomprobe.fisher.model import power_iteration_from_model
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+    def fresh():
+        while True:
+            yield probe_batches(data, batch_size, timesteps, generator, batch_size)[0]
+
+    fisher = power_iteration_from_model(unet, names, fresh, alphas_cumprod, k=rank, num_iters=power_iterations,
+                                        seed=seed, t_range=timesteps.text)
+    fisher.info.n = batch_size * (power_iterations + 5)
+    return fisher

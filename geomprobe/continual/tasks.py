@@ -1,0 +1,193 @@
+"""One task of a continual seed, as named steps: terms, training, checkpoint, Fisher, evaluation, logs.
+
+:func:`run_task` runs task k on a :class:`SeedRun` (the state one seed carries from task to
+task: the model, the EWC term of the earlier tasks, the FID and accuracy matrices). Every random
+draw of task k comes from generators seeded by ``task_seed(seed, k, stream)``: 0 training
+batches (and distillation), 1 replay pool, 2 Fisher probe data, 3 + i evaluation of task i.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from geomprobe.continual.config import ContinualConfig
+from geomprobe.continual.distill import DistillationTerm
+from geomprobe.continual.metrics import evaluate_task
+from geomprobe.continual.replay import Pool, batch_sampler, replay_pool
+from geomprobe.continual.strategies import PenaltyTerm, combine_terms, flat_parameters
+from geomprobe.data import ImageDataset
+from geomprobe.io import METRICS, SAMPLES, STATE, TIMINGS, TRAIN_LOG, task_seed, torch_generator, write_json
+from geomprobe.models import ModelInfo, checkpoint_checksum, save_checkpoint
+from geomprobe.timesteps import TimestepSpec
+from geomprobe.training import training_loop
+
+Progress = Callable[[int, dict], None]  # (global steps done, fields)
+
+
+@dataclass
+class SeedRun:
+    """What one seed carries across its tasks (built by :func:`geomprobe.continual.runner.run_seed`)."""
+
+    config: ContinualConfig
+    seed: int
+    out: Path
+    features: object  # FeatureNet: .extractor, .classifier, .name
+    train: ImageDataset
+    tasks: list[list[int]]
+    references: list[torch.Tensor]  # test images of each task
+    scheduler: object
+    spec: TimestepSpec  # the Fisher's timesteps, parsed once with the run's scheduler
+    names: list[str]
+    unet: torch.nn.Module
+    penalty: PenaltyTerm | None
+    device: torch.device
+    max_memory: int | None = None
+    progress: Progress | None = None
+    step_offset: int = 0
+    fid: dict[int, dict[int, float]] = field(default_factory=dict)
+    accuracy: dict[int, dict[int, float]] = field(default_factory=dict)
+
+    def report(self, steps_done: int, fields: dict) -> None:
+        if self.progress is not None:
+            self.progress(self.step_offset + steps_done, fields)
+
+
+def run_task(run: SeedRun, k: int) -> None:
+    """Task k: train on its data with the strategy's terms, save m_k and F_k, evaluate tasks 0..k."""
+    clock: dict = {"task": k}
+    start = time.time()
+    gen = torch_generator(task_seed(run.seed, k, 0))
+    earlier = [c for task in run.tasks[:k] for c in task]
+    replay = replay_pool(run.config, run.train, run.unet, run.scheduler, earlier, torch_generator(task_seed(run.seed, k, 1)))
+    terms = task_terms(run, replay, gen)
+    clock["replay_s"] = time.time() - start
+    start = time.time()
+    log_rows = train_task(run, k, terms, batch_sampler(run.config, task_data(run, k), replay,
+                                                       run.scheduler.config.num_train_timesteps, gen))
+    clock["train_s"] = time.time() - start
+    start = time.time()
+    ckpt_dir = save_task_checkpoint(run, k)
+    if run.penalty is not None:
+        add_task_fisher(run, k, ckpt_dir)
+    clock["fisher_s"] = time.time() - start
+    start = time.time()
+    rows = evaluate_after_task(run, k)
+    clock["eval_s"] = time.time() - start
+    append_task_records(run, k, log_rows, clock, rows)
+    run.unet.train()
+
+
+def task_data(run: SeedRun, k: int) -> ImageDataset:
+    """Task k's training images (``non_continual``: the union of tasks 0..k)."""
+    seen = [c for task in run.tasks[: k + 1] for c in task]
+    return run.train.subset(seen if run.config.non_continual else run.tasks[k])
+
+
+def task_terms(run: SeedRun, replay: Pool | None, gen: torch.Generator) -> list:
+    """The loss terms of a task: the EWC penalty of earlier tasks, distillation from m_{k-1}."""
+    terms: list = []
+    if run.penalty is not None and run.penalty.num_tasks > 0:
+        terms.append(run.penalty)
+    if run.config.gd and replay is not None:
+        teacher = copy.deepcopy(run.unet)
+        terms.append(DistillationTerm(teacher, replay[0], replay[1], run.scheduler.alphas_cumprod,
+                                      run.config.replay_batch, run.config.gd_weight, gen))
+    return terms
+
+
+def train_task(run: SeedRun, k: int, terms: list, next_batch) -> list[dict]:
+    """``steps_per_task`` steps of the training loop (Adam restarted); returns the train-log rows."""
+    steps = run.config.steps_per_task
+    log_rows: list[dict] = []
+
+    def on_log(step: int, values: dict) -> None:
+        log_rows.append({"task": k, "step": step, **values})
+
+    def on_step(step: int, loss: float) -> None:
+        run.report(k * steps + step, {"task": k, "loss": loss})
+
+    optimizer = torch.optim.Adam(run.unet.parameters(), lr=run.config.lr)
+    training_loop(run.unet, run.scheduler, optimizer, next_batch, 0, steps, extra_loss=combine_terms(terms),
+                  on_log=on_log, log_every=10, progress=on_step)
+    run.unet.eval()
+    return log_rows
+
+
+def save_task_checkpoint(run: SeedRun, k: int) -> Path:
+    """The checkpoint ``task-{k}/`` of m_k (DESIGN section 8)."""
+    config, train = run.config, run.train
+    ckpt_dir = run.out / f"task-{k}"
+    info = ModelInfo(preset=config.model, dataset=config.dataset, image_size=train.image_size,
+                     channels=train.channels, num_classes=train.num_classes, seed=run.seed,
+                     step=(k + 1) * config.steps_per_task,
+                     extra={"continual_config": asdict(config), "task": k, "classes": run.tasks[k],
+                            "strategy": config.strategy})
+    save_checkpoint(ckpt_dir, run.unet, run.scheduler, info)
+    return ckpt_dir
+
+
+def add_task_fisher(run: SeedRun, k: int, ckpt_dir: Path) -> None:
+    """Estimate F_k at theta*_k, save ``fisher-task{k}.h5`` and add it to the penalty from the file."""
+    from geomprobe.continual.estimate import estimate_task_fisher
+    from geomprobe.fisher import load_fisher
+
+    config = run.config
+    run.report((k + 1) * config.steps_per_task, {"task": k, "stage": "fisher"})
+    fisher = estimate_task_fisher(config.fisher, run.unet, run.names, run.train.subset(run.tasks[k]),
+                                  run.scheduler.alphas_cumprod, run.spec, config.fisher_samples,
+                                  torch_generator(task_seed(run.seed, k, 2)), rank=config.rank,
+                                  method=config.rankk_method, max_memory=run.max_memory)
+    fisher.info.checkpoint = {"path": str(ckpt_dir), "checksum": checkpoint_checksum(ckpt_dir)}
+    fisher.info.extra = {**fisher.info.extra, "task": k, "classes": run.tasks[k], "seed": run.seed}
+    path = fisher.save(run.out / f"fisher-task{k}.h5")
+    # the penalty is built from the file, exactly as a resumed run builds it
+    run.penalty.add(load_fisher(path), flat_parameters(run.unet, run.names).detach())
+    run.penalty.to(run.device)
+
+
+def evaluate_after_task(run: SeedRun, k: int) -> list[dict]:
+    """FID_i(m_k) and accuracy for every i <= k; stores the samples; returns the metric rows."""
+    config, features = run.config, run.features
+    run.report((k + 1) * config.steps_per_task, {"task": k, "stage": "eval"})
+    rows, images, labels = [], [], []
+    for i in range(k + 1):
+        ev = evaluate_task(run.unet, run.scheduler, run.tasks[i], run.references[i], features.extractor,
+                           features.classifier, config.n_generated, torch_generator(task_seed(run.seed, k, 3 + i)),
+                           config.sample_steps)
+        run.fid.setdefault(k, {})[i] = ev.fid
+        run.accuracy.setdefault(k, {})[i] = ev.accuracy
+        images.append(ev.samples)
+        labels.append(ev.labels)
+        rows.append({"seed": run.seed, "strategy": config.strategy, "after_task": k, "task": i, "fid": ev.fid,
+                     "accuracy": ev.accuracy, "n_generated": ev.n_generated, "n_reference": ev.n_reference,
+                     "feature_net": features.name, "reference_split": "test"})
+    store_samples(run.out / SAMPLES, k, torch.cat(images), torch.cat(labels))
+    return rows
+
+
+def append_task_records(run: SeedRun, k: int, log_rows: list[dict], clock: dict, rows: list[dict]) -> None:
+    """Append the task's train log, timings and metric rows, then mark it completed in ``state.json``."""
+    timing = {key: round(v, 2) if isinstance(v, float) else v for key, v in clock.items()}
+    for name, lines in ((TRAIN_LOG, log_rows), (TIMINGS, [timing]), (METRICS, rows)):
+        with open(run.out / name, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in lines)
+    write_json(run.out / STATE, {"completed_task": k, "strategy": run.config.strategy, "seed": run.seed})
+
+
+def store_samples(path: Path, k: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Keep the evaluation samples of model m_k (for figures): group ``after_task{k}``."""
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        if f"after_task{k}" in f:
+            del f[f"after_task{k}"]
+        g = f.create_group(f"after_task{k}")
+        g.create_dataset("images", data=images.float().numpy(), compression="gzip")
+        g.create_dataset("labels", data=labels.numpy())
