@@ -365,8 +365,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Che
 
     directory = Path(directory)
     layout, unet_dir = model_layout(directory)
-    previous = diffusers_logging.get_verbosity()
+    previous, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.set_verbosity_error()  # no multi-line advice about accelerate or unused config keys
+    diffusers_logging.disable_progress_bar()  # nor a "Loading checkpoint shards" bar
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
         if layout == "unet":
@@ -377,6 +378,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Che
         raise DataError(f"cannot load {unet_dir}: {str(exc).strip().splitlines()[0]}") from None
     finally:
         diffusers_logging.set_verbosity(previous)
+        if bars:
+            diffusers_logging.enable_progress_bar()
     derived = _info_from_unet(unet, layout)
     info = derived
     if layout == "geomprobe":

@@ -223,3 +223,8 @@ def test_checksum_and_legacy_names(tmp_path):
     )
     with pytest.raises(DataError, match="not found"):
         checkpoint_checksum(tmp_path / "missing")
+    unet.save_pretrained(tmp_path / "sharded", max_shard_size="10KB")  # index + shards
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    model = load_model(tmp_path / "sharded")
+    assert all(torch.equal(x, y) for x, y in zip(unet.state_dict().values(), model.unet.state_dict().values()))
+    assert len(checkpoint_checksum(tmp_path / "sharded")) == 16
