@@ -143,25 +143,25 @@ def train(
 
 @app.command()
 def sample(
-    ckpt: Path = typer.Option(..., "--ckpt", help="checkpoint directory"),
+    ckpt: Path = typer.Option(..., "--ckpt", help="geomprobe checkpoint, diffusers pipeline or UNet2DModel directory"),
     out: Path = typer.Option(..., "--out", help="PNG file to write"),
-    classes: str = typer.Option("0..9", help="one grid row per class: '0..9' or '0,3,7'"),
-    n: int = typer.Option(8, "--n", help="samples per class"),
+    classes: str | None = typer.Option(None, help="class-conditional models: one grid row per class, '0..9', '0,3,7' or 'all' (default: the first 10)"),
+    n: int = typer.Option(8, "--n", help="samples per row"),
+    rows: int | None = typer.Option(None, "--rows", help="unconditional models: rows of --n samples (default 8)"),
     steps: int = typer.Option(50, help="DDIM steps"),
     scale: int = typer.Option(4, help="enlarge each pixel to scale x scale in the PNG"),
     seed: int = typer.Option(0, help="random seed of the initial noise"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
-    """Write a PNG grid of DDIM samples, one row per class."""
-    from geomprobe.data import parse_classes
-    from geomprobe.models import load_checkpoint
+    """Write a PNG grid of DDIM samples: one row per class, or --rows rows for an unconditional model."""
     from geomprobe.sampling import sample_grid
 
-    num_classes = load_checkpoint(ckpt).info.num_classes
-    class_list = parse_classes(classes, num_classes) or list(range(num_classes))
-    path, samples = sample_grid(ckpt, class_list, n, out, steps=steps, seed=seed, device=device, scale=scale)
-    console(quiet).print(f"wrote {path} ({len(samples)} samples, {len(class_list)} classes x {n})")
+    grid = sample_grid(ckpt, classes, n, out, steps=steps, seed=seed, device=device, scale=scale, rows=rows)
+    for note in grid.notes:  # even with --quiet: the note says what was assumed
+        console().print(f"note: {note}", highlight=False, soft_wrap=True)
+    what = f"{len(grid.classes)} classes x {n}" if grid.classes is not None else f"unconditional, {grid.rows} rows x {n}"
+    console(quiet).print(f"wrote {grid.path} ({len(grid.samples)} samples, {what})", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- grads (probe engine)
@@ -169,7 +169,7 @@ def sample(
 
 @app.command()
 def grads(
-    ckpt: Path = typer.Option(..., "--ckpt", help="checkpoint directory"),
+    ckpt: Path = typer.Option(..., "--ckpt", help="geomprobe checkpoint, diffusers pipeline or UNet2DModel directory"),
     t: str = typer.Option(..., "--t", help="t-spec: '100..900', '100..900:50', '100,300' or a band 'low-snr'"),
     out: Path = typer.Option(..., "--out", help="gradient store directory to write (or resume)"),
     samples: int = typer.Option(1024, help="samples per timestep (the same samples at every t)"),
@@ -181,6 +181,8 @@ def grads(
     dtype: str = typer.Option("float32", help="storage dtype: float32 | float16"),
     max_memory: int = memory_option("one chunk of per-sample gradients"),
     shard_rows: int = typer.Option(256, help="samples per shard (the unit of resume and of torchrun work)"),
+    dataset: str | None = typer.Option(None, help="digits | mnist | fashion-mnist | cifar10 | imagenet32 (default: the checkpoint's)"),
+    resize: bool = typer.Option(False, "--resize", help="bring the dataset's images to the model's size (bilinear) and channels"),
     data_root: Optional[Path] = typer.Option(None, help="directory with the dataset's files (all but digits)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a store made by a different command"),
     seed: int = typer.Option(0, help="random seed (sample choice, noise, band timesteps, projection)"),
@@ -194,13 +196,16 @@ def grads(
     config = ExtractConfig(
         ckpt=str(ckpt), t=t, samples=samples, classes=classes, split=split, params=params, target=target,
         project=project, dtype=dtype, seed=seed, data_root=str(data_root) if data_root else None, shard_rows=shard_rows,
+        dataset=dataset, resize=resize,
     )
     config.validate()
-    quiet = quiet or dist_info()[0] != 0
+    other_rank = dist_info()[0] != 0
+    quiet = quiet or other_rank
     with progress_bar("grads", 1, quiet) as update:
         result = extract_gradients(
             config, out, overwrite=overwrite, device=device, max_memory=max_memory, command=list(sys.argv),
             progress=lambda done, total, **f: update(done, total=total, **{k: v for k, v in f.items() if k != "key"}),
+            on_note=lambda note: console(other_rank).print(f"note: {note}", highlight=False, soft_wrap=True),  # even --quiet
         )
     table = Table(title=f"gradient store {result.out} ({result.n} samples, {result.num_params:,} parameters)")
     for col in ("t", "rows written", "P", "bytes", "seconds", "shards skipped"):

@@ -232,6 +232,91 @@ def load_imagenet32(root: Path, split: str) -> ImageDataset:
     return ImageDataset("imagenet32", split, torch.from_numpy(np.concatenate(images)), torch.from_numpy(y), 1000)
 
 
+# ---------------------------------------------------------------- bringing images to a model
+
+LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
+
+
+def resize_images(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """(B, C, H, W) float images in [-1, 1] brought to (B, ``channels``, ``size``, ``size``).
+
+    Size: bilinear with antialiasing (``torch.nn.functional.interpolate``). Channels: grey to RGB
+    by repeating the grey plane, RGB to grey by luminance (BT.601); other conversions are refused.
+    """
+    c = _check_channels(x.shape[1], channels)
+    if c != channels:
+        if c == 1:
+            x = x.repeat(1, channels, 1, 1)
+        else:
+            x = (x * torch.tensor(LUMINANCE, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp(-1.0, 1.0)
+
+
+def _check_channels(c: int, channels: int) -> int:
+    """``c`` when c-channel images convert to ``channels`` (equal, grey -> any, RGB -> grey); else UsageError."""
+    if c != channels and c != 1 and not (c == 3 and channels == 1):
+        raise UsageError(f"cannot convert {c}-channel images to {channels} channels (only grey <-> RGB)")
+    return int(c)
+
+
+@dataclass
+class ResizedDataset(ImageDataset):
+    """An :class:`ImageDataset` whose batches are resized on the fly (:func:`resize_images`).
+
+    Batches come out as (B, ``target_channels``, ``size``, ``size``); the stored images keep their
+    size and dtype (no resized copy of a large dataset is held in memory).
+    """
+
+    size: int = 0
+    target_channels: int = 0
+
+    @property
+    def channels(self) -> int:
+        return self.target_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.size
+
+    @property
+    def source_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the stored images."""
+        return tuple(int(d) for d in self.images.shape[1:])
+
+    def batch(self, indices: torch.Tensor | np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().batch(indices)
+        return resize_images(x, self.size, self.target_channels), y
+
+    def subset(self, classes: list[int] | tuple[int, ...]) -> ResizedDataset:
+        return self._like(super().subset(classes))
+
+    def take(self, indices: torch.Tensor | np.ndarray | list[int]) -> ResizedDataset:
+        return self._like(super().take(indices))
+
+    def _like(self, base: ImageDataset) -> ResizedDataset:
+        return ResizedDataset(base.name, base.split, base.images, base.labels, base.num_classes, self.size, self.target_channels)
+
+
+def fit_to_model(dataset: ImageDataset, size: int, channels: int, resize: bool) -> ImageDataset:
+    """``dataset`` brought to ``channels`` x ``size`` x ``size`` images, or a one-line DataError.
+
+    Returns ``dataset`` itself when its images already have that shape; with ``resize`` a
+    :class:`ResizedDataset`; else the DataError says what differs and that ``--resize`` fixes it.
+    """
+    have = (dataset.channels, dataset.image_size, int(dataset.images.shape[-2]))
+    if have == (channels, size, size):
+        return dataset
+    if not resize:
+        raise DataError(
+            f"dataset {dataset.name} has {have[0]}x{have[2]}x{have[1]} images but the model expects "
+            f"{channels}x{size}x{size} (channels x height x width); pass --resize to bring them to the model"
+        )
+    _check_channels(have[0], channels)
+    return ResizedDataset(dataset.name, dataset.split, dataset.images, dataset.labels, dataset.num_classes, size, channels)
+
+
 def task_splits(num_classes: int, num_tasks: int) -> list[list[int]]:
     """Class-incremental tasks: ``num_tasks`` groups of consecutive classes, in label order.
 

@@ -1,6 +1,13 @@
-"""UNet2DModel presets, the DDPM/DDIM schedulers and checkpoints (DESIGN section 8).
+"""UNet2DModel presets, the DDPM/DDIM schedulers and checkpoints (DESIGN sections 8 and 11).
 
-A checkpoint is a directory::
+:func:`load_model` reads three directory layouts (README, "Directory layouts accepted"):
+
+- a geomprobe checkpoint (below);
+- a diffusers pipeline directory: ``model_index.json`` + ``unet/`` [+ ``scheduler/``];
+- a bare ``UNet2DModel`` directory: ``config.json`` (``_class_name`` UNet2DModel) +
+  ``diffusion_pytorch_model.safetensors``.
+
+A geomprobe checkpoint is a directory::
 
     unet/                 diffusers save_pretrained (config.json + diffusion_pytorch_model.safetensors)
     scheduler/            DDPMScheduler config (scheduler_config.json)
@@ -123,13 +130,17 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class ModelInfo:
-    """What ``geomprobe.json`` records about a checkpoint."""
+    """What ``geomprobe.json`` records about a checkpoint (derived from the UNet config for other layouts).
+
+    ``num_classes`` is None for an unconditional model; ``dataset`` is ``""`` when the model does
+    not record one (diffusers directories), ``preset`` is ``"external"`` then.
+    """
 
     preset: str
     dataset: str
     image_size: int
     channels: int
-    num_classes: int
+    num_classes: int | None
     seed: int
     step: int
     version: str = ""
@@ -138,12 +149,18 @@ class ModelInfo:
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the model, its scheduler and its metadata."""
+    """A loaded model: the UNet, its scheduler and its metadata.
+
+    ``layout``: ``geomprobe``, ``pipeline`` or ``unet`` (see :func:`load_model`). ``notes``: one-line
+    remarks a command prints (e.g. that the default DDPM scheduler was used).
+    """
 
     unet: UNet2DModel
     scheduler: DDPMScheduler
     info: ModelInfo
     path: Path | None = None
+    layout: str = "geomprobe"
+    notes: list[str] = field(default_factory=list)
 
 
 STAGING = ".staging"
@@ -212,24 +229,174 @@ def finish_staged_checkpoint(directory: str | Path) -> None:
     shutil.rmtree(staging)
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint directory (safetensors + JSON only). Raises DataError if malformed."""
+LAYOUTS = ("geomprobe", "pipeline", "unet")
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+DEFAULT_SCHEDULER_NOTE = "using the DDPM default scheduler (linear betas 1e-4..0.02, 1000 steps)"
+
+
+def model_layout(directory: str | Path) -> tuple[str, Path]:
+    """(layout, UNet directory) of a model directory; DataError (one line) when it is none of the three.
+
+    Layouts: ``geomprobe`` (geomprobe.json + unet/), ``pipeline`` (model_index.json + unet/),
+    ``unet`` (config.json of a UNet2DModel + its weights in the directory itself).
+    """
     directory = Path(directory)
-    meta = directory / CHECKPOINT_META
     if not directory.is_dir():
         raise DataError(f"checkpoint directory not found: {directory}")
-    finish_staged_checkpoint(directory)
-    if not meta.is_file() or not (directory / "unet" / "config.json").is_file():
-        raise DataError(f"not a geomprobe checkpoint (expected {meta} and unet/config.json): {directory}")
+    if (directory / CHECKPOINT_META).is_file() or (directory / STAGING / CHECKPOINT_META).is_file():
+        finish_staged_checkpoint(directory)
+        layout, unet_dir = "geomprobe", directory / "unet"
+    elif (directory / "model_index.json").is_file():
+        layout, unet_dir = "pipeline", directory / "unet"
+        index = _read_json(directory / "model_index.json")
+        cls = (index.get("unet") or [None, None])[-1]
+        if cls not in (None, "UNet2DModel"):
+            raise DataError(f"{directory / 'model_index.json'}: the pipeline's unet is a {cls}; geomprobe reads UNet2DModel only")
+    elif (directory / "config.json").is_file():
+        layout, unet_dir = "unet", directory
+    else:
+        raise DataError(
+            f"not a geomprobe checkpoint, diffusers pipeline or UNet2DModel directory: {directory} (expected "
+            "geomprobe.json + unet/, model_index.json + unet/, or config.json + diffusion_pytorch_model.safetensors)"
+        )
+    config = unet_dir / "config.json"
+    if not config.is_file():
+        raise DataError(f"not a {layout} directory: {config} is missing")
+    cls = _read_json(config).get("_class_name")
+    if cls != "UNet2DModel":
+        raise DataError(f"{config} describes a {cls or 'model without _class_name'}; geomprobe reads UNet2DModel only")
+    _weight_files(unet_dir)  # refuse pickles and missing weights before anything is loaded
+    return layout, unet_dir
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        info = ModelInfo(**json.loads(meta.read_text()))
-        unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True, low_cpu_mem_usage=False)
-        scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
-    except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot load checkpoint {directory}: {str(exc).splitlines()[0]}") from exc
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path} is not a JSON object")
+    return value
+
+
+def _weight_files(unet_dir: Path) -> list[Path]:
+    """The UNet's safetensors files (one file, or an index and its shards); never a pickle."""
+    single, index = unet_dir / WEIGHTS, unet_dir / (WEIGHTS + ".index.json")
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (unet_dir / s).is_file()]
+        if missing:
+            raise DataError(f"{index} names {missing[0]}, which is missing")
+        return [index] + [unet_dir / s for s in shards]
+    if any(unet_dir.glob("diffusion_pytorch_model*.bin")):
+        raise DataError(
+            f"{unet_dir} holds only diffusion_pytorch_model.bin (a pickle, never loaded by geomprobe): convert it once, "
+            "where you trust the file, with UNet2DModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
+        )
+    raise DataError(f"no UNet weights in {unet_dir}: expected {WEIGHTS}")
+
+
+def load_scheduler(directory: str | Path) -> tuple[DDPMScheduler, str | None]:
+    """(DDPMScheduler, note): ``directory/scheduler`` read locally, else the default and a note.
+
+    Without ``scheduler/scheduler_config.json`` the DDPM default of :func:`build_scheduler` is used
+    and the one-line note says so (None otherwise). Any discrete-time scheduler config with betas (DDPM, DDIM, PNDM, ...; every ``beta_schedule``)
+    gives the same alphas_cumprod; models that do not predict epsilon are refused.
+    """
+    folder = Path(directory) / "scheduler"
+    config_file = folder / "scheduler_config.json"
+    if not config_file.is_file():
+        return build_scheduler(), f"no scheduler/scheduler_config.json in {directory}: {DEFAULT_SCHEDULER_NOTE}"
+    config = _read_json(config_file)
+    if "num_train_timesteps" not in config and "beta_schedule" not in config and "trained_betas" not in config:
+        raise DataError(f"{config_file} ({config.get('_class_name', 'unknown class')}) is not a discrete-time beta schedule")
+    try:
+        scheduler = DDPMScheduler.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError, NotImplementedError) as exc:
+        raise DataError(f"cannot load {config_file}: {str(exc).splitlines()[0]}") from None
+    if scheduler.config.prediction_type != "epsilon":
+        raise DataError(
+            f"{config_file}: prediction_type {scheduler.config.prediction_type!r}; geomprobe's loss is the epsilon-prediction DDPM loss"
+        )
+    return scheduler, None
+
+
+def _info_from_unet(unet: UNet2DModel, layout: str) -> ModelInfo:
+    """ModelInfo from the UNet config: sample_size, in_channels and num_class_embeds (None if unconditional)."""
+    from geomprobe.diffusion import is_label_conditioned
+
+    cfg = unet.config
+    size = cfg.sample_size
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise DataError(f"UNet sample_size {list(size)} is not square; geomprobe handles square images only")
+        size = size[0]
+    if not isinstance(size, int) or size <= 0:
+        raise DataError(f"the UNet config has no usable sample_size ({size!r}); set it in its config.json")
+    if cfg.out_channels != cfg.in_channels:
+        raise DataError(f"the UNet has in_channels={cfg.in_channels} but out_channels={cfg.out_channels}; the DDPM loss needs them equal")
+    num_classes = None
+    if is_label_conditioned(unet):
+        if not cfg.num_class_embeds:
+            raise DataError(f"class_embed_type {cfg.class_embed_type!r} without num_class_embeds is not supported")
+        num_classes = int(cfg.num_class_embeds)
+    return ModelInfo("external", "", int(size), int(cfg.in_channels), num_classes, seed=0, step=0, extra={"layout": layout})
+
+
+def _check_meta(meta_file: Path, info: ModelInfo, derived: ModelInfo) -> None:
+    """Check geomprobe.json against the UNet config: a one-line DataError naming the file on disagreement."""
+    for name, key in (("image_size", "sample_size"), ("channels", "in_channels"), ("num_classes", "num_class_embeds")):
+        mine, theirs = getattr(info, name), getattr(derived, name)
+        if mine != theirs:
+            raise DataError(
+                f"{meta_file} says {name}={mine} but {meta_file.parent / 'unet' / 'config.json'} has {key}={theirs}; fix or remove {meta_file.name}"
+            )
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load any model directory geomprobe accepts (see :func:`model_layout`): safetensors + JSON only.
+
+    Never touches the network. Size, channels and classes come from the UNet config; for a
+    geomprobe checkpoint ``geomprobe.json`` is checked against it. Raises DataError (one line).
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    directory = Path(directory)
+    layout, unet_dir = model_layout(directory)
+    previous, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity_error()  # no multi-line advice about accelerate or unused config keys
+    diffusers_logging.disable_progress_bar()  # nor a "Loading checkpoint shards" bar
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+        if layout == "unet":
+            scheduler, note = build_scheduler(), f"{directory} is a bare UNet2DModel directory: {DEFAULT_SCHEDULER_NOTE}"
+        else:
+            scheduler, note = load_scheduler(directory)
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
+        raise DataError(f"cannot load {unet_dir}: {str(exc).strip().splitlines()[0]}") from None
+    finally:
+        diffusers_logging.set_verbosity(previous)
+        if bars:
+            diffusers_logging.enable_progress_bar()
+    derived = _info_from_unet(unet, layout)
+    info = derived
+    if layout == "geomprobe":
+        meta = directory / CHECKPOINT_META
+        try:
+            info = ModelInfo(**_read_json(meta))
+        except TypeError as exc:
+            raise DataError(f"{meta} is malformed: {exc}") from None
+        _check_meta(meta, info, derived)
     unet.to(resolve_device(device) if isinstance(device, str) else device)
     unet.eval()
-    return Checkpoint(unet=unet, scheduler=scheduler, info=info, path=directory)
+    return Checkpoint(unet=unet, scheduler=scheduler, info=info, path=directory, layout=layout, notes=[note] if note else [])
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """:func:`load_model` (kept for its callers): any of the three layouts, safetensors + JSON only."""
+    return load_model(directory, device)
 
 
 def load_optimizer_state(directory: str | Path) -> dict[str, torch.Tensor] | None:
@@ -245,12 +412,15 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
 
 
 def checkpoint_checksum(directory: str | Path) -> str:
-    """SHA-256 (first 16 hex digits) of the UNet weights file: identifies the model."""
+    """SHA-256 (first 16 hex digits) of the UNet weights: identifies the model, in any of the three layouts.
+
+    Hashes the weights file, or a sharded model's index and its shards in order.
+    """
     import hashlib
 
-    path = Path(directory) / "unet" / "diffusion_pytorch_model.safetensors"
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in _weight_files(model_layout(directory)[1]):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:16]

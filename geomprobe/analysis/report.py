@@ -128,8 +128,11 @@ def select_entries(store: Any, t_range: str | None) -> list[tuple[int | str, lis
 
 
 def _load_model(store: Any, notes: list[str], device: str = "cpu"):
-    """The store's checkpoint (checksum verified) or None with a note when it is not available."""
-    from geomprobe.models import checkpoint_checksum, load_checkpoint
+    """The store's model (checksum verified), or None with a note when it is not available.
+
+    Any layout :func:`geomprobe.models.load_model` reads; the model's own notes join ``notes``.
+    """
+    from geomprobe.models import checkpoint_checksum, load_model
 
     ckpt = getattr(store, "checkpoint", {}) or {}
     path = ckpt.get("path")
@@ -142,7 +145,9 @@ def _load_model(store: Any, notes: list[str], device: str = "cpu"):
             f"checkpoint {path} has changed since the store was written (checksum {actual} != {ckpt['checksum']}); "
             "the scaled-identity MSE would come from another model"
         )
-    return load_checkpoint(path, device=device)
+    model = load_model(path, device=device)
+    notes.extend(model.notes)
+    return model
 
 
 def analyze_store(

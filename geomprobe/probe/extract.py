@@ -29,10 +29,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from geomprobe.data import load_dataset, parse_classes
+from geomprobe.data import DIGITS_IMAGE_SIZES, ResizedDataset, fit_to_model, load_dataset, parse_classes
 from geomprobe.errors import DataError, UsageError
 from geomprobe.io import derived_seed, parse_memory, torch_generator
-from geomprobe.models import ModelInfo, checkpoint_checksum, load_checkpoint, resolve_device
+from geomprobe.models import ModelInfo, checkpoint_checksum, load_model, resolve_device
 from geomprobe.probe.grads import per_sample_grads
 from geomprobe.probe.memory import chunk_size_for
 from geomprobe.probe.params import ParamLayout, param_layout, select_parameters
@@ -76,6 +76,8 @@ class ExtractConfig:
     seed: int = 0
     data_root: str | None = None
     shard_rows: int = DEFAULT_SHARD_ROWS
+    dataset: str | None = None  # None: the dataset the checkpoint records (geomprobe checkpoints)
+    resize: bool = False  # bring the dataset's images to the model's size and channels
 
     def validate(self) -> None:
         if self.samples <= 0:
@@ -96,6 +98,9 @@ class ExtractConfig:
         d = asdict(self)
         d.pop("ckpt")
         d.pop("data_root")
+        for name, default in (("dataset", None), ("resize", False)):  # stores written before these options match
+            if d[name] == default:
+                d.pop(name)
         d["checkpoint_checksum"] = checksum
         return d
 
@@ -285,6 +290,7 @@ def extract_gradients(
     max_memory: int | str | None = None,
     progress: Callable[..., None] | None = None,
     command: list[str] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> ExtractResult:
     """Compute per-sample gradients for ``config`` and write (or resume) the store at ``out``.
 
@@ -292,10 +298,14 @@ def extract_gradients(
     (:func:`geomprobe.io.parse_memory`; None: :data:`geomprobe.io.DEFAULT_MAX_MEMORY`).
     ``progress(done, total, **fields)`` is called after every computed block with this process's row
     counts over all keys (``total`` = its rows x keys). Under torchrun every rank calls this; the
-    store is complete when all ranks return. Returns an :class:`ExtractResult` for the summary table.
+    store is complete when all ranks return. ``on_note(text)`` receives one-line remarks about the
+    model (e.g. the default scheduler was used) once it is loaded. Returns an :class:`ExtractResult`
+    for the summary table.
     """
     t_start = time.perf_counter()
     plan = _plan(config, Path(out), device, max_memory)
+    for note in plan.notes if on_note else []:  # after every input check: a refused input gives one line
+        on_note(note)
     manifest = _new_manifest(plan, command)
     old_sums = _open_store(plan, manifest, overwrite)
     result = ExtractResult(out=plan.out, n=plan.n, P=plan.P, num_params=plan.layout.P, rank=plan.rank, world_size=plan.world)
@@ -336,6 +346,7 @@ class _Plan:
     projector: RandomProjection | None
     chunk: int
     shard_ranges: list[tuple[int, int]]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -367,16 +378,16 @@ def _plan(config: ExtractConfig, out: Path, device: str, max_memory: int | str |
     rank, world = dist_info()
     _init_dist(world, dev)
     budget = parse_memory(max_memory)
-    ckpt = _quiet_load(config.ckpt, dev)
+    ckpt = load_model(config.ckpt, dev)
     unet, info = ckpt.unet, ckpt.info
     unet.requires_grad_(True)
     alphas_cumprod = ckpt.scheduler.alphas_cumprod.float()
+    # SNR bands come from this model's own schedule (e.g. squaredcos_cap_v2), not the linear default
     spec = parse_timesteps(config.t, num_train_timesteps=len(alphas_cumprod), alphas_cumprod=alphas_cumprod.double().numpy())
     keys = [key_for(spec.band)] if spec.is_band else [key_for(t) for t in spec.timesteps]
-    dataset = load_dataset(info.dataset, config.split, image_size=info.image_size, data_root=config.data_root)
-    if dataset.channels != info.channels:
-        raise DataError(f"dataset {info.dataset} has {dataset.channels} channels, the checkpoint expects {info.channels}")
+    dataset = _model_dataset(config, info)
     sample_rows = select_samples(dataset.labels, dataset.num_classes, config.classes, config.samples, config.seed)
+    _check_labels(dataset, sample_rows, info)
     names = select_parameters(unet, config.params)
     layout = param_layout(unet, names)
     projector = RandomProjection(layout.P, config.project, config.seed) if config.project else None
@@ -389,8 +400,35 @@ def _plan(config: ExtractConfig, out: Path, device: str, max_memory: int | str |
         checksum=checkpoint_checksum(config.ckpt), alphas_cumprod=alphas_cumprod, spec=spec, keys=keys,
         key_info=_key_info(spec, keys, alphas_cumprod.double().numpy()), dataset=dataset, sample_rows=sample_rows,
         names=names, layout=layout, projector=projector, chunk=chunk,
-        shard_ranges=[(a, min(n, a + config.shard_rows)) for a in range(0, n, config.shard_rows)],
+        shard_ranges=[(a, min(n, a + config.shard_rows)) for a in range(0, n, config.shard_rows)], notes=ckpt.notes,
     )
+
+
+def _model_dataset(config: ExtractConfig, info: ModelInfo):
+    """``--dataset`` (else the checkpoint's), checked against the model's size and channels.
+
+    With ``--resize`` the images are brought to them (:func:`geomprobe.data.fit_to_model`).
+    """
+    name = config.dataset or info.dataset
+    if not name:
+        raise UsageError(f"{config.ckpt} does not record its dataset: pass --dataset (and --data-root for files)")
+    size = None
+    if name == "digits":  # generated at the model's size when it can be, else at its native 8 px
+        size = info.image_size if info.image_size in DIGITS_IMAGE_SIZES else DIGITS_IMAGE_SIZES[0]
+    dataset = load_dataset(name, config.split, image_size=size, data_root=config.data_root)
+    return fit_to_model(dataset, info.image_size, info.channels, config.resize)
+
+
+def _check_labels(dataset, sample_rows: np.ndarray, info: ModelInfo) -> None:
+    """A class-conditional model must embed every probed label (an unconditional one never sees them)."""
+    if info.num_classes is None or len(sample_rows) == 0:
+        return
+    top = int(dataset.labels[torch.as_tensor(sample_rows)].max())
+    if top >= info.num_classes:
+        raise DataError(
+            f"dataset {dataset.name} has label {top} but the model embeds {info.num_classes} classes; "
+            "restrict --classes to 0.." + str(info.num_classes - 1)
+        )
 
 
 def _key_info(spec: TimestepSpec, keys: list[str], alpha_np: np.ndarray) -> dict[str, dict[str, Any]]:
@@ -424,7 +462,10 @@ def _new_manifest(plan: _Plan, command: list[str] | None) -> dict[str, Any]:
         "config": asdict(config),
         "identity": config.comparable(plan.checksum),
         "checkpoint": {"path": str(Path(config.ckpt).resolve()), "checksum": plan.checksum},
-        "dataset": {"name": info.dataset, "split": config.split, "image_size": info.image_size, "channels": info.channels},
+        "dataset": {
+            "name": plan.dataset.name, "split": config.split, "image_size": info.image_size, "channels": info.channels,
+            **({"resized_from": list(plan.dataset.source_shape)} if isinstance(plan.dataset, ResizedDataset) else {}),
+        },
         "t_spec": plan.spec.text,
         "keys": plan.keys,
         "key_info": plan.key_info,
@@ -572,18 +613,6 @@ def _finish_manifest(plan: _Plan, manifest: dict[str, Any]) -> None:
     manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest["world_size"] = plan.world
     write_manifest(plan.out, manifest)
-
-
-def _quiet_load(path: str, device: torch.device):
-    """load_checkpoint without diffusers' multi-line advice about ``accelerate`` on stderr."""
-    from diffusers.utils import logging as diffusers_logging
-
-    previous = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        return load_checkpoint(path, device=device)
-    finally:
-        diffusers_logging.set_verbosity(previous)
 
 
 def h5py_str():
