@@ -170,7 +170,7 @@ def sample(
 @app.command()
 def grads(
     ckpt: Path = typer.Option(..., "--ckpt", help="geomprobe checkpoint, diffusers pipeline or UNet2DModel directory"),
-    t: str = typer.Option(..., "--t", help="t-spec: '100..900', '100..900:50', '100,300' or a band 'low-snr'"),
+    t_range: str = typer.Option(..., "--t", "--t-range", help="t-spec: '100..900', '100..900:50', '100,300' or a band 'low-snr'"),
     out: Path = typer.Option(..., "--out", help="gradient store directory to write (or resume)"),
     samples: int = typer.Option(1024, help="samples per timestep (the same samples at every t)"),
     classes: Optional[str] = typer.Option(None, help="only these classes, e.g. '0,1' or '0..4'"),
@@ -178,6 +178,7 @@ def grads(
     params: Optional[str] = typer.Option(None, help="regex on parameter names (default: all parameters)"),
     target: str = typer.Option("empirical", help="empirical (eps) | true (eps_theta(x_t).detach() + xi)"),
     project: Optional[int] = typer.Option(None, help="store a seeded random projection of the rows to K dims"),
+    projection: str = typer.Option("countsketch", help="with --project: countsketch (never materialised, about the cost of writing the rows) | gaussian"),
     dtype: str = typer.Option("float32", help="storage dtype: float32 | float16"),
     max_memory: int = memory_option("one chunk of per-sample gradients"),
     shard_rows: int = typer.Option(256, help="samples per shard (the unit of resume and of torchrun work)"),
@@ -194,8 +195,8 @@ def grads(
     from geomprobe.probe.extract import dist_info
 
     config = ExtractConfig(
-        ckpt=str(ckpt), t=t, samples=samples, classes=classes, split=split, params=params, target=target,
-        project=project, dtype=dtype, seed=seed, data_root=str(data_root) if data_root else None, shard_rows=shard_rows,
+        ckpt=str(ckpt), t_range=t_range, samples=samples, classes=classes, split=split, params=params, target=target,
+        project=project, projection=projection, dtype=dtype, seed=seed, data_root=str(data_root) if data_root else None, shard_rows=shard_rows,
         dataset=dataset, resize=resize,
     )
     config.validate()
@@ -351,7 +352,7 @@ def continual(
     rank: int = _config_option("rank"),
     rankk_method: str = _config_option("rankk_method"),
     fisher_samples: int = _config_option("fisher_samples"),
-    t_range: str = _config_option("t_range"),
+    t_range: str = _config_option("t_range", "--t", "--t-range"),
     replay: str = _config_option("replay"),
     replay_per_class: int = _config_option("replay_per_class"),
     replay_batch: int = _config_option("replay_batch"),
@@ -365,7 +366,7 @@ def continual(
     seeds: str = typer.Option("0", help="comma-separated seeds, e.g. 0,1,2 (mean ± standard error)"),
     compare: bool = typer.Option(False, "--compare", help="finetune, diag, rank1, gd, diag+gd, rank1+gd, non-continual"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last completed task"),
-    max_memory: Optional[str] = typer.Option(None, help="memory for the Fisher estimate's per-sample gradients, e.g. 512M, 2G (default 2G; does not change results)"),
+    max_memory: int = memory_option("the Fisher estimate's per-sample gradients (does not change results)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -374,11 +375,10 @@ def continual(
     from dataclasses import fields
 
     from geomprobe.continual.runner import ContinualConfig, run_compare, run_continual, summary_dict, total_steps
-    from geomprobe.io import parse_memory
 
     options = locals()
     config = ContinualConfig(**{f.name: options[f.name] for f in fields(ContinualConfig)})
-    memory = parse_memory(max_memory)
+    memory = max_memory
     seed_list = _parse_seeds(seeds)
     if not compare:
         config.validate()
@@ -456,7 +456,7 @@ def spectrum(
         if ckpt is not None:
             from geomprobe.probe import ExtractConfig
 
-            config = ExtractConfig(ckpt=str(ckpt), t=t_range or "", samples=samples, classes=classes, split=split,
+            config = ExtractConfig(ckpt=str(ckpt), t_range=t_range or "", samples=samples, classes=classes, split=split,
                                    params=params, target=target, seed=seed, data_root=str(data_root) if data_root else None)
             result = _spectrum_of_model(config, top_k, centered, max_memory, dev, update)
         else:
@@ -493,7 +493,7 @@ def _spectrum_of_model(config, top_k, centered, max_memory, device, update):
     """analyze_model with a progress bar counting parameter blocks over all keys."""
     from geomprobe.analysis.model_spectrum import analyze_model
 
-    if not config.t:
+    if not config.t_range:
         from geomprobe.errors import UsageError
 
         raise UsageError("--ckpt needs --t (e.g. 100..900)")

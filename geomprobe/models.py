@@ -1,4 +1,4 @@
-"""UNet2DModel presets, the DDPM/DDIM schedulers and checkpoints (DESIGN sections 8 and 11).
+"""UNet2DModel presets, the DDPM/DDIM schedulers and checkpoints (docs/design.md §8 and §11).
 
 :func:`load_model` reads three directory layouts (README, "Directory layouts accepted"):
 
@@ -96,7 +96,7 @@ def build_unet(preset: str, image_size: int, channels: int, num_classes: int) ->
 
 
 def build_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDPMScheduler:
-    """DDPM linear betas 1e-4..0.02 over ``num_train_timesteps`` steps (paper and DESIGN §4)."""
+    """DDPM linear betas 1e-4..0.02 over ``num_train_timesteps`` steps (paper and docs/design.md §4)."""
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule="linear",

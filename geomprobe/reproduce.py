@@ -43,7 +43,7 @@ class ReproducePreset:
     train_steps: int
     lr: float
     batch_size: int
-    t_spec: str
+    t_range: str
     samples: int
     top_k: int
     continual_options: dict = field(default_factory=dict)
@@ -59,7 +59,7 @@ PRESETS: dict[str, ReproducePreset] = {
         train_steps=3000,
         lr=1e-3,
         batch_size=128,
-        t_spec="100..900",
+        t_range="100..900",
         samples=1024,
         top_k=5,
         continual_options={"tasks": 5},
@@ -74,7 +74,7 @@ PRESETS: dict[str, ReproducePreset] = {
         train_steps=200 * 469,
         lr=2e-4,
         batch_size=128,
-        t_spec="100..900",
+        t_range="100..900",
         samples=1024,
         top_k=5,
         # paper section 4.3: the `cl` UNet, 200 epochs per task (12,000 images at batch 128), lr 2e-4
@@ -195,19 +195,20 @@ def train_stage(
 def _extract_config(preset: ReproducePreset, ckpt: Path, seed: int, data_root: str | None):
     from geomprobe.probe.extract import ExtractConfig
 
-    return ExtractConfig(ckpt=str(ckpt), t=preset.t_spec, samples=preset.samples, seed=seed, data_root=data_root)
+    return ExtractConfig(ckpt=str(ckpt), t_range=preset.t_range, samples=preset.samples, seed=seed, data_root=data_root)
 
 
 def store_is_complete(store: Path, config) -> bool:
     """True when ``store`` holds a finished store of exactly ``config`` on the current checkpoint."""
     from geomprobe.models import checkpoint_checksum
+    from geomprobe.probe.extract import stored_identity
     from geomprobe.probe.store import read_manifest
 
     manifest = read_manifest(store) if store.is_dir() else None
     return bool(
         manifest
         and manifest.get("complete")
-        and manifest.get("identity") == config.comparable(checkpoint_checksum(config.ckpt))
+        and stored_identity(manifest) == config.comparable(checkpoint_checksum(config.ckpt))
     )
 
 

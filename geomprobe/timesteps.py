@@ -1,4 +1,4 @@
-"""Timestep specs and SNR bands (DESIGN section 4).
+"""Timestep specs and SNR bands (docs/design.md §4).
 
 A timestep ``t`` is the diffusers scheduler index in ``0..N-1``; the UNet receives ``t`` and
 ``alpha_bar_t = scheduler.alphas_cumprod[t]``. SNR(t) = alpha_bar_t / (1 - alpha_bar_t).

@@ -1,4 +1,4 @@
-"""Spectrum formulas (Gram route, DESIGN section 6 identities) against explicit dense computations.
+"""Spectrum formulas (Gram route, docs/design.md §6 identities) against explicit dense computations.
 
 Reference: F = G^T G / n (or the covariance) formed in numpy float64, numpy.linalg.eigh, and
 each error as the explicit Frobenius norm of the difference matrix. Tolerance 1e-8 relative.

@@ -56,7 +56,7 @@ def _fishers(kind, g):
 
 
 def _hand_penalty(kind, fishers, theta, anchors, lam):
-    """Explicit loops over tasks and parameters (DESIGN section 6 formulas), float64."""
+    """Explicit loops over tasks and parameters (docs/design.md §6 formulas), float64."""
     total = 0.0
     for F, a in zip(fishers, anchors):
         d = [float(theta[j] - a[j]) for j in range(P)]

@@ -1,4 +1,4 @@
-"""Figures and tables from tiny synthetic results written in the real formats (DESIGN section 9).
+"""Figures and tables from tiny synthetic results written in the real formats (docs/design.md §9).
 
 Each figure function must write a PNG of the expected pixel size (figsize x 150 dpi), a PDF and a
 caption; missing inputs must raise DataError naming the command that produces them; tables must
@@ -31,7 +31,7 @@ def write_checkpoint_meta(ckpt: Path, preset: str) -> None:
 
 
 def write_spectrum(run: Path, preset: str = "small3", scale: float = 1.0, n: int = 50) -> Path:
-    """A store manifest pointing at a checkpoint, spectrum.json (DESIGN section 9) and cosine_maps.h5."""
+    """A store manifest pointing at a checkpoint, spectrum.json (docs/design.md §9) and cosine_maps.h5."""
     write_checkpoint_meta(run / "ckpt", preset)
     store = run / "grads"
     store.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ FORGETTING = {"gd": {0: 3.0, 1: 5.0}, "rank1+gd": {0: 0.5, 1: 0.7}, "rank3+gd": 
 def write_metrics(run: Path) -> Path:
     """The --compare layout of the runner: one directory per strategy with manifest.json, metrics.jsonl
     (all seeds) and seed-{s}/metrics.jsonl (the same rows again, which must not count twice).
-    Rows as DESIGN section 9: per-task FID rows, then one summary row per strategy and seed."""
+    Rows as docs/design.md §9: per-task FID rows, then one summary row per strategy and seed."""
     for strategy, per_seed in STRATEGY_AFID.items():
         directory = run / strategy
         all_rows = []

@@ -20,7 +20,7 @@ from geomprobe.models import (
 
 
 def test_preset_sizes_match_design():
-    # DESIGN section 10: Small-3 at 16 px has 95,873 parameters.
+    # docs/design.md §10: Small-3 at 16 px has 95,873 parameters.
     assert count_parameters(build_unet("small3", 16, 1, 10)) == 95873
     assert count_parameters(build_unet("small1", 16, 1, 10)) < count_parameters(build_unet("base", 16, 1, 10))
 

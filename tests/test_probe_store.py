@@ -131,7 +131,7 @@ def test_true_target_band_float16_and_projection(ckpt, tmp_path):
     assert ((G - rows).norm(dim=1) / G.norm(dim=1)).max() < 2e-3  # float16 storage
 
     outp = tmp_path / "proj"
-    extract(ckpt, outp, t="100", samples=12, project=64)
+    extract(ckpt, outp, t="100", samples=12, project=64, projection="gaussian")
     sp = GradientStore(outp)
     assert sp.P == 64 and sp.projection["K"] == 64
     extract(ckpt, tmp_path / "full", t="100", samples=12)

@@ -13,7 +13,7 @@ import pytest
 from geomprobe.errors import UsageError
 from geomprobe.reproduce import reproduce, stage_keys
 
-TINY = {"train_steps": 2, "samples": 16, "t_spec": "100,900"}
+TINY = {"train_steps": 2, "samples": 16, "t_range": "100,900"}
 
 
 class RecordingProgress:

@@ -1,4 +1,4 @@
-"""t-spec grammar and SNR bands (DESIGN section 4); references are closed forms and explicit lists."""
+"""t-spec grammar and SNR bands (docs/design.md §4); references are closed forms and explicit lists."""
 
 import numpy as np
 import pytest

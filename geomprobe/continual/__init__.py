@@ -15,9 +15,9 @@
 """
 
 from geomprobe.continual.classifier import FeatureClassifier, load_or_train_classifier
-from geomprobe.continual.metrics import afid, forgetting, frechet_distance, mean_and_stderr
 from geomprobe.continual.config import COMPARE_STRATEGIES, FISHER_CHOICES, ContinualConfig
 from geomprobe.continual.distill import DistillationTerm
+from geomprobe.continual.metrics import afid, forgetting, frechet_distance, mean_and_stderr
 from geomprobe.continual.runner import ContinualResult, SeedResult, run_compare, run_continual
 from geomprobe.continual.strategies import (
     DiagonalPenalty,

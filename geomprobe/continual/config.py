@@ -32,7 +32,7 @@ COMPARE_STRATEGIES: dict[str, dict] = {
 
 
 def penalty_weight(lam: float, pixels: int, units: str = "paper") -> float:
-    """The lambda our penalties use (DESIGN section 6) for a user's ``--lambda``.
+    """The lambda our penalties use (docs/design.md §6) for a user's ``--lambda``.
 
     ``units="raw"``: ``lam`` as is. ``units="paper"`` (default): ``lam`` is in the units of the
     paper's lambda = 15000, which weighs the Fisher of a per-pixel *mean* squared error (the

@@ -20,6 +20,7 @@ import torch
 from geomprobe.data import ImageDataset
 from geomprobe.errors import UsageError
 from geomprobe.fisher.kinds import canonical_kind
+from geomprobe.io import DEFAULT_MAX_MEMORY
 from geomprobe.timesteps import TimestepSpec
 
 RANKK_METHODS = ("power", "lanczos")
@@ -61,13 +62,13 @@ def estimate_task_fisher(
     method: str = "power",
     batch_size: int = 64,
     power_iterations: int = 20,
-    max_memory: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ):
     """A Fisher object of ``kind`` (a kind or CLI name: diag | rank1 | rankk | full) for ``data`` at the model's parameters.
 
     Returns a :class:`geomprobe.fisher.FisherMatrix`: DiagonalFisher, Rank1Fisher, LowRankFisher
     (rank ``rank``) or GramFisher holding G (n, P) float32. ``timesteps``: the run's parsed
-    ``--t-range``; ``max_memory``: bytes for per-sample gradients (None: the default).
+    ``--t-range``; ``max_memory``: bytes for per-sample gradients (default 2 GiB).
     """
     kind = canonical_kind(kind)
     if kind == "lowrank" and method not in RANKK_METHODS:

@@ -1,4 +1,4 @@
-"""Continual-learning metrics (DESIGN section 6): FID per task, AFID@k, forgetting, accuracy.
+"""Continual-learning metrics (docs/design.md §6): FID per task, AFID@k, forgetting, accuracy.
 
 ``fid[k][i]`` below is FID_i(m_k): the FID on task i's held-out split of samples from the model
 after training task k (0-based, i <= k).
@@ -106,7 +106,7 @@ def afid(fid: dict[int, dict[int, float]]) -> dict[str, float]:
 
 
 def forgetting(fid: dict[int, dict[int, float]]) -> float:
-    """mean over tasks k of FID_k(m_T) - FID_k(m_k); the last task contributes 0 (DESIGN section 6)."""
+    """mean over tasks k of FID_k(m_T) - FID_k(m_k); the last task contributes 0 (docs/design.md §6)."""
     last = max(fid)
     return sum(fid[last][k] - fid[k][k] for k in range(last + 1)) / (last + 1)
 

@@ -13,7 +13,7 @@ For each seed and each task k (classes of ``task_splits``):
 Layout of ``out``::
 
     manifest.json                 tool version, command line, config, seeds, created time
-    metrics.jsonl                 all seeds' rows + one summary row per seed (DESIGN section 9)
+    metrics.jsonl                 all seeds' rows + one summary row per seed (docs/design.md §9)
     summary.json                  AFID@k and forgetting, mean and standard error over seeds
     seed-{s}/manifest.json        config + seed (a resume refuses a different config)
     seed-{s}/state.json           last completed task
@@ -21,7 +21,7 @@ Layout of ``out``::
     seed-{s}/train_log.jsonl      {"task", "step", "loss", "denoise", "ewc", "distill"}
     seed-{s}/samples.h5           after_task{k}/images (n, C, H, W) in [-1, 1], labels (n,): the FID samples
     seed-{s}/timings.jsonl        seconds per task: replay pool, training, Fisher + checkpoint, evaluation
-    seed-{s}/task-{k}/            checkpoint after task k (DESIGN section 8)
+    seed-{s}/task-{k}/            checkpoint after task k (docs/design.md §8)
     seed-{s}/fisher-task{k}.h5    Fisher of task k (when --fisher is not none)
 
 Resume: every random draw of task k comes from generators seeded by (seed, k) and the optimiser
@@ -54,7 +54,19 @@ from geomprobe.continual.strategies import PenaltyTerm, flat_parameters, make_pe
 from geomprobe.continual.tasks import Progress, SeedRun, run_task
 from geomprobe.data import load_dataset, task_splits
 from geomprobe.errors import UsageError
-from geomprobe.io import MANIFEST, METRICS, SAMPLES, STATE, SUMMARY, TIMINGS, TRAIN_LOG, read_jsonl, write_json, write_jsonl
+from geomprobe.io import (
+    DEFAULT_MAX_MEMORY,
+    MANIFEST,
+    METRICS,
+    SAMPLES,
+    STATE,
+    SUMMARY,
+    TIMINGS,
+    TRAIN_LOG,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from geomprobe.models import build_scheduler, build_unet, load_checkpoint, resolve_device
 from geomprobe.timesteps import parse_timesteps
 
@@ -160,7 +172,7 @@ def _rebuild_penalty(config: ContinualConfig, out: Path, names: list[str], pixel
 
 
 def _start_seed(config: ContinualConfig, seed: int, out: Path, features: FeatureNet, completed: int,
-                device: str, max_memory: int | None) -> SeedRun:
+                device: str, max_memory: int) -> SeedRun:
     """The model (fresh or m_completed), data, timesteps and penalty of one seed."""
     from geomprobe.probe import select_parameters
 
@@ -192,7 +204,7 @@ def run_seed(
     progress: Progress | None = None,
     step_offset: int = 0,
     device: str = "cpu",
-    max_memory: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> SeedResult:
     """One seed of one strategy in directory ``out`` (``seed-{s}``); see the module docstring."""
     t_start = time.time()
@@ -225,11 +237,11 @@ def run_continual(
     device: str = "cpu",
     cache_dir: str | Path | None = None,
     step_offset: int = 0,
-    max_memory: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> ContinualResult:
     """Run one strategy for several seeds; write ``out/metrics.jsonl`` and ``out/summary.json``.
 
-    ``max_memory``: bytes for the Fisher estimate's per-sample gradients (None: the default);
+    ``max_memory``: bytes for the Fisher estimate's per-sample gradients (default 2 GiB);
     it does not change results, so it is not part of the config a resume compares.
     """
     config.validate()
@@ -296,7 +308,7 @@ def run_compare(
     device: str = "cpu",
     cache_dir: str | Path | None = None,
     strategies: list[str] | None = None,
-    max_memory: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> list[ContinualResult]:
     """The paper's comparison: one directory per strategy under ``out``; ``out/compare.json``."""
     names = strategies or list(COMPARE_STRATEGIES)

@@ -1,4 +1,4 @@
-"""Strategies as small loss-term objects for the one training loop (STYLE.md).
+"""Strategies as small loss-term objects for the one training loop (docs/design.md §1).
 
 Each object is a callable ``term(unet, step) -> {name: scalar tensor}`` that
 :func:`geomprobe.training.training_loop` adds to the denoising loss (``extra_loss``). The runner
@@ -6,7 +6,7 @@ composes them with :func:`combine_terms`; none of them overrides the loop.
 
 The EWC term is an adapter: :class:`PenaltyTerm` evaluates a penalty of
 :mod:`geomprobe.fisher.penalty` (sum over earlier tasks k of lambda/2 (theta - theta*_k)^T F_k
-(theta - theta*_k), DESIGN section 6) at the model's parameters ``names``, in that order (the
+(theta - theta*_k), docs/design.md §6) at the model's parameters ``names``, in that order (the
 flat layout of the Fisher files). Generative distillation is :mod:`geomprobe.continual.distill`.
 """
 

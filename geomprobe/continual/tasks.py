@@ -23,7 +23,17 @@ from geomprobe.continual.metrics import evaluate_task
 from geomprobe.continual.replay import Pool, batch_sampler, replay_pool
 from geomprobe.continual.strategies import PenaltyTerm, combine_terms, flat_parameters
 from geomprobe.data import ImageDataset
-from geomprobe.io import METRICS, SAMPLES, STATE, TIMINGS, TRAIN_LOG, task_seed, torch_generator, write_json
+from geomprobe.io import (
+    DEFAULT_MAX_MEMORY,
+    METRICS,
+    SAMPLES,
+    STATE,
+    TIMINGS,
+    TRAIN_LOG,
+    task_seed,
+    torch_generator,
+    write_json,
+)
 from geomprobe.models import ModelInfo, checkpoint_checksum, save_checkpoint
 from geomprobe.timesteps import TimestepSpec
 from geomprobe.training import training_loop
@@ -48,7 +58,7 @@ class SeedRun:
     unet: torch.nn.Module
     penalty: PenaltyTerm | None
     device: torch.device
-    max_memory: int | None = None
+    max_memory: int = DEFAULT_MAX_MEMORY
     progress: Progress | None = None
     step_offset: int = 0
     fid: dict[int, dict[int, float]] = field(default_factory=dict)
@@ -121,7 +131,7 @@ def train_task(run: SeedRun, k: int, terms: list, next_batch) -> list[dict]:
 
 
 def save_task_checkpoint(run: SeedRun, k: int) -> Path:
-    """The checkpoint ``task-{k}/`` of m_k (DESIGN section 8)."""
+    """The checkpoint ``task-{k}/`` of m_k (docs/design.md §8)."""
     config, train = run.config, run.train
     ckpt_dir = run.out / f"task-{k}"
     info = ModelInfo(preset=config.model, dataset=config.dataset, image_size=train.image_size,

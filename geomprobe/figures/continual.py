@@ -281,6 +281,23 @@ def _write_table(
     return FigureOutput(stem, files, paths)
 
 
+def _final_rows(strategies, runs, label: Callable[[str], str], key: Callable[..., list]) -> tuple[list, list]:
+    """Markdown cells (label, then AFID and forgetting per run) and CSV rows (``key(...)`` + the four numbers + seeds)."""
+    md_rows, csv_rows = [], []
+    for strategy in strategies:
+        cells = [label(strategy)]
+        for run in runs:
+            if strategy not in run.afid:
+                cells += ["", ""]
+                continue
+            m = final_metrics(run, strategy)
+            cells += [_format(m["afid_mean"], m["afid_se"]), _format(m["forgetting_mean"], m["forgetting_se"])]
+            numbers = [m["afid_mean"], m["afid_se"], m["forgetting_mean"], m["forgetting_se"], m["seeds"]]
+            csv_rows.append([*key(strategy, run, m), *numbers])
+        md_rows.append(cells)
+    return md_rows, csv_rows
+
+
 def _select(runs: Sequence[ContinualRuns], keep: Callable[[str], bool]) -> list[tuple[ContinualRuns, str]]:
     return [(run, s) for run in runs for s in order_strategies(run.afid) if keep(s)]
 
@@ -292,31 +309,10 @@ def table1_final_afid(runs, out_dir: str | Path, stem: str = "table1") -> Figure
         raise DataError(f"Table 1 needs continual summary rows; they are written by {CONTINUAL_COMMAND}")
     strategies = order_strategies(s for r in runs for s in r.afid)
     md_header = ["Method"] + [f"{r.dataset} {col}" for r in runs for col in ("AFID ↓", "F ↓")]
-    md_rows, csv_rows = [], []
-    for strategy in strategies:
-        cells = [strategy]
-        for run in runs:
-            if strategy not in run.afid:
-                cells += ["", ""]
-                continue
-            m = final_metrics(run, strategy)
-            cells += [_format(m["afid_mean"], m["afid_se"]), _format(m["forgetting_mean"], m["forgetting_se"])]
-            csv_rows.append(
-                [
-                    strategy,
-                    run.dataset,
-                    m["tasks"],
-                    m["afid_mean"],
-                    m["afid_se"],
-                    m["forgetting_mean"],
-                    m["forgetting_se"],
-                    m["seeds"],
-                ]
-            )
-        md_rows.append(cells)
+    md_rows, csv_rows = _final_rows(strategies, runs, lambda s: s, lambda s, run, m: [s, run.dataset, m["tasks"]])
     seeds = sorted({s for r in runs for s in r.seeds})
     note = (
-        f"AFID = average FID at the final task (AFID@T), F = average forgetting (DESIGN section 6), mean ± standard "
+        f"AFID = average FID at the final task (AFID@T), F = average forgetting (docs/design.md §6), mean ± standard "
         f"error over seeds {seeds}"
         + (" (one seed: no error)" if len(seeds) < 2 else "")
         + ". Lower is better. Paper Table 1 reports MNIST/FMNIST/CIFAR-10/ImageNet-1k with 3 seeds."
@@ -357,29 +353,11 @@ def table5_low_rank(runs, out_dir: str | Path, stem: str = "table5") -> FigureOu
     datasets = [r for r in runs if any(rr is r for rr, _ in selected)]
     strategies = sorted({s for _, s in selected}, key=lambda s: (rank_of_strategy(s), s))
     md_header = ["Method"] + [f"{r.dataset} {col}" for r in datasets for col in ("Final FID", "Avg forgetting")]
-    md_rows, csv_rows = [], []
-    for strategy in strategies:
-        k = rank_of_strategy(strategy)
-        cells = [f"GD + rank-{k}" + (" (mean-gradient)" if k == 1 else "")]
-        for run in datasets:
-            if strategy not in run.afid:
-                cells += ["", ""]
-                continue
-            m = final_metrics(run, strategy)
-            cells += [_format(m["afid_mean"], m["afid_se"]), _format(m["forgetting_mean"], m["forgetting_se"])]
-            csv_rows.append(
-                [
-                    strategy,
-                    k,
-                    run.dataset,
-                    m["afid_mean"],
-                    m["afid_se"],
-                    m["forgetting_mean"],
-                    m["forgetting_se"],
-                    m["seeds"],
-                ]
-            )
-        md_rows.append(cells)
+    md_rows, csv_rows = _final_rows(
+        strategies, datasets,
+        lambda s: f"GD + rank-{rank_of_strategy(s)}" + (" (mean-gradient)" if rank_of_strategy(s) == 1 else ""),
+        lambda s, run, m: [s, rank_of_strategy(s), run.dataset],
+    )
     note = (
         "Final FID = AFID at the final task; mean ± standard error over seeds. Rank-1 uses c* mu mu^T from the mean "
         "gradient; rank-k uses the runner's top-k eigenpairs (paper Table 5: stochastic power iteration)."

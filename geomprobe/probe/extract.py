@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +37,7 @@ from geomprobe.probe.grads import per_sample_grads
 from geomprobe.probe.memory import chunk_size_for
 from geomprobe.probe.params import ParamLayout, param_layout, select_parameters
 from geomprobe.probe.products import ProbeBatch, true_fisher_target
-from geomprobe.probe.projection import RandomProjection
+from geomprobe.probe.projection import PROJECTIONS, CountSketch, RandomProjection, make_projection
 from geomprobe.probe.store import (
     MANIFEST,
     STORE_KIND,
@@ -65,7 +65,7 @@ class ExtractConfig:
     """
 
     ckpt: str
-    t: str
+    t_range: str = ""
     samples: int = 1024
     classes: str | None = None
     split: str = "train"
@@ -78,6 +78,12 @@ class ExtractConfig:
     shard_rows: int = DEFAULT_SHARD_ROWS
     dataset: str | None = None  # None: the dataset the checkpoint records (geomprobe checkpoints)
     resize: bool = False  # bring the dataset's images to the model's size and channels
+    projection: str = "countsketch"  # with ``project``: countsketch | gaussian
+    t: InitVar[str | None] = None  # older spelling of ``t_range``, accepted by the constructor
+
+    def __post_init__(self, t: str | None) -> None:
+        if t is not None:
+            self.t_range = t
 
     def validate(self) -> None:
         if self.samples <= 0:
@@ -88,6 +94,8 @@ class ExtractConfig:
             raise UsageError(f"--dtype must be float32 or float16, got {self.dtype!r}")
         if self.split not in ("train", "test"):
             raise UsageError(f"--split must be train or test, got {self.split!r}")
+        if self.projection not in PROJECTIONS:
+            raise UsageError(f"unknown --projection {self.projection!r}; expected one of {', '.join(PROJECTIONS)}")
         if self.project is not None and self.project <= 0:
             raise UsageError(f"--project K must be positive, got {self.project}")
         if self.shard_rows <= 0:
@@ -101,8 +109,21 @@ class ExtractConfig:
         for name, default in (("dataset", None), ("resize", False)):  # stores written before these options match
             if d[name] == default:
                 d.pop(name)
+        if d["project"] is None:
+            d.pop("projection")
         d["checkpoint_checksum"] = checksum
         return d
+
+
+def stored_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A store manifest's identity in today's spelling (stores written before 0.2 say ``t`` for ``t_range``
+    and had only the Gaussian projection)."""
+    identity = dict(manifest.get("identity") or {})
+    if "t" in identity:
+        identity["t_range"] = identity.pop("t")
+    if identity.get("project") is not None:
+        identity.setdefault("projection", "gaussian")
+    return identity
 
 
 @dataclass
@@ -343,7 +364,7 @@ class _Plan:
     sample_rows: np.ndarray
     names: list[str]
     layout: ParamLayout
-    projector: RandomProjection | None
+    projector: CountSketch | RandomProjection | None
     chunk: int
     shard_ranges: list[tuple[int, int]]
     notes: list[str] = field(default_factory=list)
@@ -383,14 +404,14 @@ def _plan(config: ExtractConfig, out: Path, device: str, max_memory: int | str |
     unet.requires_grad_(True)
     alphas_cumprod = ckpt.scheduler.alphas_cumprod.float()
     # SNR bands come from this model's own schedule (e.g. squaredcos_cap_v2), not the linear default
-    spec = parse_timesteps(config.t, num_train_timesteps=len(alphas_cumprod), alphas_cumprod=alphas_cumprod.double().numpy())
+    spec = parse_timesteps(config.t_range, num_train_timesteps=len(alphas_cumprod), alphas_cumprod=alphas_cumprod.double().numpy())
     keys = [key_for(spec.band)] if spec.is_band else [key_for(t) for t in spec.timesteps]
     dataset = _model_dataset(config, info)
     sample_rows = select_samples(dataset.labels, dataset.num_classes, config.classes, config.samples, config.seed)
     _check_labels(dataset, sample_rows, info)
     names = select_parameters(unet, config.params)
     layout = param_layout(unet, names)
-    projector = RandomProjection(layout.P, config.project, config.seed) if config.project else None
+    projector = make_projection(config.projection, layout.P, config.project, config.seed) if config.project else None
     chunk = chunk_size_for(unet, layout.P, (dataset.channels, dataset.image_size, dataset.image_size), budget)
     if projector:  # the projection holds (chunk, P) and (K, block) at once; keep the chunk in budget too
         chunk = max(1, min(chunk, budget // max(1, 8 * layout.P)))
@@ -466,7 +487,7 @@ def _new_manifest(plan: _Plan, command: list[str] | None) -> dict[str, Any]:
             "name": plan.dataset.name, "split": config.split, "image_size": info.image_size, "channels": info.channels,
             **({"resized_from": list(plan.dataset.source_shape)} if isinstance(plan.dataset, ResizedDataset) else {}),
         },
-        "t_spec": plan.spec.text,
+        "t_range": plan.spec.text,
         "keys": plan.keys,
         "key_info": plan.key_info,
         "n": plan.n,
@@ -648,13 +669,14 @@ def _prepare_out(out: Path, identity: dict[str, Any], overwrite: bool, rank: int
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         return None
-    if manifest.get("identity") == identity:
+    if stored_identity(manifest) == identity:
         if overwrite and rank == 0:
             _clear(out)
             return None
         return None if overwrite else manifest
     if not overwrite:
-        diff = sorted(k for k in set(identity) | set(manifest.get("identity", {})) if identity.get(k) != manifest.get("identity", {}).get(k))
+        old = stored_identity(manifest)
+        diff = sorted(k for k in set(identity) | set(old) if identity.get(k) != old.get(k))
         raise UsageError(
             f"{out} holds a gradient store made by a different command (differs in: {', '.join(diff)}); "
             "pass --overwrite to replace it or choose another --out"

@@ -175,7 +175,7 @@ def true_fisher_target(
     alphas_cumprod: torch.Tensor,
     xi: torch.Tensor,
 ) -> torch.Tensor:
-    """The "true Fisher" target eps_theta(x_t, t, y).detach() + xi: (B, C, H, W) (DESIGN section 6).
+    """The "true Fisher" target eps_theta(x_t, t, y).detach() + xi: (B, C, H, W) (docs/design.md §6).
 
     ``xi`` (B, C, H, W) ~ N(0, I) is drawn by the caller so it can be stored and replayed.
     """

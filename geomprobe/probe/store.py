@@ -1,4 +1,4 @@
-"""The HDF5 gradient store (DESIGN section 5): writer pieces and the :class:`GradientStore` reader.
+"""The HDF5 gradient store (docs/design.md §5): writer pieces and the :class:`GradientStore` reader.
 
 A store is a directory::
 
