@@ -39,9 +39,9 @@ from geomprobe.probe.params import ParamLayout, param_layout, select_parameters
 from geomprobe.probe.products import ProbeBatch, true_fisher_target
 from geomprobe.probe.projection import PROJECTIONS, CountSketch, RandomProjection, make_projection
 from geomprobe.probe.store import (
+    FORMAT_VERSION,
     MANIFEST,
     STORE_KIND,
-    FORMAT_VERSION,
     ShardWriter,
     check_shard,
     file_sha256,

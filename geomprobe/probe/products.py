@@ -21,6 +21,7 @@ from torch.func import jvp
 from geomprobe.diffusion import per_sample_loss, predict_noise
 from geomprobe.errors import UsageError
 from geomprobe.probe.autodiff import autodiff_safe
+from geomprobe.probe.engines.layerwise import LayerwiseUnsupported, layerwise_directional, layerwise_owners
 from geomprobe.probe.losses import functional_losses, on_device, probe_inputs
 from geomprobe.probe.params import device_of, flat_row, param_layout, split_state
 
@@ -127,20 +128,44 @@ def directional_derivatives(
     alphas_cumprod: torch.Tensor,
     v: torch.Tensor,
     target: torch.Tensor | None = None,
+    route: str = "auto",
 ) -> torch.Tensor:
-    """All v^T g_i: (B,) float32, from ONE forward-mode ``torch.func.jvp`` of the (B,) loss vector.
+    """All v^T g_i: (B,) float32 without forming G (O(P) memory).
 
-    ``v``: (P,) in the layout of ``names`` (:func:`param_layout`). Equals ``per_sample_grads(...) @ v``
-    without forming G: O(P) memory and about the cost of two forward passes.
+    ``v``: (P,) in the layout of ``names`` (:func:`param_layout`); equals ``per_sample_grads(...) @ v``.
+    ``route``: ``"layerwise"`` is one forward + one backward to the selected modules' outputs plus
+    one forward per module with its weights replaced by v (Conv2d, Linear, GroupNorm, Embedding
+    parameters; 1.0x a batched forward + backward on the DDPM CIFAR-10 UNet, bench/README.md);
+    ``"jvp"`` is one forward-mode ``torch.func.jvp`` of the loss vector (any model; about 1.9x, with
+    the math attention backend on CPU, :mod:`geomprobe.probe.autodiff`). ``"auto"``: layerwise
+    where it applies, else jvp.
     """
+    if route not in ("auto", "layerwise", "jvp"):
+        raise UsageError(f"unknown route {route!r}; expected auto, layerwise or jvp")
     device = device_of(unet)
     names = list(names)
-    selected, constants = split_state(unet, names)
     layout = param_layout(unet, names)
     if v.shape != (layout.P,):
         raise UsageError(f"direction v has shape {tuple(v.shape)}, expected ({layout.P},)")
-    tangents = {n: tv.to(device=device, dtype=selected[n].dtype) for n, tv in layout.view(v.detach()).items()}
+    params = dict(unet.named_parameters())
+    tangents = {n: tv.to(device=device, dtype=params[n].dtype) for n, tv in layout.view(v.detach()).items()}
     inputs = probe_inputs(unet, x0, noise, t, y, alphas_cumprod, target)
+    owners = layerwise_owners(unet, names) if route != "jvp" else None
+    if owners is not None:
+        try:
+            with autodiff_safe(unet):
+                return layerwise_directional(unet, owners, inputs, tangents)
+        except LayerwiseUnsupported:
+            if route == "layerwise":
+                raise UsageError("the layerwise route cannot see through this model; use route='jvp'") from None
+    elif route == "layerwise":
+        raise UsageError("the layerwise route needs Conv2d, Linear, GroupNorm or Embedding parameters only")
+    return _jvp_directional(unet, names, inputs, tangents)
+
+
+def _jvp_directional(unet: torch.nn.Module, names: list[str], inputs, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All v^T g_i by one ``torch.func.jvp`` of the per-sample loss vector."""
+    selected, constants = split_state(unet, names)
 
     def losses(params):
         return functional_losses(unet, params, constants, inputs)

@@ -42,6 +42,7 @@ import torch
 
 from geomprobe.errors import DataError, UsageError
 from geomprobe.io import MANIFEST, write_json
+
 STORE_KIND = "geomprobe-gradient-store"
 FORMAT_VERSION = 1
 TARGET_CHUNK_BYTES = 1 << 20

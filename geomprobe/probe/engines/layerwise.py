@@ -75,8 +75,13 @@ def layerwise_grads(
             p.requires_grad_(False)
 
 
-def _layerwise_chunk(unet, owners: Owners, offsets, batch: NoisedBatch, out: torch.Tensor) -> torch.Tensor:
-    """Fill ``out`` (b, P) with per-sample gradients for one chunk; return the (b,) losses."""
+def _forward_backward_to_outputs(unet, owners: Owners, batch: NoisedBatch):
+    """One batched forward with hooks on the owner modules and one backward of sum_i l_i to their outputs.
+
+    Returns (losses (b,), {module name: (input, output, group-norm stats)}, [d sum l / d output per
+    owner, in ``owners`` order]). Samples do not interact in the UNet, so row i of each output
+    gradient is sample i's own.
+    """
     records: dict[str, list] = {m: [] for m in owners}
 
     def make_hook(mname):
@@ -97,13 +102,19 @@ def _layerwise_chunk(unet, owners: Owners, offsets, batch: NoisedBatch, out: tor
     finally:
         for h in handles:
             h.remove()
+    for mname, recs in records.items():
+        if len(recs) != 1:
+            raise LayerwiseUnsupported(f"module {mname} ran {len(recs)} times in one forward")
+    single = {mname: recs[0] for mname, recs in records.items()}
+    return losses, single, [g if g is not None else torch.zeros_like(single[m][1]) for m, g in zip(owners, grads_out)]
+
+
+def _layerwise_chunk(unet, owners: Owners, offsets, batch: NoisedBatch, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` (b, P) with per-sample gradients for one chunk; return the (b,) losses."""
+    losses, records, grads_out = _forward_backward_to_outputs(unet, owners, batch)
     with torch.no_grad():  # closed-form per-sample gradients: nothing below needs autograd
-        for k, (mname, (m, attrs)) in enumerate(owners.items()):
-            recs = records[mname]
-            if len(recs) != 1:
-                raise LayerwiseUnsupported(f"module {mname} ran {len(recs)} times in one forward")
-            inp, output, stats = recs[0]
-            gout = grads_out[k] if grads_out[k] is not None else torch.zeros_like(output)
+        for gout, (mname, (m, attrs)) in zip(grads_out, owners.items()):
+            inp, _, stats = records[mname]
             gw, gb = _module_grads(m, inp, gout, "weight" in attrs, "bias" in attrs, stats)
             for attr, g in (("weight", gw), ("bias", gb)):
                 if attr in attrs:
@@ -111,6 +122,43 @@ def _layerwise_chunk(unet, owners: Owners, offsets, batch: NoisedBatch, out: tor
                     # copy straight into the strided view: reshape() of a permuted g would copy twice
                     out[:, a:b].view(g.shape).copy_(g)
     return losses.detach().float()
+
+
+def layerwise_directional(unet, owners: Owners, batch: NoisedBatch, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All v^T g_i, (b,): one forward + one backward to the owners' outputs, no forward-mode AD.
+
+    Sample i's weight gradient of a layer is bilinear in (its input x_i, its output gradient
+    gout_i), so v^T g_i = sum over layers of <gout_i, layer(x_i) with its parameters replaced by the
+    direction v>: one extra convolution / matmul / normalisation per layer. First-order only, so it
+    runs through any attention kernel. ``tangents``: {parameter name: direction of its shape}.
+    """
+    _, records, grads_out = _forward_backward_to_outputs(unet, owners, batch)
+    dots = torch.zeros(batch.n, dtype=torch.float64, device=batch.x_t.device)
+    with torch.no_grad():
+        for gout, (mname, (m, attrs)) in zip(grads_out, owners.items()):
+            inp = records[mname][0]
+            vw, vb = tangents.get(attrs.get("weight", "")), tangents.get(attrs.get("bias", ""))
+            dots += (_module_with(m, inp, vw, vb) * gout).flatten(1).sum(1, dtype=torch.float64)
+    return dots.float()
+
+
+def _module_with(m: torch.nn.Module, x: torch.Tensor, vw: torch.Tensor | None, vb: torch.Tensor | None) -> torch.Tensor:
+    """The module's output on ``x`` with its weight replaced by ``vw`` and its bias by ``vb`` (None: 0)."""
+    F = torch.nn.functional
+    if isinstance(m, torch.nn.Conv2d):
+        vw = vw if vw is not None else torch.zeros_like(m.weight)
+        return F.conv2d(x, vw, vb, m.stride, m.padding, m.dilation, m.groups)
+    if isinstance(m, torch.nn.Linear):
+        return F.linear(x, vw if vw is not None else torch.zeros_like(m.weight), vb)
+    if isinstance(m, torch.nn.GroupNorm):
+        C = x.shape[1]
+        shape = (1, C) + (1,) * (x.dim() - 2)
+        xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
+        out = xhat * (vw.view(shape) if vw is not None else 0.0)
+        return out + (vb.view(shape) if vb is not None else 0.0)
+    if isinstance(m, torch.nn.Embedding):
+        return F.embedding(x, vw) if vw is not None else torch.zeros(*x.shape, m.embedding_dim, device=x.device)
+    raise LayerwiseUnsupported(f"no directional route for {type(m).__name__}")
 
 
 def _conv_weight_grads(x: torch.Tensor, gout: torch.Tensor, m: torch.nn.Conv2d) -> torch.Tensor:
