@@ -34,7 +34,7 @@ from geomprobe.errors import DataError, UsageError
 from geomprobe.io import derived_seed, parse_memory, torch_generator
 from geomprobe.models import ModelInfo, checkpoint_checksum, load_model, resolve_device
 from geomprobe.probe.grads import per_sample_grads
-from geomprobe.probe.memory import chunk_size_for
+from geomprobe.probe.memory import reproducible_chunk
 from geomprobe.probe.params import ParamLayout, param_layout, select_parameters
 from geomprobe.probe.products import ProbeBatch, true_fisher_target
 from geomprobe.probe.projection import PROJECTIONS, CountSketch, RandomProjection, make_projection
@@ -412,7 +412,7 @@ def _plan(config: ExtractConfig, out: Path, device: str, max_memory: int | str |
     names = select_parameters(unet, config.params)
     layout = param_layout(unet, names)
     projector = make_projection(config.projection, layout.P, config.project, config.seed) if config.project else None
-    chunk = chunk_size_for(unet, layout.P, (dataset.channels, dataset.image_size, dataset.image_size), budget)
+    chunk, chunk_note = reproducible_chunk(unet, layout.P, (dataset.channels, dataset.image_size, dataset.image_size), budget)
     if projector:  # the projection holds (chunk, P) and (K, block) at once; keep the chunk in budget too
         chunk = max(1, min(chunk, budget // max(1, 8 * layout.P)))
     n = len(sample_rows)
@@ -421,7 +421,7 @@ def _plan(config: ExtractConfig, out: Path, device: str, max_memory: int | str |
         checksum=checkpoint_checksum(config.ckpt), alphas_cumprod=alphas_cumprod, spec=spec, keys=keys,
         key_info=_key_info(spec, keys, alphas_cumprod.double().numpy()), dataset=dataset, sample_rows=sample_rows,
         names=names, layout=layout, projector=projector, chunk=chunk,
-        shard_ranges=[(a, min(n, a + config.shard_rows)) for a in range(0, n, config.shard_rows)], notes=ckpt.notes,
+        shard_ranges=[(a, min(n, a + config.shard_rows)) for a in range(0, n, config.shard_rows)], notes=ckpt.notes + ([chunk_note] if chunk_note else []),
     )
 
 

@@ -58,3 +58,25 @@ def chunk_size_for(
     budget = DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
     per = _ACTIVATION_FACTOR * activation_bytes_per_sample(unet, sample_shape) + _GRAD_FACTOR * 4 * P
     return int(max(1, min(cap, budget // max(1, int(per)))))
+
+
+def reproducible_chunk(
+    unet: torch.nn.Module, P: int, sample_shape: Sequence[int], max_memory: int = DEFAULT_MAX_MEMORY
+) -> tuple[int, str | None]:
+    """Rows per per-sample-gradient call, chosen so that the stored rows do not depend on the budget.
+
+    Kernels (oneDNN convolutions) may round differently at different batch sizes, so the rows of a
+    store would change at float rounding with the chunk size. The chunk is therefore the one the
+    *default* budget allows (a function of the model alone, the same on every machine); a smaller
+    ``max_memory`` shrinks it and returns a one-line note saying that the rows then differ from a
+    default-budget run at float rounding (about 1e-7 relative).
+
+    Returns:
+        (rows per call, note or None).
+    """
+    chunk = chunk_size_for(unet, P, sample_shape, DEFAULT_MAX_MEMORY)
+    allowed = chunk_size_for(unet, P, sample_shape, max_memory)
+    if allowed >= chunk:
+        return chunk, None
+    return allowed, (f"--max-memory {int(max_memory) / 2**20:.0f} MiB computes {allowed} rows per call instead of "
+                     f"{chunk}: the rows differ from a default-budget run at float rounding (~1e-7 relative)")
