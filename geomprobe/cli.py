@@ -124,7 +124,8 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
 ) -> None:
     """Train a label-conditioned UNet2DModel with the DDPM loss."""
-    from geomprobe.training import TrainConfig, train as run_train
+    from geomprobe.training import TrainConfig
+    from geomprobe.training import train as run_train
 
     config = TrainConfig(
         dataset=dataset, model=model, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
@@ -262,7 +263,8 @@ def reproduce(
     """Train -> grads -> spectrum -> figures (-> continual) in one resumable command."""
     from rich.progress import Progress, SpinnerColumn
 
-    from geomprobe.reproduce import get_preset, reproduce as run_reproduce, stage_keys
+    from geomprobe.reproduce import get_preset, stage_keys
+    from geomprobe.reproduce import reproduce as run_reproduce
 
     chosen = get_preset(preset)
     if models:

@@ -3,8 +3,8 @@
 - File names: one constant per file of the contracts in docs/design.md (manifests, results, logs).
 - Atomic writes: :func:`atomic_path` (write to ``<name>.tmp``, rename on success, remove the
   temporary on failure) and the text/JSON/JSONL writers built on it.
-- Seeds: :func:`torch_generator` and :func:`derived_seed`, the two ways a seed becomes a
-  generator; every seeded draw in the project goes through them.
+- Seeds: :func:`torch_generator`, :func:`numpy_generator` and :func:`derived_seed` (plus
+  :func:`task_seed` for continual streams); every seeded draw in the project goes through them.
 - Memory budgets: :func:`parse_memory` turns ``"2G"`` into bytes once, at the CLI; the library
   takes bytes and defaults to :data:`DEFAULT_MAX_MEMORY`.
 """
@@ -106,6 +106,11 @@ def torch_generator(seed: int):
     import torch  # here, so that file helpers (figures, the CLI's argument checks) do not load torch
 
     return torch.Generator().manual_seed(int(seed))
+
+
+def numpy_generator(*parts: int) -> np.random.Generator:
+    """A numpy ``Generator`` seeded by the integers ``parts`` (``numpy_generator(s)`` == ``default_rng(s)``)."""
+    return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))
 
 
 def derived_seed(*parts: int) -> int:

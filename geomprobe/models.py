@@ -182,8 +182,9 @@ def save_checkpoint(
     (roll forward) and discards an uncommitted one. Other files in ``directory`` (the
     training log, gradient stores) are left alone.
     """
-    from geomprobe import __version__
     from safetensors.torch import save_file
+
+    from geomprobe import __version__
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

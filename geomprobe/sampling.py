@@ -15,6 +15,7 @@ from geomprobe.data import parse_classes
 from geomprobe.diffusion import ddim_sample, is_label_conditioned
 from geomprobe.errors import UsageError
 from geomprobe.images import image_grid, save_png
+from geomprobe.io import torch_generator
 from geomprobe.models import load_model, resolve_device
 
 DEFAULT_ROWS = 8
@@ -82,7 +83,7 @@ def sample_grid(
             )
         class_list, n_rows = None, rows or DEFAULT_ROWS
         labels = torch.full((n_rows * n_per_class,), -1, dtype=torch.long)  # placeholders: never passed to the model
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch_generator(seed)
     samples = ddim_sample(c.unet, c.scheduler, labels, num_inference_steps=steps, generator=gen)
     path = save_png(image_grid(samples, nrow=n_per_class, scale=scale), out)
     return SampleGrid(path, samples, class_list, n_rows, list(c.notes))

@@ -22,6 +22,7 @@ from torch import nn
 
 from geomprobe.data import ImageDataset, load_dataset
 from geomprobe.errors import DataError
+from geomprobe.io import torch_generator
 
 CLASSIFIER_WEIGHTS = "model.safetensors"
 CLASSIFIER_META = "classifier.json"
@@ -115,7 +116,7 @@ def classifier_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
 
 def train_classifier(train: ImageDataset, test: ImageDataset, config: ClassifierConfig) -> tuple[FeatureClassifier, float]:
     """Train on ``train`` with light augmentation (random 1-pixel shifts); return (model, test accuracy)."""
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch_generator(config.seed)
     torch.manual_seed(config.seed)
     model = FeatureClassifier(config)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)

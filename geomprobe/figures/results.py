@@ -24,7 +24,6 @@ import numpy as np
 from geomprobe.errors import DataError
 from geomprobe.io import CHECKPOINT_META, COSINE_MAPS, MANIFEST, METRICS, SPECTRUM_JSON
 
-
 SPECTRUM_COMMAND = "geomprobe spectrum --grads STORE (after geomprobe grads --ckpt CKPT --t 100..900 --out STORE)"
 CONTINUAL_COMMAND = "geomprobe continual --dataset digits --compare --out runs/cl"
 

@@ -34,12 +34,12 @@ import torch
 from geomprobe.errors import UsageError
 from geomprobe.fisher.base import FisherInfo, FisherMatrix, matrix_free_penalty, promoted
 from geomprobe.fisher.diagonal import DiagonalFisher
+from geomprobe.fisher.gram import GramFisher
 from geomprobe.fisher.lowrank import LowRankFisher
 from geomprobe.fisher.rank1 import Rank1Fisher
-from geomprobe.fisher.gram import GramFisher
 from geomprobe.fisher.rows import GramStatistics, IterableRows, rows_per_block
 from geomprobe.fisher.spectrum import rank1_scale, top_eigenpairs
-from geomprobe.io import DEFAULT_MAX_MEMORY
+from geomprobe.io import DEFAULT_MAX_MEMORY, torch_generator
 
 
 class PerSampleGradients(Protocol):
@@ -254,7 +254,7 @@ class ImplicitFisher(FisherMatrix):
 
         Costs ``probes`` jvps; the standard error is the sample standard deviation / sqrt(probes).
         """
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch_generator(seed)
         values = [float(self.quad(_rademacher(self.P, gen, self.gradients.dtype))) for _ in range(probes)]
         return _mean_and_error(np.array(values))
 
@@ -263,7 +263,7 @@ class ImplicitFisher(FisherMatrix):
 
         Costs ``probes`` Fisher-vector products; the error is per entry, sample std / sqrt(probes).
         """
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch_generator(seed)
         total = torch.zeros(self.P, dtype=torch.float64)
         total_sq = torch.zeros(self.P, dtype=torch.float64)
         for _ in range(probes):

@@ -24,7 +24,7 @@ from geomprobe.fisher.diagonal import DiagonalFisher
 from geomprobe.fisher.implicit import ImplicitFisher
 from geomprobe.fisher.lowrank import LowRankFisher
 from geomprobe.fisher.rank1 import Rank1Fisher
-from geomprobe.io import DEFAULT_MAX_MEMORY
+from geomprobe.io import DEFAULT_MAX_MEMORY, torch_generator
 
 ModelFisherOperator = ImplicitFisher.from_model
 """The matrix-free Fisher of a model (older name of :meth:`ImplicitFisher.from_model`)."""
@@ -75,7 +75,7 @@ def stochastic_power_iteration(
     """
     if not 1 <= k <= P:
         raise UsageError(f"k must be in 1..{P}, got {k}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch_generator(seed)
     V, _ = torch.linalg.qr(torch.randn(P, k, generator=gen, dtype=torch.float64))
     V = V.to(dtype)
     for step in range(num_iters):

@@ -37,6 +37,7 @@ import scipy.linalg
 
 from geomprobe.errors import DataError
 from geomprobe.fisher.rows import GramStatistics
+from geomprobe.io import numpy_generator
 
 LANCZOS_MIN_N = 256
 """Dense K at least this large (and k < n/4) takes Lanczos instead of a full decomposition."""
@@ -70,7 +71,7 @@ def top_eigenpairs(
     k = max(1, min(k, n)) if dense else k
     if not dense or (n >= LANCZOS_MIN_N and k < n // 4):
         basis = ncv if ncv is not None else (max(2 * k + 1, 24) if dense else max(4 * k, 20))
-        v0 = np.random.default_rng(seed).standard_normal(n)
+        v0 = numpy_generator(seed).standard_normal(n)
         try:
             w, U = eigsh(A, k=k, which="LA", tol=tol, v0=v0, ncv=min(n, basis))
             order = np.argsort(w)[::-1]

@@ -31,7 +31,7 @@ import torch
 
 from geomprobe.data import DIGITS_IMAGE_SIZES, ResizedDataset, fit_to_model, load_dataset, parse_classes
 from geomprobe.errors import DataError, UsageError
-from geomprobe.io import derived_seed, parse_memory, torch_generator
+from geomprobe.io import derived_seed, numpy_generator, parse_memory, torch_generator
 from geomprobe.models import ModelInfo, checkpoint_checksum, load_model, resolve_device
 from geomprobe.probe.grads import per_sample_grads
 from geomprobe.probe.memory import reproducible_chunk
@@ -219,7 +219,7 @@ def select_samples(labels: torch.Tensor, num_classes: int, classes: str | None, 
     if samples > len(idx):
         what = f"classes {classes}" if class_list is not None else "the split"
         raise UsageError(f"--samples {samples} is more than the {len(idx)} images of {what}")
-    perm = np.random.default_rng(np.random.SeedSequence([seed, 0x5A3])).permutation(len(idx))
+    perm = numpy_generator(seed, 0x5A3).permutation(len(idx))
     return idx[np.sort(perm[:samples])]
 
 
