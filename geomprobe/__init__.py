@@ -23,6 +23,7 @@ _EXPORTS = {
     "build_unet": "geomprobe.models",
     "build_scheduler": "geomprobe.models",
     "load_checkpoint": "geomprobe.models",
+    "load_model": "geomprobe.models",
     "save_checkpoint": "geomprobe.models",
     "per_sample_loss": "geomprobe.diffusion",
     "ddim_sample": "geomprobe.diffusion",
@@ -40,7 +41,10 @@ _EXPORTS = {
     "Rank1Fisher": "geomprobe.fisher",
     "LowRankFisher": "geomprobe.fisher",
     "GramFisher": "geomprobe.fisher",
+    "ImplicitFisher": "geomprobe.fisher",
+    "StackedPenalty": "geomprobe.fisher.penalty",
     "load_fisher": "geomprobe.fisher",
+    "fisher_spectrum": "geomprobe.fisher.spectrum",
 }
 
 __all__ = ["__version__", *_EXPORTS]

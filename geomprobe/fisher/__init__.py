@@ -10,7 +10,8 @@
 All answer mv, quad, trace, frobenius, diag, top_eigen, penalty and (all but implicit)
 save/load (``load_fisher`` dispatches on the file's kind). The vocabulary of kinds is
 :mod:`geomprobe.fisher.kinds`; the spectral formulas (c*, errors, eigensolver) are
-:mod:`geomprobe.fisher.spectrum`. Builders: :func:`fisher_from_rows` / :func:`fisher_from_store`
+:mod:`geomprobe.fisher.spectrum`; the EWC penalty summed over tasks for any kinds is
+:class:`~geomprobe.fisher.penalty.StackedPenalty`. Builders: :func:`fisher_from_rows` / :func:`fisher_from_store`
 (streamed rows) and the model-based ones of :mod:`geomprobe.fisher.model` (no stored G).
 This package knows nothing of the continual task loop or the CLI (docs/design.md §1).
 """
@@ -38,6 +39,7 @@ _LAZY = {
     "ModelGradients": "geomprobe.fisher.implicit",
     "FunctionGradients": "geomprobe.fisher.implicit",
     "weighted_gradient": "geomprobe.probe",
+    "StackedPenalty": "geomprobe.fisher.penalty",
     "ModelFisherOperator": "geomprobe.fisher.model",
     "diagonal_from_model": "geomprobe.fisher.model",
     "lowrank_from_model": "geomprobe.fisher.model",
