@@ -45,9 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-
 from real_model import CIFAR_CONFIG  # noqa: E402  (bench/real_model.py, the same directory)
-
 
 # --------------------------------------------------------------------------- model + fixes
 
@@ -67,7 +65,9 @@ def add_group_norm_fix(unet):
 class PlainAttnProcessor:
     """diffusers' spatial self-attention with matmul + softmax only (forward AD and double backward)."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -285,8 +285,18 @@ def lw_gtw(mods, cache, w):
         if isinstance(m, torch.nn.Conv2d):
             has_b = m.bias is not None
             _, dW, db = torch.ops.aten.convolution_backward(
-                gw, x, m.weight, [m.out_channels] if has_b else None, list(m.stride), list(m.padding),
-                list(m.dilation), False, [0, 0], m.groups, [False, True, has_b])
+                gw,
+                x,
+                m.weight,
+                [m.out_channels] if has_b else None,
+                list(m.stride),
+                list(m.padding),
+                list(m.dilation),
+                False,
+                [0, 0],
+                m.groups,
+                [False, True, has_b],
+            )
             out[n + ".weight"] = dW
             if has_b:
                 out[n + ".bias"] = db
@@ -307,6 +317,7 @@ def lw_gv_streaming(unet, batch, v):
     reaches its output, so no grad_out is kept: peak memory ~ a plain fwd+bwd. The backward goes to
     x_t and to the time-projection output (the time-embedding branch does not lead to x_t)."""
     import torch.nn.functional as F
+
     from geomprobe.diffusion import denoising_loss
 
     x_t, t, y, target = batch
@@ -342,7 +353,9 @@ def lw_gv_streaming(unet, batch, v):
                 nonlocal dots
                 with torch.no_grad():
                     dots += layer_dot(m, n, x, g)
+
             out.register_hook(grad_hook)
+
         return hook
 
     leaves = []
@@ -353,7 +366,9 @@ def lw_gv_streaming(unet, batch, v):
         return out
 
     handles = [m.register_forward_hook(fwd_hook(n)) for n, m in unet.named_modules() if isinstance(m, _LW_TYPES)]
-    handles += [m.register_forward_hook(new_leaf) for n, m in unet.named_modules() if n in ("time_proj", "class_embedding")]
+    handles += [
+        m.register_forward_hook(new_leaf) for n, m in unet.named_modules() if n in ("time_proj", "class_embedding")
+    ]
     try:
         with torch.enable_grad():
             x_in = x_t.detach().requires_grad_(True)
@@ -392,28 +407,36 @@ def make_route(name, unet, names, batch, v):
     if name == "gv_jvp_flash":  # the default processor: expected to fail (no forward AD for CPU flash SDPA)
         return lambda: gv_jvp(unet, names, batch, v)
     if name == "fv":
+
         def fv():
             gv = gv_jvp(unet, names, batch, v, math())
             return weighted_grad(unet, names, batch, gv / B)
+
         return fv
     if name == "mu_cstar":
+
         def mu_cstar():
             mu = torch.cat([g.reshape(-1) for g in weighted_grad(unet, names, batch, torch.full((B,), 1.0 / B))])
             return gv_jvp(unet, names, batch, _as_dict(unet, names, mu), math())
+
         return mu_cstar
     if name == "gv_layerwise":
         return lambda: lw_gv(*lw_capture(unet, batch), v)
     if name == "gv_layerwise_stream":
         return lambda: lw_gv_streaming(unet, batch, v)
     if name == "fv_layerwise":
+
         def fv_lw():
             mods, cache = lw_capture(unet, batch)
             return lw_gtw(mods, cache, lw_gv(mods, cache, v) / B)
+
         return fv_lw
     if name == "mu_cstar_layerwise":
+
         def mu_cstar_lw():
             mu = torch.cat([g.reshape(-1) for g in weighted_grad(unet, names, batch, torch.full((B,), 1.0 / B))])
             return lw_gv(*lw_capture(unet, batch), _as_dict(unet, names, mu))
+
         return mu_cstar_lw
     if name == "idle":
         return lambda: None
@@ -421,8 +444,21 @@ def make_route(name, unet, names, batch, v):
 
 
 ALL_ROUTES = [
-    "idle", "fwdbwd", "mu", "gtw", "gv_jvp_math", "gv_jvp_plain", "gv_fwad_math", "gv_dbl_math",
-    "gv_dbl_plain", "gv_linearize_math", "fv", "mu_cstar", "gv_layerwise", "gv_layerwise_stream", "fv_layerwise",
+    "idle",
+    "fwdbwd",
+    "mu",
+    "gtw",
+    "gv_jvp_math",
+    "gv_jvp_plain",
+    "gv_fwad_math",
+    "gv_dbl_math",
+    "gv_dbl_plain",
+    "gv_linearize_math",
+    "fv",
+    "mu_cstar",
+    "gv_layerwise",
+    "gv_layerwise_stream",
+    "fv_layerwise",
     "mu_cstar_layerwise",
 ]
 
@@ -467,8 +503,16 @@ def run_one(root, route, B, reps):
     first = times[0] if times else None
     best = min(times[1:]) if len(times) > 1 else None
     cpu_best = min(cpu[1:]) if len(cpu) > 1 else None
-    return dict(route=route, B=B, seconds=best, cpu_seconds=cpu_best, first=first, rss_mib=rss / 1024,
-                rss_before_mib=rss0 / 1024, error=err)
+    return dict(
+        route=route,
+        B=B,
+        seconds=best,
+        cpu_seconds=cpu_best,
+        first=first,
+        rss_mib=rss / 1024,
+        rss_before_mib=rss0 / 1024,
+        error=err,
+    )
 
 
 def check(dtype=torch.float64):
@@ -477,7 +521,9 @@ def check(dtype=torch.float64):
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    unet = UNet2DModel(**{**CIFAR_CONFIG, "block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8, "sample_size": 16}).to(dtype)
+    unet = UNet2DModel(
+        **{**CIFAR_CONFIG, "block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8, "sample_size": 16}
+    ).to(dtype)
     add_group_norm_fix(unet)
     from diffusers import DDPMScheduler
 
@@ -508,11 +554,15 @@ def check(dtype=torch.float64):
         except Exception as exc:
             print(f"  {label:30s} FAILS {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
     gtw = torch.cat([g.reshape(-1) for g in weighted_grad(unet, names, batch, ref)])
-    print(f"  {'G^T w (one backward)':30s} max rel err {float((gtw - G.T @ ref).abs().max() / (G.T @ ref).abs().max()):.1e}")
+    print(
+        f"  {'G^T w (one backward)':30s} max rel err {float((gtw - G.T @ ref).abs().max() / (G.T @ ref).abs().max()):.1e}"
+    )
     mods, cache = lw_capture(unet, batch)
     lw = lw_gtw(mods, cache, ref)
     lw = torch.cat([lw[n].reshape(-1) for n in names])
-    print(f"  {'G^T w layerwise (same cache)':30s} max rel err {float((lw - G.T @ ref).abs().max() / (G.T @ ref).abs().max()):.1e}")
+    print(
+        f"  {'G^T w layerwise (same cache)':30s} max rel err {float((lw - G.T @ ref).abs().max() / (G.T @ ref).abs().max()):.1e}"
+    )
 
 
 def print_table(results, B, reps):
@@ -520,7 +570,9 @@ def print_table(results, B, reps):
     ref = results.get("fwdbwd", {})
     idle = results.get("idle", {}).get("rss_mib")
     print(f"\nB={B} at {CIFAR_CONFIG['sample_size']} px (min of {reps} after a warm-up; ratio = time / fwdbwd)")
-    print(f"{'route':18s} {'wall s':>7s} {'ratio':>6s} {'cpu s':>7s} {'ratio':>6s} {'1st call':>8s} {'peak RSS MiB':>12s} {'over idle':>9s} {'load':>5s}  error")
+    print(
+        f"{'route':18s} {'wall s':>7s} {'ratio':>6s} {'cpu s':>7s} {'ratio':>6s} {'1st call':>8s} {'peak RSS MiB':>12s} {'over idle':>9s} {'load':>5s}  error"
+    )
     for r in results.values():
         cells = []
         for key in ("seconds", "cpu_seconds"):
@@ -530,8 +582,10 @@ def print_table(results, B, reps):
         rss = r.get("rss_mib")
         over = f"{rss - idle:9.0f}" if rss and idle else "        -"
         first = r.get("first")
-        print(f"{r['route']:18s} {' '.join(cells)} {first if first is not None else float('nan'):8.2f} "
-              f"{rss or float('nan'):12.0f} {over} {r['load']:5.2f}  {r.get('error') or ''}")
+        print(
+            f"{r['route']:18s} {' '.join(cells)} {first if first is not None else float('nan'):8.2f} "
+            f"{rss or float('nan'):12.0f} {over} {r['load']:5.2f}  {r.get('error') or ''}"
+        )
 
 
 def main(argv=None):
@@ -556,17 +610,34 @@ def main(argv=None):
         unet, _ = load_unet(root)
         P = sum(p.numel() for p in unet.parameters())
         print(f"model: DDPM CIFAR-10 UNet2DModel, P={P:,}, random weights, from {root} ({sorted(os.listdir(root))})")
-        print(f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-              f"torch threads in children: 1, load before: {os.getloadavg()}")
+        print(
+            f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+            f"torch threads in children: 1, load before: {os.getloadavg()}"
+        )
         del unet
         for B in [int(b) for b in args.batch.split(",")]:
             results = {}
             for route in args.routes.split(","):
-                cmd = [sys.executable, os.path.abspath(__file__), "--reps", str(args.reps), "--_child", root, route, str(B)]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--reps",
+                    str(args.reps),
+                    "--_child",
+                    root,
+                    route,
+                    str(B),
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
                 if proc.returncode != 0 or not lines:
-                    results[route] = dict(route=route, B=B, seconds=None, rss_mib=None, error=f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+                    results[route] = dict(
+                        route=route,
+                        B=B,
+                        seconds=None,
+                        rss_mib=None,
+                        error=f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}",
+                    )
                 else:
                     results[route] = json.loads(lines[-1])
                 results[route]["load"] = os.getloadavg()[0]

@@ -44,7 +44,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--tasks", type=int, default=4, help="earlier tasks in the penalty")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
-    ap.add_argument("--full-rows", type=int, default=256, help="per-sample gradients per task of the full (Gram) Fisher")
+    ap.add_argument(
+        "--full-rows", type=int, default=256, help="per-sample gradients per task of the full (Gram) Fisher"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -60,10 +62,15 @@ def main() -> None:
     fishers = {
         "diag": [DiagonalFisher(torch.rand(P, generator=g)) for _ in range(args.tasks)],
         "rank1": [Rank1Fisher(torch.randn(P, generator=g) * 1e-3, 2.0) for _ in range(args.tasks)],
-        "rank5": [LowRankFisher(torch.rand(5, generator=g), torch.linalg.qr(torch.randn(P, 5, generator=g))[0]) for _ in range(args.tasks)],
+        "rank5": [
+            LowRankFisher(torch.rand(5, generator=g), torch.linalg.qr(torch.randn(P, 5, generator=g))[0])
+            for _ in range(args.tasks)
+        ],
         "full": [GramFisher(torch.randn(args.full_rows, P, generator=g) * 1e-3) for _ in range(args.tasks)],
     }
-    ours = {kind: PenaltyTerm(names, StackedPenalty(15000.0, pairs=list(zip(fs, anchors)))) for kind, fs in fishers.items()}
+    ours = {
+        kind: PenaltyTerm(names, StackedPenalty(15000.0, pairs=list(zip(fs, anchors)))) for kind, fs in fishers.items()
+    }
 
     params = dict(unet.named_parameters())
     slices, start = {}, 0
@@ -84,6 +91,7 @@ def main() -> None:
         def term(model, step):
             theta = flat_parameters(model, names)
             return {"ewc": sum(f.penalty(theta, a, 15000.0) for f, a in zip(fishers[kind], anchors))}
+
         return term
 
     variants = {
@@ -133,8 +141,10 @@ def main() -> None:
 
     base = statistics.median(times["none"])
     load = os.getloadavg()[0]
-    print(f"small3 16px, P={count_parameters(unet):,}, batch {args.batch}, {args.tasks} earlier tasks, "
-          f"{args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps, load {load:.2f}")
+    print(
+        f"small3 16px, P={count_parameters(unet):,}, batch {args.batch}, {args.tasks} earlier tasks, "
+        f"{args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps, load {load:.2f}"
+    )
     print(f"{'variant':28s} {'s/step':>9s} {'overhead':>9s} {'penalty fwd+bwd':>16s} {'% of a step':>12s}")
     for k in variants:
         med = statistics.median(times[k])

@@ -124,15 +124,21 @@ def main() -> None:
     ap.add_argument("--presets", default="small1,small3,base")
     ap.add_argument("--sizes", default="16,32")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--malloc", choices=["retain", "default"], default="retain",
-                    help="retain: glibc keeps freed memory, as the geomprobe command sets it (geomprobe/allocator.py); "
-                         "default: glibc's own thresholds")
+    ap.add_argument(
+        "--malloc",
+        choices=["retain", "default"],
+        default="retain",
+        help="retain: glibc keeps freed memory, as the geomprobe command sets it (geomprobe/allocator.py); "
+        "default: glibc's own thresholds",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     retained = args.malloc == "retain" and retain_freed_memory()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}, "
-          f"malloc: {'freed memory retained' if retained else 'glibc defaults'}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, best of {args.repeats}, "
+        f"malloc: {'freed memory retained' if retained else 'glibc defaults'}"
+    )
     header = (
         f"{'preset':7} {'px':>3} {'P':>8} | {'fwd+bwd s':>9} | {'ours s':>7} {'x':>5} | {'fresh':>5} | {'vmap s':>7} {'x':>5} | "
         f"{'opacus s':>8} {'x':>5} | {'loop s':>7} {'x':>5}"

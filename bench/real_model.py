@@ -36,7 +36,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 CIFAR_CONFIG = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
     block_out_channels=(128, 256, 256, 256),
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
@@ -61,28 +64,38 @@ def probe_batches(unet, rows: int, batch: int = 8):
     out = []
     for a in range(0, rows, batch):
         b = min(batch, rows - a)
-        out.append(ProbeBatch(torch.randn(b, c, s, s, generator=g), torch.randn(b, c, s, s, generator=g),
-                              torch.randint(0, 1000, (b,), generator=g), torch.zeros(b, dtype=torch.long)))
+        out.append(
+            ProbeBatch(
+                torch.randn(b, c, s, s, generator=g),
+                torch.randn(b, c, s, s, generator=g),
+                torch.randint(0, 1000, (b,), generator=g),
+                torch.zeros(b, dtype=torch.long),
+            )
+        )
     return out
 
 
 def route_fn(name: str, unet, ac, batches, max_memory: int, k: int):
     """A zero-argument callable for route ``name``; returns extra facts to report."""
+    from geomprobe.diffusion import per_sample_loss
     from geomprobe.fisher import ImplicitFisher
     from geomprobe.fisher.blockgram import block_gram_statistics, model_gradients
     from geomprobe.probe import per_sample_grads, per_sample_losses, select_parameters  # noqa: F401
-    from geomprobe.diffusion import per_sample_loss
 
     names = select_parameters(unet)
     fisher = ImplicitFisher.from_model(unet, names, batches, ac, max_memory=max_memory)
     if name == "fwdbwd":
+
         def fwdbwd():
             for b in batches:
                 unet.zero_grad(set_to_none=True)
                 per_sample_loss(unet, b.x0, b.noise, b.t, b.y, ac).mean().backward()
+
         return fwdbwd
     if name == "per_sample":
-        return lambda: [per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, ac, max_memory=max_memory) for b in batches]
+        return lambda: [
+            per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, ac, max_memory=max_memory) for b in batches
+        ]
     if name == "mu_cstar":
         return lambda: {"c_star": fisher.to_rank1().c_star}
     if name == "fv":
@@ -95,9 +108,16 @@ def route_fn(name: str, unet, ac, batches, max_memory: int, k: int):
 
         def blockgram():
             passes = []
-            block_gram_statistics(model_gradients(unet, batches, ac, max_memory), names, sizes, fisher.n, max_memory,
-                                  progress=lambda d, tot: passes.append(tot))
+            block_gram_statistics(
+                model_gradients(unet, batches, ac, max_memory),
+                names,
+                sizes,
+                fisher.n,
+                max_memory,
+                progress=lambda d, tot: passes.append(tot),
+            )
             return {"blocks": passes[-1]}
+
         return blockgram
     raise SystemExit(f"unknown route {name}")
 
@@ -120,8 +140,15 @@ def run_one(root: str, route: str, rows: int, max_memory: int, k: int) -> dict:
     extra = fn()
     wall, cpu = time.perf_counter() - start, time.process_time() - cstart
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return dict(route=route, rows=rows, wall=wall, cpu=cpu, rss_mib=rss / 1024, rss_model_mib=rss0 / 1024,
-                extra=extra if isinstance(extra, dict) else {})
+    return dict(
+        route=route,
+        rows=rows,
+        wall=wall,
+        cpu=cpu,
+        rss_mib=rss / 1024,
+        rss_model_mib=rss0 / 1024,
+        extra=extra if isinstance(extra, dict) else {},
+    )
 
 
 def main(argv=None) -> None:
@@ -143,8 +170,19 @@ def main(argv=None) -> None:
         write_pipeline(root)
         results = []
         for route in args.routes.split(","):
-            cmd = [sys.executable, __file__, "--child", root, route, "--rows", str(args.rows),
-                   "--max-memory", args.max_memory, "--k", str(args.k)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                root,
+                route,
+                "--rows",
+                str(args.rows),
+                "--max-memory",
+                args.max_memory,
+                "--k",
+                str(args.k),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{route}: failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -157,8 +195,10 @@ def main(argv=None) -> None:
 def print_table(results: list[dict], args) -> None:
     """Markdown table: CPU seconds, ratio to fwdbwd, wall seconds, peak RSS; threads and load."""
     ref = next((r["cpu"] for r in results if r["route"] == "fwdbwd"), None)
-    print(f"\nDDPM CIFAR-10 UNet, {args.rows} rows at 32 px, threads=1, --max-memory {args.max_memory}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nDDPM CIFAR-10 UNet, {args.rows} rows at 32 px, threads=1, --max-memory {args.max_memory}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print("| route | CPU s | / fwd+bwd | wall s | peak RSS MiB | notes |\n|---|---:|---:|---:|---:|---|")
     for r in results:
         ratio = f"{r['cpu'] / ref:.2f}" if ref else "–"

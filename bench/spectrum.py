@@ -85,8 +85,10 @@ def lanczos_route(G: torch.Tensor) -> np.ndarray:
 
 def section_eigen(sizes, repeat):
     print("\n## 1-2. top-5 eigenvalues: Gram route vs dense eigh vs Lanczos (eigsh on a LinearOperator)")
-    print(f"{'n':>6} {'P':>7} | {'gram s':>8} {'dense s':>8} {'eigsh s':>8} | {'dense/gram':>10} {'eigsh/gram':>10} | "
-          f"{'max rel diff':>12} | {'K GFLOP/s':>9} {'matmul GFLOP/s':>14} {'ratio':>6}")
+    print(
+        f"{'n':>6} {'P':>7} | {'gram s':>8} {'dense s':>8} {'eigsh s':>8} | {'dense/gram':>10} {'eigsh/gram':>10} | "
+        f"{'max rel diff':>12} | {'K GFLOP/s':>9} {'matmul GFLOP/s':>14} {'ratio':>6}"
+    )
     rows = []
     for n, P in sizes:
         G = synthetic_gradients(n, P)
@@ -100,11 +102,22 @@ def section_eigen(sizes, repeat):
         # GFLOP/s of the Gram accumulation alone vs a plain matmul of the same shape (2 n^2 P flops)
         t_mm, _ = best_of(lambda: G @ G.T, repeat)
         flops = 2.0 * n * n * P
-        row = dict(n=n, P=P, gram=t_gram, dense=t_dense, eigsh=t_lz, diff=diff,
-                   gflops=flops / t_acc / 1e9, matmul_gflops=flops / t_mm / 1e9)
+        row = dict(
+            n=n,
+            P=P,
+            gram=t_gram,
+            dense=t_dense,
+            eigsh=t_lz,
+            diff=diff,
+            gflops=flops / t_acc / 1e9,
+            matmul_gflops=flops / t_mm / 1e9,
+        )
         rows.append(row)
-        print(f"{n:>6} {P:>7} | {t_gram:>8.3f} {t_dense:>8.3f} {t_lz:>8.3f} | {t_dense / t_gram:>10.1f} {t_lz / t_gram:>10.1f} | "
-              f"{diff:>12.1e} | {row['gflops']:>9.1f} {row['matmul_gflops']:>14.1f} {row['gflops'] / row['matmul_gflops']:>6.2f}", flush=True)
+        print(
+            f"{n:>6} {P:>7} | {t_gram:>8.3f} {t_dense:>8.3f} {t_lz:>8.3f} | {t_dense / t_gram:>10.1f} {t_lz / t_gram:>10.1f} | "
+            f"{diff:>12.1e} | {row['gflops']:>9.1f} {row['matmul_gflops']:>14.1f} {row['gflops'] / row['matmul_gflops']:>6.2f}",
+            flush=True,
+        )
     return rows
 
 
@@ -121,12 +134,28 @@ def section_streaming(store_path, repeat):
     t_big, s_big = best_of(lambda: fisher_spectrum(gram_statistics(StoreRows(store, key), max_memory=4 * size)), repeat)
     pairs = []
     t_small, s_small = best_of(
-        lambda: fisher_spectrum(gram_statistics(StoreRows(store, key), max_memory=budget, progress=lambda d, t: pairs.append(t))), repeat
+        lambda: fisher_spectrum(
+            gram_statistics(StoreRows(store, key), max_memory=budget, progress=lambda d, t: pairs.append(t))
+        ),
+        repeat,
     )
     diff = float(np.max(np.abs(s_small.eigenvalues - s_big.eigenvalues) / s_big.eigenvalues))
-    print(f"store key t={key}: n={n} P={P} rows {size / 2**20:.0f} MiB; budget {budget / 2**20:.0f} MiB -> {pairs[-1]} block pairs")
-    print(f"unlimited {t_big:.2f} s | budget {t_small:.2f} s | ratio {t_small / t_big:.2f} | max rel diff of eigenvalues {diff:.1e}")
-    return dict(n=n, P=P, mib=size / 2**20, budget_mib=budget / 2**20, pairs=pairs[-1], unlimited=t_big, budget=t_small, diff=diff)
+    print(
+        f"store key t={key}: n={n} P={P} rows {size / 2**20:.0f} MiB; budget {budget / 2**20:.0f} MiB -> {pairs[-1]} block pairs"
+    )
+    print(
+        f"unlimited {t_big:.2f} s | budget {t_small:.2f} s | ratio {t_small / t_big:.2f} | max rel diff of eigenvalues {diff:.1e}"
+    )
+    return dict(
+        n=n,
+        P=P,
+        mib=size / 2**20,
+        budget_mib=budget / 2**20,
+        pairs=pairs[-1],
+        unlimited=t_big,
+        budget=t_small,
+        diff=diff,
+    )
 
 
 # ------------------------------------------------------------------ section 4 (subprocesses)
@@ -158,9 +187,12 @@ def child(route: str, ckpt: str, n: int, t_value: int, repeat: int) -> None:
     unet, ac = ck.unet, ck.scheduler.alphas_cumprod
     size = ck.info.image_size
     g = torch.Generator().manual_seed(0)
-    batch = ProbeBatch(torch.randn(n, ck.info.channels, size, size, generator=g).clamp(-1, 1),
-                       torch.randn(n, ck.info.channels, size, size, generator=g), torch.full((n,), t_value),
-                       torch.randint(0, ck.info.num_classes, (n,), generator=g))
+    batch = ProbeBatch(
+        torch.randn(n, ck.info.channels, size, size, generator=g).clamp(-1, 1),
+        torch.randn(n, ck.info.channels, size, size, generator=g),
+        torch.full((n,), t_value),
+        torch.randint(0, ck.info.num_classes, (n,), generator=g),
+    )
     names = select_parameters(unet)
     # warm up kernels on a small slice so the first-call overhead is not timed
     small = ProbeBatch(batch.x0[:8], batch.noise[:8], batch.t[:8], batch.y[:8])
@@ -192,14 +224,31 @@ def section_rank1(ckpt, n, t_value, repeat):
     results = {}
     for route in ("forward_backward", "jvp", "per_sample"):
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", route, "--ckpt", ckpt, "--n", str(n), "--t", str(t_value), "--repeat", str(repeat)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                route,
+                "--ckpt",
+                ckpt,
+                "--n",
+                str(n),
+                "--t",
+                str(t_value),
+                "--repeat",
+                str(repeat),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         results[route] = json.loads(proc.stdout.strip().splitlines()[-1])
     fb = results["forward_backward"]["seconds"]
     print(f"{'route':<18} {'seconds':>8} {'x fwd+bwd':>9} {'peak RSS above start MiB':>25} {'c*':>10}")
     for route, r in results.items():
-        print(f"{route:<18} {r['seconds']:>8.2f} {r['seconds'] / fb:>9.2f} {r['peak_growth_mib']:>25.0f} {r.get('c_star', float('nan')):>10.4g}")
+        print(
+            f"{route:<18} {r['seconds']:>8.2f} {r['seconds'] / fb:>9.2f} {r['peak_growth_mib']:>25.0f} {r.get('c_star', float('nan')):>10.4g}"
+        )
     cj, cp = results["jvp"]["c_star"], results["per_sample"]["c_star"]
     print(f"c* agreement (jvp vs per-sample): rel diff {abs(cj - cp) / abs(cp):.1e}")
     return results
@@ -220,8 +269,10 @@ def main() -> None:
         child(args.child, args.ckpt, args.n, args.t, args.repeat)
         return
     torch.set_num_threads(2)
-    print(f"bench/spectrum.py  torch {torch.__version__}, {torch.get_num_threads()} threads, cpu count {os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.1f} (shared machine: noisy timings, best of {args.repeat})")
+    print(
+        f"bench/spectrum.py  torch {torch.__version__}, {torch.get_num_threads()} threads, cpu count {os.cpu_count()}, "
+        f"load average {os.getloadavg()[0]:.1f} (shared machine: noisy timings, best of {args.repeat})"
+    )
     if args.quick:
         sizes = [(256, 2000), (1024, 2000)]
     else:

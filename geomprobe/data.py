@@ -53,6 +53,8 @@ def dataset_facts(name: str) -> DatasetFacts:
     if name not in DATASET_FACTS:
         raise UsageError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     return DATASET_FACTS[name]
+
+
 DEFAULT_TASKS = {"digits": 5, "mnist": 5, "fashion-mnist": 5, "cifar10": 5, "imagenet32": 20}
 
 
@@ -89,7 +91,7 @@ class ImageDataset:
             x = x.float() / 127.5 - 1.0
         return x.float(), self.labels[idx]
 
-    def subset(self, classes: list[int] | tuple[int, ...]) -> "ImageDataset":
+    def subset(self, classes: list[int] | tuple[int, ...]) -> ImageDataset:
         """Rows whose label is in ``classes`` (labels keep their original values)."""
         bad = [c for c in classes if not 0 <= c < self.num_classes]
         if bad:
@@ -97,7 +99,7 @@ class ImageDataset:
         mask = torch.isin(self.labels, torch.as_tensor(list(classes), dtype=torch.long))
         return ImageDataset(self.name, self.split, self.images[mask], self.labels[mask], self.num_classes)
 
-    def take(self, indices: torch.Tensor | np.ndarray | list[int]) -> "ImageDataset":
+    def take(self, indices: torch.Tensor | np.ndarray | list[int]) -> ImageDataset:
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return ImageDataset(self.name, self.split, self.images[idx], self.labels[idx], self.num_classes)
 
@@ -136,7 +138,9 @@ def load_digits(split: str = "train", image_size: int = 16) -> ImageDataset:
     bunch = sk_load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
     if image_size != 8:
-        images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        images = torch.nn.functional.interpolate(
+            images, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
     images = (images.clamp(0, 1) * 2.0 - 1.0).contiguous()
     labels = torch.tensor(bunch.target, dtype=torch.long)
     train_idx, test_idx = train_test_split(
@@ -206,7 +210,9 @@ def load_cifar10(root: Path, split: str) -> ImageDataset:
             raise DataError(f"{path}: label outside 0..9")
         labels.append(rec[:, 0].astype(np.int64))
         images.append(rec[:, 1:].reshape(-1, 3, 32, 32))
-    return ImageDataset("cifar10", split, torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), 10)
+    return ImageDataset(
+        "cifar10", split, torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), 10
+    )
 
 
 def load_imagenet32(root: Path, split: str) -> ImageDataset:
@@ -296,7 +302,9 @@ class ResizedDataset(ImageDataset):
         return self._like(super().take(indices))
 
     def _like(self, base: ImageDataset) -> ResizedDataset:
-        return ResizedDataset(base.name, base.split, base.images, base.labels, base.num_classes, self.size, self.target_channels)
+        return ResizedDataset(
+            base.name, base.split, base.images, base.labels, base.num_classes, self.size, self.target_channels
+        )
 
 
 def fit_to_model(dataset: ImageDataset, size: int, channels: int, resize: bool) -> ImageDataset:
@@ -314,7 +322,9 @@ def fit_to_model(dataset: ImageDataset, size: int, channels: int, resize: bool) 
             f"{channels}x{size}x{size} (channels x height x width); pass --resize to bring them to the model"
         )
     _check_channels(have[0], channels)
-    return ResizedDataset(dataset.name, dataset.split, dataset.images, dataset.labels, dataset.num_classes, size, channels)
+    return ResizedDataset(
+        dataset.name, dataset.split, dataset.images, dataset.labels, dataset.num_classes, size, channels
+    )
 
 
 def task_splits(num_classes: int, num_tasks: int) -> list[list[int]]:

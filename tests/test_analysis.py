@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from geomprobe.analysis import davis_kahan_check, fisher_spectrum, mean_cosine_matrix, scaled_identity_mse, task_dependence
+from geomprobe.analysis import (
+    davis_kahan_check,
+    fisher_spectrum,
+    mean_cosine_matrix,
+    scaled_identity_mse,
+    task_dependence,
+)
 from geomprobe.fisher import TensorRows, gram_statistics
 
 TOP_K = 5
@@ -58,8 +64,17 @@ def test_spectrum_matches_dense_computation(centered, shape):
     stats = gram_statistics(TensorRows(torch.from_numpy(G)))
     s = fisher_spectrum(stats, top_k=TOP_K, centered=centered)
     np.testing.assert_allclose(s.eigenvalues, ref["eigenvalues"], rtol=1e-8, atol=1e-12)
-    for key in ("trace", "frobenius", "mu_norm", "c_star", "rel_err_diag", "rel_err_rank1", "cos_v1_mu",
-                "lambda2_over_lambda1", "lambda1_over_trace"):
+    for key in (
+        "trace",
+        "frobenius",
+        "mu_norm",
+        "c_star",
+        "rel_err_diag",
+        "rel_err_rank1",
+        "cos_v1_mu",
+        "lambda2_over_lambda1",
+        "lambda1_over_trace",
+    ):
         value = getattr(s, key)
         assert value == pytest.approx(ref[key], rel=1e-7, abs=1e-10), key
     assert s.rel_err_rankk[str(TOP_K)] == pytest.approx(ref["rel_err_rankk"], rel=1e-6, abs=1e-8)

@@ -49,14 +49,20 @@ def attention_probe():
     unet: UNet2DModel = scope["unet"]
     ac = build_scheduler().alphas_cumprod
     g = torch.Generator().manual_seed(3)
-    batches = [ProbeBatch(torch.randn(6, 1, 8, 8, generator=g), torch.randn(6, 1, 8, 8, generator=g),
-                          torch.tensor([50, 200, 400, 600, 800, 950]), torch.zeros(6, dtype=torch.long))]
+    batches = [
+        ProbeBatch(
+            torch.randn(6, 1, 8, 8, generator=g),
+            torch.randn(6, 1, 8, 8, generator=g),
+            torch.tensor([50, 200, 400, 600, 800, 950]),
+            torch.zeros(6, dtype=torch.long),
+        )
+    ]
     return unet, ac, batches
 
 
 def test_subset_gradient_after_attention_does_not_crash():
     """The minimal model-level reproducer of the SIGSEGV, in a subprocess so a regression cannot kill pytest."""
-    code = BUILD + textwrap.dedent(f"""
+    code = BUILD + textwrap.dedent("""
         from geomprobe.models import build_scheduler
         from geomprobe.probe import mean_gradient, select_parameters
         names = select_parameters(unet, r"^(mid_block|up_blocks\\.0)")

@@ -43,11 +43,43 @@ def test_bad_tspec_parse_error_via_library():
 
 def test_train_then_sample(tmp_path):
     out = tmp_path / "run"
-    r = runner.invoke(app, ["train", "--out", str(out), "--model", "small1", "--image-size", "8", "--steps", "3",
-                            "--batch-size", "8", "--device", "cpu", "--quiet"])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--out",
+            str(out),
+            "--model",
+            "small1",
+            "--image-size",
+            "8",
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["sample", "--ckpt", str(out), "--classes", "0,1", "--n", "2", "--steps", "3",
-                            "--out", str(tmp_path / "g.png"), "--quiet"])
+    r = runner.invoke(
+        app,
+        [
+            "sample",
+            "--ckpt",
+            str(out),
+            "--classes",
+            "0,1",
+            "--n",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     from PIL import Image
 

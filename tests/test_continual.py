@@ -16,9 +16,9 @@ import torch
 from typer.testing import CliRunner
 
 from geomprobe.cli import app
+from geomprobe.continual.distill import DistillationTerm
 from geomprobe.continual.metrics import afid, forgetting, frechet_distance, mean_and_stderr
 from geomprobe.continual.runner import ContinualConfig, run_continual
-from geomprobe.continual.distill import DistillationTerm
 from geomprobe.continual.strategies import (
     DiagonalPenalty,
     ProjectionPenalty,
@@ -46,12 +46,16 @@ def _fishers(kind, g):
         if kind == "diag":
             out.append(DiagonalFisher(torch.rand(P, generator=g, dtype=torch.float64)))
         elif kind == "rank1":
-            out.append(Rank1Fisher(torch.randn(P, generator=g, dtype=torch.float64), 0.3 + float(torch.rand(1, generator=g))))
+            out.append(
+                Rank1Fisher(torch.randn(P, generator=g, dtype=torch.float64), 0.3 + float(torch.rand(1, generator=g)))
+            )
         elif kind == "rankk":
             V, _ = torch.linalg.qr(torch.randn(P, 3, generator=g, dtype=torch.float64))
             out.append(LowRankFisher(torch.rand(3, generator=g, dtype=torch.float64) + 0.1, V))
         else:
-            out.append(GramFisher(torch.randn(5, P, generator=g, dtype=torch.float64), centered=(kind == "full-centered")))
+            out.append(
+                GramFisher(torch.randn(5, P, generator=g, dtype=torch.float64), centered=(kind == "full-centered"))
+            )
     return out
 
 
@@ -136,7 +140,9 @@ def test_distillation_is_zero_for_a_copy_of_the_teacher(tiny_unet):
 
     teacher = copy.deepcopy(tiny_unet)
     images, labels = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
-    term = DistillationTerm(teacher, images, labels, build_scheduler().alphas_cumprod, 4, 1.0, torch.Generator().manual_seed(0))
+    term = DistillationTerm(
+        teacher, images, labels, build_scheduler().alphas_cumprod, 4, 1.0, torch.Generator().manual_seed(0)
+    )
     assert float(term(tiny_unet, 1)["distill"].detach()) == pytest.approx(0.0, abs=1e-10)
     with torch.no_grad():
         next(tiny_unet.parameters()).add_(0.5)
@@ -186,8 +192,20 @@ def one_thread():
 
 
 def _tiny(**kw):
-    base = dict(model="small1", image_size=8, tasks=2, steps_per_task=4, batch_size=16, fisher_samples=16, rank=2,
-                n_generated=8, sample_steps=2, replay_per_class=4, replay_batch=8, classifier_steps=20)
+    base = dict(
+        model="small1",
+        image_size=8,
+        tasks=2,
+        steps_per_task=4,
+        batch_size=16,
+        fisher_samples=16,
+        rank=2,
+        n_generated=8,
+        sample_steps=2,
+        replay_per_class=4,
+        replay_batch=8,
+        classifier_steps=20,
+    )
     base.update(kw)
     return ContinualConfig(**base)
 
@@ -211,7 +229,9 @@ def test_resume_gives_identical_metrics(tmp_path, one_thread):
     with pytest.raises(UsageError, match="--resume"):
         run_continual(cfg, tmp_path / "cut", seeds=[0], cache_dir=cache)
     with pytest.raises(UsageError, match="lam"):
-        run_continual(_tiny(fisher="rank1", gd=True, lam=1.0), tmp_path / "cut", seeds=[0], cache_dir=cache, resume=True)
+        run_continual(
+            _tiny(fisher="rank1", gd=True, lam=1.0), tmp_path / "cut", seeds=[0], cache_dir=cache, resume=True
+        )
     resumed = run_continual(cfg, tmp_path / "cut", seeds=[0], cache_dir=cache, resume=True)
     assert resumed.seeds[0].resumed_from == 0
     assert resumed.seeds[0].fid == full.seeds[0].fid
@@ -231,8 +251,22 @@ def test_metrics_rows_follow_design_section_9(tmp_path, one_thread):
     summaries = [r for r in lines if r.get("summary")]
     assert len(rows) == 2 * 3 and len(summaries) == 2
     for r in rows:
-        assert {"seed", "strategy", "after_task", "task", "fid", "accuracy", "n_generated", "n_reference", "feature_net"} <= set(r)
-        assert r["task"] <= r["after_task"] and r["strategy"] == "diag" and r["feature_net"].startswith("digits-classifier@")
+        assert {
+            "seed",
+            "strategy",
+            "after_task",
+            "task",
+            "fid",
+            "accuracy",
+            "n_generated",
+            "n_reference",
+            "feature_net",
+        } <= set(r)
+        assert (
+            r["task"] <= r["after_task"]
+            and r["strategy"] == "diag"
+            and r["feature_net"].startswith("digits-classifier@")
+        )
     assert set(summaries[0]["afid"]) == {"1", "2"} and "forgetting" in summaries[0]
     assert not np.isnan(res.afid["2"][1])  # two seeds: a standard error
 
@@ -263,10 +297,35 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
 @pytest.mark.slow
 def test_cli_end_to_end_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("GEOMPROBE_CACHE", str(tmp_path / "cache"))
-    result = CliRunner().invoke(app, ["continual", "--out", str(tmp_path / "o"), "--model", "small1", "--image-size", "8",
-                                      "--tasks", "2", "--steps", "3", "--fisher", "rank1", "--gd", "--n-generated", "8",
-                                      "--sample-steps", "2", "--replay-per-class", "4", "--fisher-samples", "8",
-                                      "--quiet", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "continual",
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            "small1",
+            "--image-size",
+            "8",
+            "--tasks",
+            "2",
+            "--steps",
+            "3",
+            "--fisher",
+            "rank1",
+            "--gd",
+            "--n-generated",
+            "8",
+            "--sample-steps",
+            "2",
+            "--replay-per-class",
+            "4",
+            "--fisher-samples",
+            "8",
+            "--quiet",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["strategy"] == "rank1+gd"
 
@@ -282,7 +341,10 @@ def test_classifier_is_cached_with_its_accuracy(tmp_path, one_thread):
     assert again.name == first.name == f"digits-classifier@{first.checksum}"
     assert json.loads((first.path / "classifier.json").read_text())["train_seconds"] == meta["train_seconds"]
     x = torch.rand(3, 1, 8, 8) * 2 - 1
-    assert torch.equal(first.model.features(x), again.model.features(x)) and first.model.features(x).shape == (3, cfg.feature_dim)
+    assert torch.equal(first.model.features(x), again.model.features(x)) and first.model.features(x).shape == (
+        3,
+        cfg.feature_dim,
+    )
     (first.path / "model.safetensors").write_bytes(b"corrupt")  # a corrupt cache is retrained, not used
     assert load_or_train_classifier("digits", 8, cache_dir=tmp_path, config=cfg).checksum == first.checksum
 
@@ -303,7 +365,9 @@ def test_task_fisher_estimates_match_explicit_per_sample_gradients(tiny_unet, on
     assert all(int(t) >= min(spec.timesteps) for b in batches for t in b.t)
     G = torch.cat([per_sample_grads(tiny_unet, names, b.x0, b.noise, b.t, b.y, ac) for b in batches]).double()
     mu = G.mean(0)
-    est = lambda kind: estimate_task_fisher(kind, tiny_unet, names, data, ac, spec, 12, torch.Generator().manual_seed(5), batch_size=8)  # noqa: E731
+    est = lambda kind: estimate_task_fisher(
+        kind, tiny_unet, names, data, ac, spec, 12, torch.Generator().manual_seed(5), batch_size=8
+    )  # noqa: E731
     diag = est("diag")
     assert torch.allclose(diag.diagonal.double(), G.pow(2).mean(0), rtol=1e-4, atol=1e-10)
     r1 = est("rank1")
@@ -312,8 +376,19 @@ def test_task_fisher_estimates_match_explicit_per_sample_gradients(tiny_unet, on
     full = est("full")
     d = torch.randn(G.shape[1], dtype=torch.float64)
     assert float(full.penalty(d, torch.zeros_like(d), 2.0)) == pytest.approx(float((G @ d).pow(2).mean()), rel=1e-4)
-    rk = estimate_task_fisher("rankk", tiny_unet, names, data, ac, spec, 12, torch.Generator().manual_seed(5),
-                              rank=2, batch_size=8, power_iterations=3)
+    rk = estimate_task_fisher(
+        "rankk",
+        tiny_unet,
+        names,
+        data,
+        ac,
+        spec,
+        12,
+        torch.Generator().manual_seed(5),
+        rank=2,
+        batch_size=8,
+        power_iterations=3,
+    )
     assert rk.rank == 2 and rk.info.extra["method"] == "stochastic_power_iteration"
 
 
@@ -350,5 +425,8 @@ def test_paper_lambda_units_keep_the_penalty_to_loss_balance():
         F_mean = fisher_from_rows(G_mean, kind)
         F_sum = fisher_from_rows(G_sum, kind)
         g_paper = torch.autograd.grad(F_mean.penalty(theta, theta_star, strength=lam), theta)[0] + grad_loss_mean
-        g_ours = torch.autograd.grad(F_sum.penalty(theta, theta_star, strength=penalty_weight(lam, D)), theta)[0] + (D / 2) * grad_loss_mean
+        g_ours = (
+            torch.autograd.grad(F_sum.penalty(theta, theta_star, strength=penalty_weight(lam, D)), theta)[0]
+            + (D / 2) * grad_loss_mean
+        )
         torch.testing.assert_close(g_ours, (D / 2) * g_paper, rtol=1e-9, atol=1e-12)

@@ -70,7 +70,9 @@ def test_idx_loader(tmp_path, gz, name):
 def test_idx_errors(tmp_path):
     with pytest.raises(DataError, match="train-images-idx3-ubyte"):
         load_dataset("mnist", "train", data_root=tmp_path)
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 2, 28, 28) + b"\x00" * 10)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(
+        b"\x00\x00\x08\x03" + struct.pack(">III", 2, 28, 28) + b"\x00" * 10
+    )
     with pytest.raises(DataError, match="data bytes"):
         load_dataset("mnist", "train", data_root=tmp_path)
     with pytest.raises(DataError):

@@ -17,16 +17,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geomprobe.errors import DataError
 from geomprobe import figures as gf
+from geomprobe.errors import DataError
 
 TIMESTEPS = [100, 500, 900]
 
 
 def write_checkpoint_meta(ckpt: Path, preset: str) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": preset, "dataset": "digits", "image_size": 16, "channels": 1, "num_classes": 10,
-            "seed": 0, "step": 3000, "version": "0.1.0", "extra": {}}
+    meta = {
+        "preset": preset,
+        "dataset": "digits",
+        "image_size": 16,
+        "channels": 1,
+        "num_classes": 10,
+        "seed": 0,
+        "step": 3000,
+        "version": "0.1.0",
+        "extra": {},
+    }
     (ckpt / "geomprobe.json").write_text(json.dumps(meta))
 
 
@@ -35,17 +44,33 @@ def write_spectrum(run: Path, preset: str = "small3", scale: float = 1.0, n: int
     write_checkpoint_meta(run / "ckpt", preset)
     store = run / "grads"
     store.mkdir(parents=True, exist_ok=True)
-    (store / "manifest.json").write_text(json.dumps({"seed": 7, "checkpoint": {"path": str(run / "ckpt"), "checksum": "x"}}))
+    (store / "manifest.json").write_text(
+        json.dumps({"seed": 7, "checkpoint": {"path": str(run / "ckpt"), "checksum": "x"}})
+    )
     rows = []
     for i, t in enumerate(TIMESTEPS):
         ev = [scale * 10.0 ** (2 - i) / (j + 1) ** 2 for j in range(5)]
-        rows.append({
-            "t": t, "snr": [3.0, 0.1, 0.003][i], "n": n, "P": 1234, "eigenvalues": ev,
-            "lambda2_over_lambda1": ev[1] / ev[0], "lambda1_over_trace": 0.8, "trace": sum(ev), "frobenius": 1.0,
-            "mu_norm": 1.0, "c_star": 1.0, "rel_err_diag": 0.99, "rel_err_rank1": [0.5, 0.3, 0.2][i],
-            "rel_err_rankk": {"5": 0.05}, "cos_to_mean": {"median": 0.9, "p10": 0.5, "p90": 0.99},
-            "cos_v1_mu": 0.99, "scaled_identity_mse": [0.5, 0.1, 0.01][i],
-        })
+        rows.append(
+            {
+                "t": t,
+                "snr": [3.0, 0.1, 0.003][i],
+                "n": n,
+                "P": 1234,
+                "eigenvalues": ev,
+                "lambda2_over_lambda1": ev[1] / ev[0],
+                "lambda1_over_trace": 0.8,
+                "trace": sum(ev),
+                "frobenius": 1.0,
+                "mu_norm": 1.0,
+                "c_star": 1.0,
+                "rel_err_diag": 0.99,
+                "rel_err_rank1": [0.5, 0.3, 0.2][i],
+                "rel_err_rankk": {"5": 0.05},
+                "cos_to_mean": {"median": 0.9, "p10": 0.5, "p90": 0.99},
+                "cos_v1_mu": 0.99,
+                "scaled_identity_mse": [0.5, 0.1, 0.01][i],
+            }
+        )
     matrix = [[1.0 if a == b else 0.9 for b in TIMESTEPS] for a in TIMESTEPS]
     spectrum = {"store": str(store), "centered": False, "rows": rows, "mu_cosine": {"t": TIMESTEPS, "matrix": matrix}}
     path = store / "spectrum.json"
@@ -65,7 +90,12 @@ STRATEGY_AFID = {  # strategy -> seed -> AFID@1..3
     "rank3+gd": {0: [10.0, 13.0, 15.0], 1: [10.0, 13.0, 17.0]},
     "finetune": {0: [10.0, 40.0, 60.0], 1: [12.0, 44.0, 70.0]},
 }
-FORGETTING = {"gd": {0: 3.0, 1: 5.0}, "rank1+gd": {0: 0.5, 1: 0.7}, "rank3+gd": {0: 2.0, 1: 4.0}, "finetune": {0: 50.0, 1: 54.0}}
+FORGETTING = {
+    "gd": {0: 3.0, 1: 5.0},
+    "rank1+gd": {0: 0.5, 1: 0.7},
+    "rank3+gd": {0: 2.0, 1: 4.0},
+    "finetune": {0: 50.0, 1: 54.0},
+}
 
 
 def write_metrics(run: Path) -> Path:
@@ -79,16 +109,36 @@ def write_metrics(run: Path) -> Path:
             rows = []
             for k in range(3):
                 for i in range(k + 1):
-                    rows.append({"seed": seed, "strategy": strategy, "after_task": k, "task": i,
-                                 "fid": afid[k] + i, "accuracy": 0.9, "n_generated": 64, "n_reference": 64,
-                                 "feature_net": "digits-classifier@abc"})
-            rows.append({"seed": seed, "strategy": strategy, "summary": True,
-                         "afid": {str(k + 1): v for k, v in enumerate(afid)}, "forgetting": FORGETTING[strategy][seed]})
+                    rows.append(
+                        {
+                            "seed": seed,
+                            "strategy": strategy,
+                            "after_task": k,
+                            "task": i,
+                            "fid": afid[k] + i,
+                            "accuracy": 0.9,
+                            "n_generated": 64,
+                            "n_reference": 64,
+                            "feature_net": "digits-classifier@abc",
+                        }
+                    )
+            rows.append(
+                {
+                    "seed": seed,
+                    "strategy": strategy,
+                    "summary": True,
+                    "afid": {str(k + 1): v for k, v in enumerate(afid)},
+                    "forgetting": FORGETTING[strategy][seed],
+                }
+            )
             (directory / f"seed-{seed}").mkdir(parents=True, exist_ok=True)
             (directory / f"seed-{seed}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             all_rows += rows
-        (directory / "manifest.json").write_text(json.dumps(
-            {"strategy": strategy, "config": {"dataset": "digits", "model": "small3"}, "seeds": list(per_seed)}))
+        (directory / "manifest.json").write_text(
+            json.dumps(
+                {"strategy": strategy, "config": {"dataset": "digits", "model": "small3"}, "seeds": list(per_seed)}
+            )
+        )
         (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_rows))
     return run
 
@@ -99,7 +149,9 @@ def write_samples(run: Path, strategies=("gd", "rank1+gd"), tasks: int = 3) -> N
     for strategy in strategies:
         directory = run / strategy / "seed-0"
         directory.mkdir(parents=True, exist_ok=True)
-        (run / strategy / "manifest.json").write_text(json.dumps({"strategy": strategy, "config": {"dataset": "digits"}}))
+        (run / strategy / "manifest.json").write_text(
+            json.dumps({"strategy": strategy, "config": {"dataset": "digits"}})
+        )
         with h5py.File(directory / "samples.h5", "w") as f:
             for k in range(tasks):
                 labels = np.repeat(np.arange(2 * (k + 1)), 4)
@@ -257,9 +309,20 @@ def test_make_figures_discovers_everything_and_reports_what_it_skipped(tmp_path)
     write_samples(tmp_path / "runs" / "cl")
     report = gf.make_figures([tmp_path / "runs"], tmp_path / "figures")
     names = {fig.name for fig in report.made}
-    assert {"fig1_scaled_identity_mse", "fig2_cosine_maps", "fig3a_mu_cosine", "fig3b_eigenvalues",
-            "fig3c_eigengap_ratio", "fig3d_approximation_errors", "fig4_average_fid", "fig7_task_fid_digits",
-            "table1", "table5", "table6", "fig5_samples_across_tasks"} <= names
+    assert {
+        "fig1_scaled_identity_mse",
+        "fig2_cosine_maps",
+        "fig3a_mu_cosine",
+        "fig3b_eigenvalues",
+        "fig3c_eigengap_ratio",
+        "fig3d_approximation_errors",
+        "fig4_average_fid",
+        "fig7_task_fid_digits",
+        "table1",
+        "table5",
+        "table6",
+        "fig5_samples_across_tasks",
+    } <= names
     skipped = dict(report.skipped)
     assert "fig6" in skipped and "geomprobe train --model small1" in skipped["fig6"]
     manifest = json.loads((tmp_path / "figures" / "manifest.json").read_text())

@@ -70,7 +70,9 @@ KINDS = [*SAVED_KINDS, "implicit"]
 def build(kind: str, G: np.ndarray, centered: bool):
     if kind == "implicit":  # a linear model whose per-sample loss gradients are exactly the rows of G
         G_t = torch.from_numpy(G)
-        return ImplicitFisher(FunctionGradients(lambda theta: G_t @ theta, torch.zeros(G.shape[1], dtype=torch.float64)), centered)
+        return ImplicitFisher(
+            FunctionGradients(lambda theta: G_t @ theta, torch.zeros(G.shape[1], dtype=torch.float64)), centered
+        )
     if kind == "gram-streamed":
         blocks = [torch.from_numpy(G[a : a + 7]) for a in range(0, G.shape[0], 7)]
         return GramFisher(IterableRows(blocks), centered=centered)
@@ -90,8 +92,15 @@ def test_every_kind_matches_its_dense_reference(kind, centered):
     check_against_dense(build(kind, G, centered), R, diagonal=kind == "diagonal")
 
 
-def check_against_dense(fisher, R: np.ndarray, rtol: float = RTOL, eig_rtol: float = 1e-8, vec_atol: float = 1e-6,
-                        diagonal: bool = False, dense: bool = True) -> None:
+def check_against_dense(
+    fisher,
+    R: np.ndarray,
+    rtol: float = RTOL,
+    eig_rtol: float = 1e-8,
+    vec_atol: float = 1e-6,
+    diagonal: bool = False,
+    dense: bool = True,
+) -> None:
     """Every protocol method of ``fisher`` against the dense float64 matrix R it stands for.
 
     ``dense=False`` skips ``to_dense`` (P products for a matrix-free kind; ``mv`` of a (P, 4) matrix
@@ -202,7 +211,9 @@ def test_gram_statistics_blockwise_equals_dense():
     n, p = G.shape
     budget = 8 * n * n + 24 * p + 2 * p * 4 * 7  # exactly 7 rows per block
     seen_pairs = []
-    stats = gram_statistics(TensorRows(torch.from_numpy(G)), max_memory=budget, progress=lambda d, t: seen_pairs.append(t))
+    stats = gram_statistics(
+        TensorRows(torch.from_numpy(G)), max_memory=budget, progress=lambda d, t: seen_pairs.append(t)
+    )
     n_blocks = -(-n // 7)
     assert seen_pairs[-1] == n_blocks * (n_blocks + 1) // 2
     close(stats.K, G @ G.T / n)

@@ -35,8 +35,12 @@ def probe(conditional: bool):
     ac = build_scheduler().alphas_cumprod
     g = torch.Generator().manual_seed(1)
     batches = [
-        ProbeBatch(torch.randn(10, 1, 8, 8, generator=g), torch.randn(10, 1, 8, 8, generator=g),
-                   torch.full((10,), t), torch.randint(0, 10, (10,), generator=g))
+        ProbeBatch(
+            torch.randn(10, 1, 8, 8, generator=g),
+            torch.randn(10, 1, 8, 8, generator=g),
+            torch.full((10,), t),
+            torch.randint(0, 10, (10,), generator=g),
+        )
         for t in (200, 800)
     ]
     G = torch.cat([per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, ac) for b in batches]).double()

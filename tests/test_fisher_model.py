@@ -141,8 +141,14 @@ def test_stochastic_power_iteration_with_noisy_minibatches_is_close():
 
 def test_power_iteration_from_model_top_eigenvalue(probe_setup):
     unet, names, batches, ac, G = probe_setup
-    both = [ProbeBatch(torch.cat([b.x0 for b in batches]), torch.cat([b.noise for b in batches]),
-                       torch.cat([b.t for b in batches]), torch.cat([b.y for b in batches]))]
+    both = [
+        ProbeBatch(
+            torch.cat([b.x0 for b in batches]),
+            torch.cat([b.noise for b in batches]),
+            torch.cat([b.t for b in batches]),
+            torch.cat([b.y for b in batches]),
+        )
+    ]
     low = power_iteration_from_model(unet, names, both, ac, k=1, num_iters=25, average_last=1)
     F = (G.T @ G / G.shape[0]).numpy()
     w, V = np.linalg.eigh(F)

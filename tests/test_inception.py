@@ -112,12 +112,20 @@ def test_features_equal_torch_fidelity_golden_values(reference_net):
     x = torch.rand(2, 1, 16, 16, generator=g) * 2 - 1
     features = reference_net(x).double()
     idx = [0, 1, 7, 100, 511, 1024, 2047]
-    expected = torch.tensor([[0.0, 0.0183712859, 1.03179216, 5.39141512, 2.03464532, 5.24955988, 1.90656853],
-                             [0.0, 0.0137995044, 1.00482345, 5.50287724, 2.28846931, 5.38476419, 1.69594502]],
-                            dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            [0.0, 0.0183712859, 1.03179216, 5.39141512, 2.03464532, 5.24955988, 1.90656853],
+            [0.0, 0.0137995044, 1.00482345, 5.50287724, 2.28846931, 5.38476419, 1.69594502],
+        ],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(features[:, idx], expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(features.sum(1), torch.tensor([3313.91185093, 3480.70703335], dtype=torch.float64), rtol=1e-5, atol=0)
-    torch.testing.assert_close(features.norm(dim=1), torch.tensor([125.983014491, 132.196751999], dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        features.sum(1), torch.tensor([3313.91185093, 3480.70703335], dtype=torch.float64), rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(
+        features.norm(dim=1), torch.tensor([125.983014491, 132.196751999], dtype=torch.float64), rtol=1e-5, atol=0
+    )
 
 
 def test_forward_shapes_and_channels(reference_net):
@@ -257,7 +265,11 @@ def _reshape_key(state):
     [
         (_drop_key, "missing.safetensors", ["missing key 'Mixed_5b.branch5x5_2.bn.running_mean'"]),
         (_add_key, "extra.pt", ["unexpected key 'AuxLogits.fc.weight'"]),
-        (_reshape_key, "shape.safetensors", ["'Mixed_7a.branch3x3_2.conv.weight'", "(320, 192, 1, 1)", "(320, 192, 3, 3)"]),
+        (
+            _reshape_key,
+            "shape.safetensors",
+            ["'Mixed_7a.branch3x3_2.conv.weight'", "(320, 192, 1, 1)", "(320, 192, 3, 3)"],
+        ),
     ],
 )
 def test_bad_state_dict_names_the_key(state, tmp_path, corrupt, name, needles):
@@ -345,9 +357,31 @@ def test_cli_continual_with_inception_features(tmp_path, monkeypatch):
     _save(_random_state(), weights)
     monkeypatch.setenv("GEOMPROBE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "o"
-    result = CliRunner().invoke(app, ["continual", "--out", str(out), "--model", "small1", "--image-size", "8",
-                                      "--tasks", "2", "--steps", "3", "--n-generated", "8", "--sample-steps", "2",
-                                      "--fid-features", "inception", "--inception-weights", str(weights), "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "continual",
+            "--out",
+            str(out),
+            "--model",
+            "small1",
+            "--image-size",
+            "8",
+            "--tasks",
+            "2",
+            "--steps",
+            "3",
+            "--n-generated",
+            "8",
+            "--sample-steps",
+            "2",
+            "--fid-features",
+            "inception",
+            "--inception-weights",
+            str(weights),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]

@@ -60,12 +60,24 @@ def _spectrum(args, tmp_path, name):
 def test_spectrum_from_the_model_equals_spectrum_from_its_store(ckpt_and_store, tmp_path, budget):
     ckpt, store = ckpt_and_store
     ref = _spectrum(["--grads", str(store), "--no-model"], tmp_path, "store")
-    ours = _spectrum(["--ckpt", str(ckpt), "--t", "100,800", "--samples", "24", "--params", PARAM_REGEX,
-                      "--max-memory", budget], tmp_path, "model")
+    ours = _spectrum(
+        ["--ckpt", str(ckpt), "--t", "100,800", "--samples", "24", "--params", PARAM_REGEX, "--max-memory", budget],
+        tmp_path,
+        "model",
+    )
     for a, b in zip(ref["rows"], ours["rows"], strict=True):
         assert a["t"] == b["t"] and a["n"] == b["n"] and a["P"] == b["P"]
-        for key in ("trace", "frobenius", "mu_norm", "c_star", "rel_err_diag", "rel_err_rank1", "cos_v1_mu",
-                    "lambda2_over_lambda1", "lambda1_over_trace"):
+        for key in (
+            "trace",
+            "frobenius",
+            "mu_norm",
+            "c_star",
+            "rel_err_diag",
+            "rel_err_rank1",
+            "cos_v1_mu",
+            "lambda2_over_lambda1",
+            "lambda1_over_trace",
+        ):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
         np.testing.assert_allclose(b["eigenvalues"], a["eigenvalues"], rtol=1e-5)
         assert b["cos_to_mean"]["median"] == pytest.approx(a["cos_to_mean"]["median"], rel=1e-5)
@@ -90,7 +102,9 @@ def test_block_gram_statistics_equal_the_dense_gram_matrix():
     starts = dict(zip(names, np.cumsum([0, *sizes[:-1]]), strict=True))
 
     def gradients(block_names, out):
-        out[:] = torch.from_numpy(np.concatenate([G[:, starts[n] : starts[n] + sizes[names.index(n)]] for n in block_names], 1))
+        out[:] = torch.from_numpy(
+            np.concatenate([G[:, starts[n] : starts[n] + sizes[names.index(n)]] for n in block_names], 1)
+        )
 
     blocks = parameter_blocks(names, sizes, width=3)
     assert any(isinstance(b, ParameterBlock) and len(b.pieces) > 1 for b in blocks)
@@ -127,13 +141,42 @@ def test_torchrun_two_ranks_share_the_blocks_and_equal_one_process(ckpt_and_stor
     from pathlib import Path
 
     ckpt, _ = ckpt_and_store
-    args = ["spectrum", "--ckpt", str(ckpt), "--t", "100,800", "--samples", "24", "--params", PARAM_REGEX,
-            "--max-memory", "1200K", "--top-k", "3", "--quiet"]
+    args = [
+        "spectrum",
+        "--ckpt",
+        str(ckpt),
+        "--t",
+        "100,800",
+        "--samples",
+        "24",
+        "--params",
+        PARAM_REGEX,
+        "--max-memory",
+        "1200K",
+        "--top-k",
+        "3",
+        "--quiet",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(29600 + os.getpid() % 1000),
-                           "-m", "geomprobe", *args, "--out", str(tmp_path / "two")],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(29600 + os.getpid() % 1000),
+            "-m",
+            "geomprobe",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     one = _spectrum(args[1:-1], tmp_path, "one")
     two = json.loads((tmp_path / "two" / "spectrum.json").read_text())

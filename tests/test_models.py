@@ -65,7 +65,9 @@ def test_add_noise_matches_diffusers():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
     t = torch.tensor([0, 10, 500, 999])
-    torch.testing.assert_close(add_noise(x0, eps, t, sched.alphas_cumprod), sched.add_noise(x0, eps, t), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        add_noise(x0, eps, t, sched.alphas_cumprod), sched.add_noise(x0, eps, t), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_per_sample_loss_equals_explicit_computation(tiny_unet):

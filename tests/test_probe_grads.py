@@ -25,9 +25,16 @@ def micro_unet(num_classes: int = 10) -> UNet2DModel:
     """A UNet2DModel with a few thousand parameters (8 px, blocks of 4 and 8 channels)."""
     torch.manual_seed(0)
     return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), block_out_channels=(4, 8), layers_per_block=1,
-        norm_num_groups=4, add_attention=False, num_class_embeds=num_classes,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        add_attention=False,
+        num_class_embeds=num_classes,
     )
 
 
@@ -51,7 +58,9 @@ def loop_grads(unet, names, x0, noise, t, y, ac, target=None):
     for i in range(len(x0)):
         unet.zero_grad(set_to_none=True)
         tgt = None if target is None else target[i : i + 1]
-        per_sample_loss(unet, x0[i : i + 1], noise[i : i + 1], t[i : i + 1], y[i : i + 1], ac, target=tgt).sum().backward()
+        per_sample_loss(
+            unet, x0[i : i + 1], noise[i : i + 1], t[i : i + 1], y[i : i + 1], ac, target=tgt
+        ).sum().backward()
         rows.append(torch.cat([params[n].grad.reshape(-1) for n in names]))
     unet.zero_grad(set_to_none=True)
     return torch.stack(rows)
@@ -215,9 +224,16 @@ def test_attention_unet_rows_equal_loop(engine):
     """A UNet with attention blocks (as the cl preset): token-wise Linear layers in both engines."""
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), block_out_channels=(4, 8), layers_per_block=1,
-        norm_num_groups=4, attention_head_dim=4, num_class_embeds=10,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=4,
+        num_class_embeds=10,
     )
     ac = build_scheduler().alphas_cumprod
     g = torch.Generator().manual_seed(4)
@@ -230,9 +246,20 @@ def test_attention_unet_rows_equal_loop(engine):
 
 @pytest.mark.parametrize(
     "cin,cout,kernel,stride,padding,dilation,groups,channels_last",
-    [(1, 5, 3, 1, 1, 1, 1, False), (4, 1, 3, 1, 1, 1, 1, False), (3, 1, 3, 2, 1, 1, 1, False), (1, 4, 3, 2, 0, 1, 1, False), (2, 1, 3, 1, 2, 2, 1, False),
-     (1, 3, (3, 2), (2, 1), (1, 0), (1, 2), 1, False), (3, 4, 3, 2, 1, 1, 1, False), (4, 6, 1, 1, 0, 1, 1, False),
-     (1, 2, 2, 5, 0, 1, 1, False), (3, 1, 1, 3, 1, 1, 1, False), (4, 6, 3, 1, 1, 1, 2, False), (4, 1, 3, 1, 1, 1, 1, True)],
+    [
+        (1, 5, 3, 1, 1, 1, 1, False),
+        (4, 1, 3, 1, 1, 1, 1, False),
+        (3, 1, 3, 2, 1, 1, 1, False),
+        (1, 4, 3, 2, 0, 1, 1, False),
+        (2, 1, 3, 1, 2, 2, 1, False),
+        (1, 3, (3, 2), (2, 1), (1, 0), (1, 2), 1, False),
+        (3, 4, 3, 2, 1, 1, 1, False),
+        (4, 6, 1, 1, 0, 1, 1, False),
+        (1, 2, 2, 5, 0, 1, 1, False),
+        (3, 1, 1, 3, 1, 1, 1, False),
+        (4, 6, 3, 1, 1, 1, 2, False),
+        (4, 1, 3, 1, 1, 1, 1, True),
+    ],
 )
 def test_conv_weight_grads_every_route_equal_loop(cin, cout, kernel, stride, padding, dilation, groups, channels_last):
     """Each per-sample Conv2d route (correlation for Cin or Cout = 1, grouped weight gradient,

@@ -37,9 +37,16 @@ def ckpt(tmp_path_factory):
     """A checkpoint of a micro UNet (a few thousand parameters) for digits at 8 px."""
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), block_out_channels=(4, 8), layers_per_block=1,
-        norm_num_groups=4, add_attention=False, num_class_embeds=10,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        add_attention=False,
+        num_class_embeds=10,
     )
     path = tmp_path_factory.mktemp("ckpt") / "micro"
     save_checkpoint(path, unet, build_scheduler(), ModelInfo("micro", "digits", 8, 1, 10, 0, 0))
@@ -49,7 +56,15 @@ def ckpt(tmp_path_factory):
 def extract(ckpt, out, overwrite=False, progress=None, **kw):
     cfg = dict(ckpt=str(ckpt), t="100,700", samples=24, shard_rows=10, seed=3)
     cfg.update(kw)
-    return extract_gradients(ExtractConfig(**cfg), out, overwrite=overwrite, device="cpu", max_memory=MEM, progress=progress, command=["test"])
+    return extract_gradients(
+        ExtractConfig(**cfg),
+        out,
+        overwrite=overwrite,
+        device="cpu",
+        max_memory=MEM,
+        progress=progress,
+        command=["test"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +257,22 @@ def test_cli_bad_input_one_line(ckpt, tmp_path, args, needle):
 def test_cli_grads_writes_store_and_table(ckpt, tmp_path):
     out = tmp_path / "cli"
     result = CliRunner().invoke(
-        app, ["grads", "--ckpt", str(ckpt), "--t", "300", "--samples", "6", "--out", str(out), "--device", "cpu", "--max-memory", MEM]
+        app,
+        [
+            "grads",
+            "--ckpt",
+            str(ckpt),
+            "--t",
+            "300",
+            "--samples",
+            "6",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--max-memory",
+            MEM,
+        ],
     )
     assert result.exit_code == 0, result.output
     st = GradientStore(out)
@@ -254,18 +284,52 @@ def test_torchrun_two_processes_equal_single_process(ckpt, tmp_path):
     """2 ranks with gloo on CPU write the same shards (same rows, same order) as one process."""
     torchrun = Path(sys.executable).with_name("torchrun")
     out2 = tmp_path / "ranks2"
-    args = ["--ckpt", str(ckpt), "--t", "100,700", "--samples", "24", "--shard-rows", "10", "--seed", "3",
-            "--device", "cpu", "--max-memory", MEM, "--quiet"]
+    args = [
+        "--ckpt",
+        str(ckpt),
+        "--t",
+        "100,700",
+        "--samples",
+        "24",
+        "--shard-rows",
+        "10",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--max-memory",
+        MEM,
+        "--quiet",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000), "-m", "geomprobe",
-         "grads", *args, "--out", str(out2)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            str(torchrun),
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+            "geomprobe",
+            "grads",
+            *args,
+            "--out",
+            str(out2),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out1 = tmp_path / "ranks1"  # one process, one thread as each rank: the same float operations
-    proc = subprocess.run([sys.executable, "-m", "geomprobe", "grads", *args, "--out", str(out1)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "geomprobe", "grads", *args, "--out", str(out1)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = GradientStore(out1), GradientStore(out2)
     assert b.manifest["world_size"] == 2 and b.manifest["complete"]

@@ -35,8 +35,10 @@ def test_countsketch_preserves_inner_products_in_expectation():
     rng = np.random.default_rng(0)
     P, K = 300, 16
     a, b = rng.standard_normal(P), rng.standard_normal(P)
-    values = [float(CountSketch(P, K, seed=s).project(torch.from_numpy(np.stack([a, b])))
-                    .double().prod(0).sum()) for s in range(400)]
+    values = [
+        float(CountSketch(P, K, seed=s).project(torch.from_numpy(np.stack([a, b]))).double().prod(0).sum())
+        for s in range(400)
+    ]
     var = ((a @ a) * (b @ b) + (a @ b) ** 2 - 2 * np.sum(a**2 * b**2)) / K
     assert abs(np.mean(values) - a @ b) < 4 * np.sqrt(var / len(values))
     assert np.var(values) == pytest.approx(var, rel=0.25)

@@ -23,8 +23,13 @@ def test_rows_are_identical_across_budgets_that_hold_the_default_chunk(tmp_path)
     stores = {}
     for budget in (2 * 2**30, 8 * 2**30, 3 * 2**20):
         out = tmp_path / str(budget)
-        extract_gradients(ExtractConfig(ckpt=str(tmp_path / "ckpt"), t_range="300", samples=40, shard_rows=40), out,
-                          device="cpu", max_memory=budget, on_note=notes.append)
+        extract_gradients(
+            ExtractConfig(ckpt=str(tmp_path / "ckpt"), t_range="300", samples=40, shard_rows=40),
+            out,
+            device="cpu",
+            max_memory=budget,
+            on_note=notes.append,
+        )
         stores[budget] = GradientStore(out).load(300)
     assert torch.equal(stores[2 * 2**30], stores[8 * 2**30])
     chunk, note = reproducible_chunk(unet, sum(p.numel() for p in unet.parameters()), (1, 8, 8), 3 * 2**20)

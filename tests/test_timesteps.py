@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from geomprobe.errors import UsageError
 from geomprobe.models import build_scheduler
@@ -43,7 +44,22 @@ def test_band_thresholds_are_on_snr():
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "   ", "900..100", "100..900:0", "0..1000", "1000", "-5", "abc", "100..", "..900", "1,,2", "1.5", "100..900:-1", "medium-snr"],
+    [
+        "",
+        "   ",
+        "900..100",
+        "100..900:0",
+        "0..1000",
+        "1000",
+        "-5",
+        "abc",
+        "100..",
+        "..900",
+        "1,,2",
+        "1.5",
+        "100..900:-1",
+        "medium-snr",
+    ],
 )
 def test_bad_specs_raise_usage_error(spec):
     with pytest.raises(UsageError):

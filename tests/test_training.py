@@ -11,8 +11,18 @@ from geomprobe.training import TrainConfig, read_train_log, train
 
 
 def _config(steps):
-    return TrainConfig(dataset="digits", model="small1", image_size=8, steps=steps, batch_size=16,
-                       lr=1e-3, seed=5, checkpoint_every=3, log_every=1, device="cpu")
+    return TrainConfig(
+        dataset="digits",
+        model="small1",
+        image_size=8,
+        steps=steps,
+        batch_size=16,
+        lr=1e-3,
+        seed=5,
+        checkpoint_every=3,
+        log_every=1,
+        device="cpu",
+    )
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -9,8 +9,8 @@ statistics (:func:`geomprobe.fisher.spectrum.rank1_residual_op_norm`).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -34,8 +34,12 @@ class DavisKahanCheck:
 
     def to_json(self) -> dict[str, float | bool]:
         return {
-            "lambda1": self.lambda1, "lambda2": self.lambda2, "residual_op_norm": self.residual_op_norm,
-            "gap": self.lambda1 - self.lambda2, "bound": self.bound, "measured_sin": self.measured_sin,
+            "lambda1": self.lambda1,
+            "lambda2": self.lambda2,
+            "residual_op_norm": self.residual_op_norm,
+            "gap": self.lambda1 - self.lambda2,
+            "bound": self.bound,
+            "measured_sin": self.measured_sin,
             "holds": self.holds,
         }
 

@@ -16,7 +16,8 @@ rank then holds the result and rank 0 writes it.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,12 +77,25 @@ def analyze_model(
     blocks = plan_blocks(plan.n, sizes, list(plan.layout.names), int(max_memory))
     mine = blocks[plan.rank :: plan.world]  # torchrun: each rank adds its share of the blocks
     result = SpectrumResult(store=str(config.ckpt), centered=centered, top_k=top_k)
-    result.notes.append(f"{len(blocks)} parameter block(s) per t: {len(mine)} passes over the {plan.n} rows per t"
-                        + (f" on each of {plan.world} ranks" if plan.world > 1 else ""))
+    result.notes.append(
+        f"{len(blocks)} parameter block(s) per t: {len(mine)} passes over the {plan.n} rows per t"
+        + (f" on each of {plan.world} ranks" if plan.world > 1 else "")
+    )
     means = MeanGradients(int(max_memory))
     for key in plan.keys:
-        batches = list(probe_batches(plan.dataset, plan.sample_rows, plan.spec, key, config.seed, batch_size,
-                                     plan.unet, plan.alphas_cumprod, config.target))
+        batches = list(
+            probe_batches(
+                plan.dataset,
+                plan.sample_rows,
+                plan.spec,
+                key,
+                config.seed,
+                batch_size,
+                plan.unet,
+                plan.alphas_cumprod,
+                config.target,
+            )
+        )
         fill = model_gradients(plan.unet, batches, plan.alphas_cumprod, int(max_memory))
         on_block = (lambda d, tot, _k=key: progress(_k, d, tot)) if progress else None
         stats = block_gram_statistics(fill, list(plan.layout.names), sizes, plan.n, int(max_memory), on_block, mine)

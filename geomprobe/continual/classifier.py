@@ -62,11 +62,21 @@ class FeatureClassifier(nn.Module):
         w = config.width
         self.config = config
         self.body = nn.Sequential(
-            nn.Conv2d(config.channels, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(), nn.AvgPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(), nn.AvgPool2d(2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(8 * w, config.feature_dim), nn.SiLU(),
+            nn.Conv2d(config.channels, w, 3, padding=1),
+            nn.GroupNorm(8, w),
+            nn.SiLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.SiLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * w, config.feature_dim),
+            nn.SiLU(),
         )
         self.head = nn.Linear(config.feature_dim, config.num_classes)
         self.num_features = config.feature_dim
@@ -114,7 +124,9 @@ def classifier_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
     return correct / len(labels)
 
 
-def train_classifier(train: ImageDataset, test: ImageDataset, config: ClassifierConfig) -> tuple[FeatureClassifier, float]:
+def train_classifier(
+    train: ImageDataset, test: ImageDataset, config: ClassifierConfig
+) -> tuple[FeatureClassifier, float]:
     """Train on ``train`` with light augmentation (random 1-pixel shifts); return (model, test accuracy)."""
     gen = torch_generator(config.seed)
     torch.manual_seed(config.seed)
@@ -169,7 +181,13 @@ def load_or_train_classifier(
                 model = FeatureClassifier(config)
                 model.load_state_dict(load_file(str(weights)))
                 model.eval()
-                return CachedClassifier(model, f"{dataset}-classifier@{info['checksum']}", info["checksum"], float(info["test_accuracy"]), directory)
+                return CachedClassifier(
+                    model,
+                    f"{dataset}-classifier@{info['checksum']}",
+                    info["checksum"],
+                    float(info["test_accuracy"]),
+                    directory,
+                )
         except (json.JSONDecodeError, KeyError, RuntimeError, OSError):
             pass  # stale or corrupt cache: retrain below
     t0 = time.time()
@@ -180,8 +198,14 @@ def load_or_train_classifier(
     os.replace(tmp, weights)
     checksum = _checksum(weights)
     info = {
-        "dataset": dataset, "image_size": train.image_size, "config": asdict(config), "checksum": checksum,
-        "test_accuracy": acc, "n_train": len(train), "n_test": len(test), "train_seconds": round(time.time() - t0, 2),
+        "dataset": dataset,
+        "image_size": train.image_size,
+        "config": asdict(config),
+        "checksum": checksum,
+        "test_accuracy": acc,
+        "n_train": len(train),
+        "n_test": len(test),
+        "train_seconds": round(time.time() - t0, 2),
     }
     tmp_meta = directory / (CLASSIFIER_META + ".tmp")
     tmp_meta.write_text(json.dumps(info, indent=2))

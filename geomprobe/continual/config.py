@@ -72,8 +72,11 @@ class ContinualConfig:
     gd: bool = _opt(False, "generative distillation from the previous task's model")
     non_continual: bool = _opt(False, "train on all tasks seen so far (upper bound)")
     lam: float = _opt(15000.0, "EWC penalty weight lambda (paper: 15000; see --lambda-units)")
-    lambda_units: str = _opt("paper", "paper: lambda weighs the per-pixel-mean MSE Fisher as in the paper "
-                                      "(applied as 2*lambda/D for our summed loss) | raw: used as is")
+    lambda_units: str = _opt(
+        "paper",
+        "paper: lambda weighs the per-pixel-mean MSE Fisher as in the paper "
+        "(applied as 2*lambda/D for our summed loss) | raw: used as is",
+    )
     rank: int = _opt(5, "rank k of --fisher rankk")
     rankk_method: str = _opt("power", "rank-k estimate: power (stochastic power iteration) | lanczos")
     fisher_samples: int = _opt(256, "probe samples per task for the Fisher estimate")
@@ -101,7 +104,7 @@ class ContinualConfig:
 
     @property
     def replay_source(self) -> str:
-        """none | generative | real, with ``auto`` resolved (generative with --gd, else none)."""
+        """None | generative | real, with ``auto`` resolved (generative with --gd, else none)."""
         if self.replay == "auto":
             return "generative" if self.gd else "none"
         return self.replay
@@ -134,10 +137,13 @@ class ContinualConfig:
         task_splits(self.num_classes, self.tasks)
 
     def _validate_choices(self) -> None:
-        choices = {"fisher": (FISHER_CHOICES, "unknown strategy --fisher"), "replay": (REPLAY_CHOICES, "unknown --replay"),
-                   "fid_features": (FEATURE_CHOICES, "unknown --fid-features"),
-                   "rankk_method": (("power", "lanczos"), "unknown --rankk-method"),
-                   "lambda_units": (("paper", "raw"), "unknown --lambda-units")}
+        choices = {
+            "fisher": (FISHER_CHOICES, "unknown strategy --fisher"),
+            "replay": (REPLAY_CHOICES, "unknown --replay"),
+            "fid_features": (FEATURE_CHOICES, "unknown --fid-features"),
+            "rankk_method": (("power", "lanczos"), "unknown --rankk-method"),
+            "lambda_units": (("paper", "raw"), "unknown --lambda-units"),
+        }
         for name, (allowed, message) in choices.items():
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{message} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
@@ -151,8 +157,16 @@ class ContinualConfig:
             raise UsageError(f"--gd-weight must be >= 0, got {self.gd_weight}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
-        for name in ("steps_per_task", "batch_size", "rank", "fisher_samples", "n_generated", "sample_steps",
-                     "classifier_steps", "replay_batch"):
+        for name in (
+            "steps_per_task",
+            "batch_size",
+            "rank",
+            "fisher_samples",
+            "n_generated",
+            "sample_steps",
+            "classifier_steps",
+            "replay_batch",
+        ):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.replay_per_class < 0:
@@ -188,9 +202,14 @@ def config_from_dict(values: dict) -> ContinualConfig:
 def make_manifest(config: ContinualConfig, seeds: list[int] | None = None, seed: int | None = None) -> dict:
     from geomprobe import __version__
 
-    m = {"tool": "geomprobe continual", "version": __version__, "command_line": " ".join(sys.argv),
-         "config": asdict(config), "strategy": config.strategy,
-         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    m = {
+        "tool": "geomprobe continual",
+        "version": __version__,
+        "command_line": " ".join(sys.argv),
+        "config": asdict(config),
+        "strategy": config.strategy,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     if seeds is not None:
         m["seeds"] = seeds
     if seed is not None:

@@ -13,7 +13,7 @@ The kinds map to the fisher package's builders:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -80,8 +80,9 @@ def estimate_task_fisher(
     try:
         batches = probe_batches(data, n, timesteps, generator, batch_size)
         if kind == "lowrank" and method == "power":
-            return _power_iteration(unet, names, data, alphas_cumprod, timesteps, generator, rank, batch_size,
-                                    power_iterations)
+            return _power_iteration(
+                unet, names, data, alphas_cumprod, timesteps, generator, rank, batch_size, power_iterations
+            )
         return _from_batches(kind, unet, names, batches, alphas_cumprod, timesteps, generator, rank, max_memory)
     finally:
         unet.train(was_training)
@@ -98,15 +99,29 @@ def _from_batches(kind, unet, names, batches, alphas_cumprod, timesteps: Timeste
     if kind == "diagonal":
         return diagonal_from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text, max_memory=max_memory)
     if kind == "lowrank":
-        return lowrank_from_model(unet, names, batches, alphas_cumprod, k=rank, t_range=timesteps.text,
-                                  seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    G = torch.cat([per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, max_memory=max_memory).cpu()
-                   for b in batches])
-    return GramFisher(G, info=ImplicitFisher.from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text).info)
+        return lowrank_from_model(
+            unet,
+            names,
+            batches,
+            alphas_cumprod,
+            k=rank,
+            t_range=timesteps.text,
+            seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)),
+        )
+    G = torch.cat(
+        [
+            per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, max_memory=max_memory).cpu()
+            for b in batches
+        ]
+    )
+    return GramFisher(
+        G, info=ImplicitFisher.from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text).info
+    )
 
 
-def _power_iteration(unet, names, data, alphas_cumprod, timesteps: TimestepSpec, generator, rank, batch_size,
-                     power_iterations):
+def _power_iteration(
+    unet, names, data, alphas_cumprod, timesteps: TimestepSpec, generator, rank, batch_size, power_iterations
+):
     """Stochastic power iteration on a fresh minibatch per step, drawn from the same generator (App. E.4.1)."""
     from geomprobe.fisher.model import power_iteration_from_model
 
@@ -116,7 +131,8 @@ def _power_iteration(unet, names, data, alphas_cumprod, timesteps: TimestepSpec,
         while True:
             yield probe_batches(data, batch_size, timesteps, generator, batch_size)[0]
 
-    fisher = power_iteration_from_model(unet, names, fresh, alphas_cumprod, k=rank, num_iters=power_iterations,
-                                        seed=seed, t_range=timesteps.text)
+    fisher = power_iteration_from_model(
+        unet, names, fresh, alphas_cumprod, k=rank, num_iters=power_iterations, seed=seed, t_range=timesteps.text
+    )
     fisher.info.n = batch_size * (power_iterations + 5)
     return fisher

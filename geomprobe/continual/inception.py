@@ -258,8 +258,10 @@ class FIDInceptionV3(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = self.Conv2d_1a_3x3.conv.weight.device
-        chunks = [self.pool3(self.preprocess(x[s : s + self.batch_size].to(device)))
-                  for s in range(0, len(x), self.batch_size)]
+        chunks = [
+            self.pool3(self.preprocess(x[s : s + self.batch_size].to(device)))
+            for s in range(0, len(x), self.batch_size)
+        ]
         if not chunks:
             return torch.zeros(0, NUM_FEATURES, device=device)
         return torch.cat(chunks).float()
@@ -278,16 +280,22 @@ def _read_state_dict(path: Path) -> dict:
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise DataError(f"Inception weights {path} are not a readable safetensors file ({_one_line(exc)})") from None
+            raise DataError(
+                f"Inception weights {path} are not a readable safetensors file ({_one_line(exc)})"
+            ) from None
     if suffix in (".pth", ".pt"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
-            raise DataError(f"Inception weights {path} are not a readable torch state dict ({_one_line(exc)})") from None
+            raise DataError(
+                f"Inception weights {path} are not a readable torch state dict ({_one_line(exc)})"
+            ) from None
         if not isinstance(state, dict):
             raise DataError(f"Inception weights {path} hold a {type(state).__name__}, not a state dict")
         return state
-    raise UsageError(f"Inception weights {path}: unsupported file type {suffix or '(none)'}; expected .safetensors, .pth or .pt")
+    raise UsageError(
+        f"Inception weights {path}: unsupported file type {suffix or '(none)'}; expected .safetensors, .pth or .pt"
+    )
 
 
 def check_state_dict(state: dict, model: nn.Module, path: str | Path = "<state dict>") -> dict:
@@ -306,14 +314,17 @@ def check_state_dict(state: dict, model: nn.Module, path: str | Path = "<state d
     unexpected = [k for k in state if k not in expected]
     if missing:
         extra = f" (and unexpected key {unexpected[0]!r})" if unexpected else ""
-        raise UsageError(f"Inception weights {path}: missing key {missing[0]!r}{extra}; "
-                         f"{len(missing)} missing, {len(unexpected)} unexpected")
+        raise UsageError(
+            f"Inception weights {path}: missing key {missing[0]!r}{extra}; "
+            f"{len(missing)} missing, {len(unexpected)} unexpected"
+        )
     if unexpected:
         raise UsageError(f"Inception weights {path}: unexpected key {unexpected[0]!r}; {len(unexpected)} unexpected")
     for key, shape in expected.items():
         if key in state and state[key].shape != shape:
-            raise UsageError(f"Inception weights {path}: key {key!r} has shape {tuple(state[key].shape)}, "
-                             f"expected {tuple(shape)}")
+            raise UsageError(
+                f"Inception weights {path}: key {key!r} has shape {tuple(state[key].shape)}, expected {tuple(shape)}"
+            )
     return {k: v for k, v in state.items() if k not in optional}  # plain dict: no version metadata
 
 

@@ -16,7 +16,9 @@ from geomprobe.diffusion import ddim_sample
 from geomprobe.errors import UsageError
 
 
-def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor, feature_net: nn.Module | None = None) -> float:
+def frechet_distance(
+    real_features: torch.Tensor, fake_features: torch.Tensor, feature_net: nn.Module | None = None
+) -> float:
     """FID between two sets of inputs, computed by torchmetrics' FrechetInceptionDistance.
 
     real_features, fake_features: (N, ...) inputs of ``feature_net`` (default: flatten, so the
@@ -88,7 +90,9 @@ def evaluate_task(
     reference_images: (R, C, H, W) in [-1, 1], task i's held-out split. Accuracy is the
     fraction of generated images the classifier assigns to the label they were drawn for.
     """
-    labels = torch.tensor(classes, dtype=torch.long).repeat((n_generated + len(classes) - 1) // len(classes))[:n_generated]
+    labels = torch.tensor(classes, dtype=torch.long).repeat((n_generated + len(classes) - 1) // len(classes))[
+        :n_generated
+    ]
     samples = ddim_sample(unet, scheduler, labels, num_inference_steps=sample_steps, generator=generator)
     fid = frechet_distance(reference_images, samples, feature_net)
     acc = float("nan")
@@ -96,8 +100,14 @@ def evaluate_task(
         from geomprobe.continual.classifier import classifier_accuracy
 
         acc = classifier_accuracy(classifier, samples, labels)
-    return TaskEvaluation(fid=fid, accuracy=acc, n_generated=len(samples), n_reference=len(reference_images),
-                          samples=samples, labels=labels)
+    return TaskEvaluation(
+        fid=fid,
+        accuracy=acc,
+        n_generated=len(samples),
+        n_reference=len(reference_images),
+        samples=samples,
+        labels=labels,
+    )
 
 
 def afid(fid: dict[int, dict[int, float]]) -> dict[str, float]:
@@ -106,7 +116,7 @@ def afid(fid: dict[int, dict[int, float]]) -> dict[str, float]:
 
 
 def forgetting(fid: dict[int, dict[int, float]]) -> float:
-    """mean over tasks k of FID_k(m_T) - FID_k(m_k); the last task contributes 0 (docs/design.md §6)."""
+    """Mean over tasks k of FID_k(m_T) - FID_k(m_k); the last task contributes 0 (docs/design.md §6)."""
     last = max(fid)
     return sum(fid[last][k] - fid[k][k] for k in range(last + 1)) / (last + 1)
 

@@ -7,7 +7,7 @@ DDPM loss; with ``--gd`` it feeds :class:`geomprobe.continual.distill.Distillati
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -31,14 +31,17 @@ def replay_pool_real(train: ImageDataset, classes: list[int], per_class: int, ge
     return torch.cat(xs), torch.cat(ys)
 
 
-def replay_pool_generated(teacher, scheduler, classes: list[int], per_class: int, steps: int, gen: torch.Generator) -> Pool:
+def replay_pool_generated(
+    teacher, scheduler, classes: list[int], per_class: int, steps: int, gen: torch.Generator
+) -> Pool:
     """``per_class`` DDIM samples of each earlier class from the teacher."""
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)
     return ddim_sample(teacher, scheduler, labels, num_inference_steps=steps, generator=gen), labels
 
 
-def replay_pool(config: ContinualConfig, train: ImageDataset, unet, scheduler, earlier: list[int],
-                gen: torch.Generator) -> Pool | None:
+def replay_pool(
+    config: ContinualConfig, train: ImageDataset, unet, scheduler, earlier: list[int], gen: torch.Generator
+) -> Pool | None:
     """The replay pool of a task whose earlier classes are ``earlier`` (None without replay or on task 0)."""
     if config.replay_source == "none" or not earlier:
         return None
@@ -47,8 +50,9 @@ def replay_pool(config: ContinualConfig, train: ImageDataset, unet, scheduler, e
     return replay_pool_generated(unet, scheduler, earlier, config.replay_per_class, config.sample_steps, gen)
 
 
-def batch_sampler(config: ContinualConfig, data: ImageDataset, replay: Pool | None, num_train_timesteps: int,
-                  gen: torch.Generator) -> Callable[[], tuple]:
+def batch_sampler(
+    config: ContinualConfig, data: ImageDataset, replay: Pool | None, num_train_timesteps: int, gen: torch.Generator
+) -> Callable[[], tuple]:
     """``next_batch()`` for the training loop: task data, plus replay images when replay is not distilled."""
     mix = replay is not None and not config.gd
 
@@ -59,6 +63,11 @@ def batch_sampler(config: ContinualConfig, data: ImageDataset, replay: Pool | No
         idx = torch.randint(0, len(replay[1]), (config.replay_batch,), generator=gen)
         tr = torch.randint(0, num_train_timesteps, (config.replay_batch,), generator=gen)
         nr = torch.randn((config.replay_batch, *x0.shape[1:]), generator=gen)
-        return torch.cat([x0, replay[0][idx]]), torch.cat([y, replay[1][idx]]), torch.cat([t, tr]), torch.cat([noise, nr])
+        return (
+            torch.cat([x0, replay[0][idx]]),
+            torch.cat([y, replay[1][idx]]),
+            torch.cat([t, tr]),
+            torch.cat([noise, nr]),
+        )
 
     return next_batch

@@ -105,8 +105,9 @@ class FeatureNet:
         from geomprobe.continual.classifier import ClassifierConfig, FeatureExtractor, load_or_train_classifier
 
         ref = load_dataset(config.dataset, "train", config.image_size, config.data_root)
-        cc = ClassifierConfig(channels=ref.channels, image_size=ref.image_size, num_classes=ref.num_classes,
-                              steps=config.classifier_steps)
+        cc = ClassifierConfig(
+            channels=ref.channels, image_size=ref.image_size, num_classes=ref.num_classes, steps=config.classifier_steps
+        )
         cached = load_or_train_classifier(config.dataset, config.image_size, config.data_root, cache_dir, cc)
         self.classifier = cached.model
         self.classifier_name = cached.name
@@ -125,7 +126,9 @@ def _refuse_existing_run(out: Path, config: ContinualConfig, resume: bool) -> No
     """A directory with a manifest is only reused by ``--resume`` with the same config."""
     if (out / MANIFEST).exists():
         if not resume:
-            raise UsageError(f"output directory {out} already holds a run; pass --resume to continue it or choose another --out")
+            raise UsageError(
+                f"output directory {out} already holds a run; pass --resume to continue it or choose another --out"
+            )
         check_manifest(out / MANIFEST, config)
 
 
@@ -139,7 +142,9 @@ def _prepare_seed_dir(config: ContinualConfig, seed: int, out: Path, resume: boo
     elif (out / STATE).exists():
         completed = int(json.loads((out / STATE).read_text())["completed_task"])
     # an interrupted training or evaluation leaves rows of an uncompleted task: drop them
-    write_jsonl(out / METRICS, [r for r in read_jsonl(out / METRICS) if not r.get("summary") and r["after_task"] <= completed])
+    write_jsonl(
+        out / METRICS, [r for r in read_jsonl(out / METRICS) if not r.get("summary") and r["after_task"] <= completed]
+    )
     for name in (TRAIN_LOG, TIMINGS):
         write_jsonl(out / name, [r for r in read_jsonl(out / name) if r["task"] <= completed])
     _drop_samples_after(out / SAMPLES, completed)
@@ -153,12 +158,13 @@ def _drop_samples_after(path: Path, completed: int) -> None:
         return
     with h5py.File(path, "a") as f:
         for key in list(f.keys()):
-            if key.startswith("after_task") and int(key[len("after_task"):]) > completed:
+            if key.startswith("after_task") and int(key[len("after_task") :]) > completed:
                 del f[key]
 
 
-def _rebuild_penalty(config: ContinualConfig, out: Path, names: list[str], pixels: int, completed: int,
-                     dev: torch.device) -> PenaltyTerm | None:
+def _rebuild_penalty(
+    config: ContinualConfig, out: Path, names: list[str], pixels: int, completed: int, dev: torch.device
+) -> PenaltyTerm | None:
     """The EWC term of tasks 0..completed, from their Fisher files and checkpoints (None without --fisher)."""
     from geomprobe.fisher import load_fisher
 
@@ -171,8 +177,9 @@ def _rebuild_penalty(config: ContinualConfig, out: Path, names: list[str], pixel
     return penalty.to(dev)
 
 
-def _start_seed(config: ContinualConfig, seed: int, out: Path, features: FeatureNet, completed: int,
-                device: str, max_memory: int) -> SeedRun:
+def _start_seed(
+    config: ContinualConfig, seed: int, out: Path, features: FeatureNet, completed: int, device: str, max_memory: int
+) -> SeedRun:
     """The model (fresh or m_completed), data, timesteps and penalty of one seed."""
     from geomprobe.probe import select_parameters
 
@@ -190,9 +197,22 @@ def _start_seed(config: ContinualConfig, seed: int, out: Path, features: Feature
     names = select_parameters(unet)
     penalty = _rebuild_penalty(config, out, names, train.channels * train.image_size**2, completed, dev)
     references = [test.subset(c).batch(torch.arange(len(test.subset(c))))[0] for c in tasks]
-    return SeedRun(config=config, seed=seed, out=out, features=features, train=train, tasks=tasks,
-                   references=references, scheduler=scheduler, spec=spec, names=names, unet=unet, penalty=penalty,
-                   device=dev, max_memory=max_memory)
+    return SeedRun(
+        config=config,
+        seed=seed,
+        out=out,
+        features=features,
+        train=train,
+        tasks=tasks,
+        references=references,
+        scheduler=scheduler,
+        spec=spec,
+        names=names,
+        unet=unet,
+        penalty=penalty,
+        device=dev,
+        max_memory=max_memory,
+    )
 
 
 def run_seed(
@@ -216,12 +236,25 @@ def run_seed(
         run.accuracy.setdefault(r["after_task"], {})[r["task"]] = r["accuracy"]
     for k in range(completed + 1, len(run.tasks)):
         run_task(run, k)
-    summary = {"seed": seed, "strategy": config.strategy, "summary": True, "afid": afid(run.fid),
-               "forgetting": forgetting(run.fid)}
+    summary = {
+        "seed": seed,
+        "strategy": config.strategy,
+        "summary": True,
+        "afid": afid(run.fid),
+        "forgetting": forgetting(run.fid),
+    }
     with open(out / METRICS, "a") as f:
         f.write(json.dumps(summary) + "\n")
-    return SeedResult(seed, config.strategy, run.fid, run.accuracy, summary["afid"], summary["forgetting"],
-                      time.time() - t_start, completed)
+    return SeedResult(
+        seed,
+        config.strategy,
+        run.fid,
+        run.accuracy,
+        summary["afid"],
+        summary["forgetting"],
+        time.time() - t_start,
+        completed,
+    )
 
 
 def total_steps(config: ContinualConfig, seeds: list[int]) -> int:
@@ -256,16 +289,28 @@ def run_continual(
     features = FeatureNet(config, cache_dir)
     results = []
     for n, seed in enumerate(seeds):
-        results.append(run_seed(config, seed, out / f"seed-{seed}", features, resume=resume, progress=progress,
-                                step_offset=step_offset + n * config.tasks * config.steps_per_task, device=device,
-                                max_memory=max_memory))
+        results.append(
+            run_seed(
+                config,
+                seed,
+                out / f"seed-{seed}",
+                features,
+                resume=resume,
+                progress=progress,
+                step_offset=step_offset + n * config.tasks * config.steps_per_task,
+                device=device,
+                max_memory=max_memory,
+            )
+        )
     write_jsonl(out / METRICS, [r for s in seeds for r in read_jsonl(out / f"seed-{s}" / METRICS)])
     result = summarize(out, config.strategy, results, features, time.time() - t0)
     write_json(out / SUMMARY, summary_dict(result))
     return result
 
 
-def summarize(out: Path, strategy: str, results: list[SeedResult], features: FeatureNet | None, seconds: float) -> ContinualResult:
+def summarize(
+    out: Path, strategy: str, results: list[SeedResult], features: FeatureNet | None, seconds: float
+) -> ContinualResult:
     res = ContinualResult(out=out, strategy=strategy, seeds=results, seconds=seconds)
     keys = results[0].afid.keys()
     res.afid = {k: mean_and_stderr([r.afid[k] for r in results]) for k in keys}
@@ -292,9 +337,16 @@ def summary_dict(res: ContinualResult) -> dict:
         "final_accuracy": ms(res.final_accuracy),
         "feature_net": res.feature_net,
         "feature_net_test_accuracy": num(res.feature_net_accuracy),
-        "per_seed": [{"seed": r.seed, "afid": r.afid, "forgetting": r.forgetting, "seconds": r.seconds} for r in res.seeds],
-        "fid_matrix": {str(r.seed): {str(k): {str(i): v for i, v in row.items()} for k, row in r.fid.items()} for r in res.seeds},
-        "accuracy_matrix": {str(r.seed): {str(k): {str(i): v for i, v in row.items()} for k, row in r.accuracy.items()} for r in res.seeds},
+        "per_seed": [
+            {"seed": r.seed, "afid": r.afid, "forgetting": r.forgetting, "seconds": r.seconds} for r in res.seeds
+        ],
+        "fid_matrix": {
+            str(r.seed): {str(k): {str(i): v for i, v in row.items()} for k, row in r.fid.items()} for r in res.seeds
+        },
+        "accuracy_matrix": {
+            str(r.seed): {str(k): {str(i): v for i, v in row.items()} for k, row in r.accuracy.items()}
+            for r in res.seeds
+        },
         "seconds": res.seconds,
     }
 
@@ -317,7 +369,9 @@ def run_compare(
         raise UsageError(f"unknown strategy {bad[0]!r}; expected one of {', '.join(COMPARE_STRATEGIES)}")
     configs = []
     for name in names:
-        cfg = ContinualConfig(**{**asdict(config), "fisher": "none", "gd": False, "non_continual": False, "replay": "auto"})
+        cfg = ContinualConfig(
+            **{**asdict(config), "fisher": "none", "gd": False, "non_continual": False, "replay": "auto"}
+        )
         for key, value in COMPARE_STRATEGIES[name].items():
             setattr(cfg, key, value)
         cfg.validate()
@@ -326,8 +380,17 @@ def run_compare(
     results = []
     per = total_steps(config, list(seeds))
     for n, (name, cfg) in enumerate(configs):
-        res = run_continual(cfg, out / name, seeds, resume=resume, progress=progress, device=device,
-                            cache_dir=cache_dir, step_offset=n * per, max_memory=max_memory)
+        res = run_continual(
+            cfg,
+            out / name,
+            seeds,
+            resume=resume,
+            progress=progress,
+            device=device,
+            cache_dir=cache_dir,
+            step_offset=n * per,
+            max_memory=max_memory,
+        )
         res.strategy = name
         results.append(res)
         write_json(out / "compare.json", {"seeds": list(seeds), "strategies": [summary_dict(r) for r in results]})

@@ -12,7 +12,7 @@ flat layout of the Fisher files). Generative distillation is :mod:`geomprobe.con
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import UNet2DModel
@@ -73,7 +73,7 @@ class PenaltyTerm:
     def add_task(self, *args) -> None:
         self.penalty.add_task(*args)
 
-    def to(self, device) -> "PenaltyTerm":
+    def to(self, device) -> PenaltyTerm:
         self.penalty.to(device)
         return self
 

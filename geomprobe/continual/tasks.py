@@ -11,9 +11,9 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -75,12 +75,18 @@ def run_task(run: SeedRun, k: int) -> None:
     start = time.time()
     gen = torch_generator(task_seed(run.seed, k, 0))
     earlier = [c for task in run.tasks[:k] for c in task]
-    replay = replay_pool(run.config, run.train, run.unet, run.scheduler, earlier, torch_generator(task_seed(run.seed, k, 1)))
+    replay = replay_pool(
+        run.config, run.train, run.unet, run.scheduler, earlier, torch_generator(task_seed(run.seed, k, 1))
+    )
     terms = task_terms(run, replay, gen)
     clock["replay_s"] = time.time() - start
     start = time.time()
-    log_rows = train_task(run, k, terms, batch_sampler(run.config, task_data(run, k), replay,
-                                                       run.scheduler.config.num_train_timesteps, gen))
+    log_rows = train_task(
+        run,
+        k,
+        terms,
+        batch_sampler(run.config, task_data(run, k), replay, run.scheduler.config.num_train_timesteps, gen),
+    )
     clock["train_s"] = time.time() - start
     start = time.time()
     ckpt_dir = save_task_checkpoint(run, k)
@@ -107,8 +113,17 @@ def task_terms(run: SeedRun, replay: Pool | None, gen: torch.Generator) -> list:
         terms.append(run.penalty)
     if run.config.gd and replay is not None:
         teacher = copy.deepcopy(run.unet)
-        terms.append(DistillationTerm(teacher, replay[0], replay[1], run.scheduler.alphas_cumprod,
-                                      run.config.replay_batch, run.config.gd_weight, gen))
+        terms.append(
+            DistillationTerm(
+                teacher,
+                replay[0],
+                replay[1],
+                run.scheduler.alphas_cumprod,
+                run.config.replay_batch,
+                run.config.gd_weight,
+                gen,
+            )
+        )
     return terms
 
 
@@ -124,8 +139,18 @@ def train_task(run: SeedRun, k: int, terms: list, next_batch) -> list[dict]:
         run.report(k * steps + step, {"task": k, "loss": loss})
 
     optimizer = torch.optim.Adam(run.unet.parameters(), lr=run.config.lr)
-    training_loop(run.unet, run.scheduler, optimizer, next_batch, 0, steps, extra_loss=combine_terms(terms),
-                  on_log=on_log, log_every=10, progress=on_step)
+    training_loop(
+        run.unet,
+        run.scheduler,
+        optimizer,
+        next_batch,
+        0,
+        steps,
+        extra_loss=combine_terms(terms),
+        on_log=on_log,
+        log_every=10,
+        progress=on_step,
+    )
     run.unet.eval()
     return log_rows
 
@@ -134,11 +159,16 @@ def save_task_checkpoint(run: SeedRun, k: int) -> Path:
     """The checkpoint ``task-{k}/`` of m_k (docs/design.md §8)."""
     config, train = run.config, run.train
     ckpt_dir = run.out / f"task-{k}"
-    info = ModelInfo(preset=config.model, dataset=config.dataset, image_size=train.image_size,
-                     channels=train.channels, num_classes=train.num_classes, seed=run.seed,
-                     step=(k + 1) * config.steps_per_task,
-                     extra={"continual_config": asdict(config), "task": k, "classes": run.tasks[k],
-                            "strategy": config.strategy})
+    info = ModelInfo(
+        preset=config.model,
+        dataset=config.dataset,
+        image_size=train.image_size,
+        channels=train.channels,
+        num_classes=train.num_classes,
+        seed=run.seed,
+        step=(k + 1) * config.steps_per_task,
+        extra={"continual_config": asdict(config), "task": k, "classes": run.tasks[k], "strategy": config.strategy},
+    )
     save_checkpoint(ckpt_dir, run.unet, run.scheduler, info)
     return ckpt_dir
 
@@ -150,10 +180,19 @@ def add_task_fisher(run: SeedRun, k: int, ckpt_dir: Path) -> None:
 
     config = run.config
     run.report((k + 1) * config.steps_per_task, {"task": k, "stage": "fisher"})
-    fisher = estimate_task_fisher(config.fisher, run.unet, run.names, run.train.subset(run.tasks[k]),
-                                  run.scheduler.alphas_cumprod, run.spec, config.fisher_samples,
-                                  torch_generator(task_seed(run.seed, k, 2)), rank=config.rank,
-                                  method=config.rankk_method, max_memory=run.max_memory)
+    fisher = estimate_task_fisher(
+        config.fisher,
+        run.unet,
+        run.names,
+        run.train.subset(run.tasks[k]),
+        run.scheduler.alphas_cumprod,
+        run.spec,
+        config.fisher_samples,
+        torch_generator(task_seed(run.seed, k, 2)),
+        rank=config.rank,
+        method=config.rankk_method,
+        max_memory=run.max_memory,
+    )
     fisher.info.checkpoint = {"path": str(ckpt_dir), "checksum": checkpoint_checksum(ckpt_dir)}
     fisher.info.extra = {**fisher.info.extra, "task": k, "classes": run.tasks[k], "seed": run.seed}
     path = fisher.save(run.out / f"fisher-task{k}.h5")
@@ -168,16 +207,35 @@ def evaluate_after_task(run: SeedRun, k: int) -> list[dict]:
     run.report((k + 1) * config.steps_per_task, {"task": k, "stage": "eval"})
     rows, images, labels = [], [], []
     for i in range(k + 1):
-        ev = evaluate_task(run.unet, run.scheduler, run.tasks[i], run.references[i], features.extractor,
-                           features.classifier, config.n_generated, torch_generator(task_seed(run.seed, k, 3 + i)),
-                           config.sample_steps)
+        ev = evaluate_task(
+            run.unet,
+            run.scheduler,
+            run.tasks[i],
+            run.references[i],
+            features.extractor,
+            features.classifier,
+            config.n_generated,
+            torch_generator(task_seed(run.seed, k, 3 + i)),
+            config.sample_steps,
+        )
         run.fid.setdefault(k, {})[i] = ev.fid
         run.accuracy.setdefault(k, {})[i] = ev.accuracy
         images.append(ev.samples)
         labels.append(ev.labels)
-        rows.append({"seed": run.seed, "strategy": config.strategy, "after_task": k, "task": i, "fid": ev.fid,
-                     "accuracy": ev.accuracy, "n_generated": ev.n_generated, "n_reference": ev.n_reference,
-                     "feature_net": features.name, "reference_split": "test"})
+        rows.append(
+            {
+                "seed": run.seed,
+                "strategy": config.strategy,
+                "after_task": k,
+                "task": i,
+                "fid": ev.fid,
+                "accuracy": ev.accuracy,
+                "n_generated": ev.n_generated,
+                "n_reference": ev.n_reference,
+                "feature_net": features.name,
+                "reference_split": "test",
+            }
+        )
     store_samples(run.out / SAMPLES, k, torch.cat(images), torch.cat(labels))
     return rows
 

@@ -354,7 +354,8 @@ def table5_low_rank(runs, out_dir: str | Path, stem: str = "table5") -> FigureOu
     strategies = sorted({s for _, s in selected}, key=lambda s: (rank_of_strategy(s), s))
     md_header = ["Method"] + [f"{r.dataset} {col}" for r in datasets for col in ("Final FID", "Avg forgetting")]
     md_rows, csv_rows = _final_rows(
-        strategies, datasets,
+        strategies,
+        datasets,
         lambda s: f"GD + rank-{rank_of_strategy(s)}" + (" (mean-gradient)" if rank_of_strategy(s) == 1 else ""),
         lambda s, run, m: [s, rank_of_strategy(s), run.dataset],
     )

@@ -75,7 +75,7 @@ class FisherMatrix(ABC):
     """Abstract empirical Fisher (P x P). Subclasses store one representation of it."""
 
     kind: ClassVar[str] = ""
-    _registry: ClassVar[dict[str, type["FisherMatrix"]]] = {}
+    _registry: ClassVar[dict[str, type[FisherMatrix]]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -102,7 +102,7 @@ class FisherMatrix(ABC):
 
     @abstractmethod
     def trace(self) -> float:
-        """tr F."""
+        """Tr F."""
 
     @abstractmethod
     def frobenius(self) -> float:
@@ -110,7 +110,7 @@ class FisherMatrix(ABC):
 
     @abstractmethod
     def diag(self) -> torch.Tensor:
-        """diag F, shape (P,)."""
+        """Diag F, shape (P,)."""
 
     @abstractmethod
     def top_eigen(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +144,7 @@ class FisherMatrix(ABC):
 
     @classmethod
     @abstractmethod
-    def _read(cls, f: h5py.File, info: FisherInfo) -> "FisherMatrix":
+    def _read(cls, f: h5py.File, info: FisherInfo) -> FisherMatrix:
         """Rebuild from an open file written by ``_write``."""
 
     def save(self, path: str | Path) -> Path:
@@ -166,7 +166,7 @@ class FisherMatrix(ABC):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "FisherMatrix":
+    def load(cls, path: str | Path) -> FisherMatrix:
         """Read a file written by ``save``; the kind in the file must match ``cls`` (or use load_fisher)."""
         fisher = load_fisher(path)
         if cls is not FisherMatrix and not isinstance(fisher, cls):

@@ -23,8 +23,8 @@ recomputed once per range).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -68,8 +68,10 @@ def block_columns(n: int, P: int, max_memory: int) -> int:
     width = (int(max_memory) - reserved) // per_column
     if width < 1:
         need = (reserved + 64 * per_column) / 2**20
-        raise UsageError(f"--max-memory {max_memory / 2**20:.0f} MiB is too small for n={n} rows: the n x n Gram "
-                         f"matrix alone needs {8 * n * n / 2**20:.0f} MiB; give at least {need:.0f} MiB")
+        raise UsageError(
+            f"--max-memory {max_memory / 2**20:.0f} MiB is too small for n={n} rows: the n x n Gram "
+            f"matrix alone needs {8 * n * n / 2**20:.0f} MiB; give at least {need:.0f} MiB"
+        )
     return int(width)
 
 
@@ -112,8 +114,9 @@ def block_rows(
     return whole[:, columns]
 
 
-def accumulate_block(G_b: torch.Tensor, K: np.ndarray, column_sum: np.ndarray, column_sumsq: np.ndarray,
-                     columns: tuple[int, int]) -> None:
+def accumulate_block(
+    G_b: torch.Tensor, K: np.ndarray, column_sum: np.ndarray, column_sumsq: np.ndarray, columns: tuple[int, int]
+) -> None:
     """K += G_b G_b^T (float64, in slabs of columns); the block's column sums and sums of squares."""
     a, b = columns
     slab = max(1, G_b.shape[1] // _FLOAT64_SLAB)
@@ -162,16 +165,18 @@ def block_gram_statistics(
     return GramStatistics(K=K, column_sum=column_sum, column_sumsq=column_sumsq, n=n, P=P)
 
 
-def model_gradients(unet: torch.nn.Module, batches: Sequence, alphas_cumprod: torch.Tensor,
-                    max_memory: int = DEFAULT_MAX_MEMORY) -> Callable[[list[str], torch.Tensor], None]:
+def model_gradients(
+    unet: torch.nn.Module, batches: Sequence, alphas_cumprod: torch.Tensor, max_memory: int = DEFAULT_MAX_MEMORY
+) -> Callable[[list[str], torch.Tensor], None]:
     """The ``gradients`` callback of :func:`block_gram_statistics` for a UNet on probe batches (rows in order)."""
     from geomprobe.probe import per_sample_grads
 
     def fill(names: list[str], out: torch.Tensor) -> None:
         a = 0
         for b in batches:
-            rows = per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, b.target,
-                                    max_memory=max_memory)
+            rows = per_sample_grads(
+                unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, b.target, max_memory=max_memory
+            )
             out[a : a + len(b)] = rows.cpu()
             a += len(b)
         if a != out.shape[0]:
@@ -194,5 +199,6 @@ def all_reduce_statistics(stats: GramStatistics) -> GramStatistics:
     parts = [torch.from_numpy(stats.K), torch.from_numpy(stats.column_sum), torch.from_numpy(stats.column_sumsq)]
     for part in parts:
         dist.all_reduce(part)
-    return GramStatistics(K=parts[0].numpy(), column_sum=parts[1].numpy(), column_sumsq=parts[2].numpy(),
-                          n=stats.n, P=stats.P)
+    return GramStatistics(
+        K=parts[0].numpy(), column_sum=parts[1].numpy(), column_sumsq=parts[2].numpy(), n=stats.n, P=stats.P
+    )

@@ -34,7 +34,9 @@ def column_moments(rows: Any, max_memory: int = DEFAULT_MAX_MEMORY) -> tuple[tor
     return s / n, s2 / n, n
 
 
-def rank1_coefficient(rows: Any, mu: torch.Tensor, centered: bool = False, max_memory: int = DEFAULT_MAX_MEMORY) -> float:
+def rank1_coefficient(
+    rows: Any, mu: torch.Tensor, centered: bool = False, max_memory: int = DEFAULT_MAX_MEMORY
+) -> float:
     """c* = mu^T F mu / ||mu||^4 = mean((G mu)^2) / ||mu||^4 (one pass; paper eq. 6).
 
     centered: mu^T (F - mu mu^T) mu / ||mu||^4 = c* - 1.
@@ -66,7 +68,9 @@ def fisher_from_rows(
     """
     kind = canonical_kind(kind)
     if kind == "implicit":
-        raise UsageError("an implicit Fisher is built from a model and probe data (ImplicitFisher.from_model), not from rows")
+        raise UsageError(
+            "an implicit Fisher is built from a model and probe data (ImplicitFisher.from_model), not from rows"
+        )
     source = as_row_source(rows)
     info = info if info is not None else FisherInfo()
     info.n = source.n
@@ -127,4 +131,6 @@ def fisher_from_store(
         from geomprobe.probe import GradientStore
 
         store = GradientStore(store)
-    return fisher_from_rows(StoreRows(store, t), kind, k=k, centered=centered, info=store_fisher_info(store, t), max_memory=max_memory)
+    return fisher_from_rows(
+        StoreRows(store, t), kind, k=k, centered=centered, info=store_fisher_info(store, t), max_memory=max_memory
+    )

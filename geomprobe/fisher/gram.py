@@ -8,8 +8,9 @@ its eigenvectors are v_j = G^T u_j / sqrt(n lambda_j) (the Gram trick).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -57,7 +58,9 @@ class GramFisher(FisherMatrix):
 
     kind = "gram"
 
-    def __init__(self, rows: Any, centered: bool = False, info: FisherInfo | None = None, max_memory: int = DEFAULT_MAX_MEMORY):
+    def __init__(
+        self, rows: Any, centered: bool = False, info: FisherInfo | None = None, max_memory: int = DEFAULT_MAX_MEMORY
+    ):
         super().__init__(info)
         self.source: RowSource = as_row_source(rows)
         self.centered = bool(centered)
@@ -95,7 +98,7 @@ class GramFisher(FisherMatrix):
         return self._columns
 
     def mean(self) -> torch.Tensor:
-        """mu = G^T 1 / n, (P,) float64."""
+        """Mu = G^T 1 / n, (P,) float64."""
         return self._column_stats()[0] / self.n
 
     def kernel(self) -> np.ndarray:
@@ -203,7 +206,9 @@ class GramFisher(FisherMatrix):
             b = b.detach().cpu()
             if ds is None:
                 dtype = "float64" if b.dtype == torch.float64 else "float32"
-                ds = f.create_dataset("G", shape=(self.n, self.P), dtype=dtype, chunks=(chunk_rows, self.P), fletcher32=True)
+                ds = f.create_dataset(
+                    "G", shape=(self.n, self.P), dtype=dtype, chunks=(chunk_rows, self.P), fletcher32=True
+                )
             ds[a : a + b.shape[0]] = b.numpy()
             a += b.shape[0]
         if a != self.n:

@@ -25,8 +25,9 @@ e.g. a linear model whose gradients are a given G, as the tests use).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ class PerSampleGradients(Protocol):
         ...
 
     def mean(self) -> torch.Tensor:
-        """mu = G^T 1 / n: (P,)."""
+        """Mu = G^T 1 / n: (P,)."""
         ...
 
     def row_blocks(self, max_memory: int) -> Iterator[torch.Tensor]:
@@ -132,10 +133,12 @@ class ModelGradients:
         from geomprobe.probe import directional_derivatives
 
         ac, v = self.alphas_cumprod, v.float()
-        return torch.cat([
-            directional_derivatives(self.unet, self.names, b.x0, b.noise, b.t, b.y, ac, v, b.target).to(v.device)
-            for b in self.batches
-        ])
+        return torch.cat(
+            [
+                directional_derivatives(self.unet, self.names, b.x0, b.noise, b.t, b.y, ac, v, b.target).to(v.device)
+                for b in self.batches
+            ]
+        )
 
     def vjp(self, w: torch.Tensor) -> torch.Tensor:
         from geomprobe.probe import weighted_gradient
@@ -156,9 +159,20 @@ class ModelGradients:
         rows = rows_per_block(self.P, max_memory, live_blocks=2)
         for b in self.batches:
             for a in range(0, len(b), rows):
-                part = ProbeBatch(*(None if x is None else x[a : a + rows] for x in (b.x0, b.noise, b.t, b.y, b.target)))
-                yield per_sample_grads(self.unet, self.names, part.x0, part.noise, part.t, part.y,
-                                       self.alphas_cumprod, part.target, max_memory=max_memory).cpu()
+                part = ProbeBatch(
+                    *(None if x is None else x[a : a + rows] for x in (b.x0, b.noise, b.t, b.y, b.target))
+                )
+                yield per_sample_grads(
+                    self.unet,
+                    self.names,
+                    part.x0,
+                    part.noise,
+                    part.t,
+                    part.y,
+                    self.alphas_cumprod,
+                    part.target,
+                    max_memory=max_memory,
+                ).cpu()
 
 
 class ImplicitFisher(FisherMatrix):
@@ -172,8 +186,13 @@ class ImplicitFisher(FisherMatrix):
 
     kind = "implicit"
 
-    def __init__(self, gradients: PerSampleGradients, centered: bool = False, info: FisherInfo | None = None,
-                 max_memory: int = DEFAULT_MAX_MEMORY):
+    def __init__(
+        self,
+        gradients: PerSampleGradients,
+        centered: bool = False,
+        info: FisherInfo | None = None,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+    ):
         super().__init__(info)
         self.gradients, self.centered, self.max_memory = gradients, bool(centered), int(max_memory)
         self.info.centered, self.info.n = self.centered, self.info.n or gradients.n
@@ -184,15 +203,31 @@ class ImplicitFisher(FisherMatrix):
         """The same Fisher with its rows computed chunk by chunk: exact trace, diag, K and frobenius."""
 
     @classmethod
-    def from_model(cls, unet: torch.nn.Module, names: Sequence[str], batches: Sequence, alphas_cumprod: torch.Tensor,
-                   centered: bool = False, max_memory: int = DEFAULT_MAX_MEMORY, t_range: str = "") -> "ImplicitFisher":
+    def from_model(
+        cls,
+        unet: torch.nn.Module,
+        names: Sequence[str],
+        batches: Sequence,
+        alphas_cumprod: torch.Tensor,
+        centered: bool = False,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+        t_range: str = "",
+    ) -> ImplicitFisher:
         """The implicit Fisher of a UNet's DDPM loss on probe ``batches`` (ProbeBatch list or one ProbeBatch)."""
         from geomprobe.probe import ProbeBatch
 
-        batches = [batches] if isinstance(batches, ProbeBatch) else [b if isinstance(b, ProbeBatch) else ProbeBatch(*b) for b in batches]
+        batches = (
+            [batches]
+            if isinstance(batches, ProbeBatch)
+            else [b if isinstance(b, ProbeBatch) else ProbeBatch(*b) for b in batches]
+        )
         gradients = ModelGradients(unet, names, batches, alphas_cumprod)
-        info = FisherInfo(t_range=t_range, n=gradients.n, param_names=list(gradients.layout.names),
-                          param_shapes=[list(s) for s in gradients.layout.shapes])
+        info = FisherInfo(
+            t_range=t_range,
+            n=gradients.n,
+            param_names=list(gradients.layout.names),
+            param_shapes=[list(s) for s in gradients.layout.shapes],
+        )
         return cls(gradients, centered=centered, info=info, max_memory=max_memory)
 
     @property
@@ -204,7 +239,7 @@ class ImplicitFisher(FisherMatrix):
         return self.gradients.n
 
     def mean(self) -> torch.Tensor:
-        """mu = G^T 1 / n, (P,) (cached)."""
+        """Mu = G^T 1 / n, (P,) (cached)."""
         if self._mu is None:
             self._mu = self.gradients.mean()
         return self._mu
@@ -323,8 +358,10 @@ class ImplicitFisher(FisherMatrix):
 
     # ---- storage: an implicit Fisher is bound to a model and its probe data
     def save(self, path):
-        raise UsageError("an implicit Fisher is bound to its model and probe data and cannot be saved; "
-                         "save one of its summaries: to_rank1(), to_low_rank(k) or to_diagonal()")
+        raise UsageError(
+            "an implicit Fisher is bound to its model and probe data and cannot be saved; "
+            "save one of its summaries: to_rank1(), to_low_rank(k) or to_diagonal()"
+        )
 
     def _tensors(self):
         return (torch.empty(0, dtype=self.gradients.dtype),)

@@ -14,7 +14,7 @@ optional target); ``names``: the parameters (flattened in that order, P entries)
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -30,15 +30,30 @@ ModelFisherOperator = ImplicitFisher.from_model
 """The matrix-free Fisher of a model (older name of :meth:`ImplicitFisher.from_model`)."""
 
 
-def rank1_from_model(unet: torch.nn.Module, names: Sequence[str], batches, alphas_cumprod: torch.Tensor,
-                     centered: bool = False, t_range: str = "") -> Rank1Fisher:
+def rank1_from_model(
+    unet: torch.nn.Module,
+    names: Sequence[str],
+    batches,
+    alphas_cumprod: torch.Tensor,
+    centered: bool = False,
+    t_range: str = "",
+) -> Rank1Fisher:
     """Rank1Fisher(mu, c*) with c* = mean((mu^T g_i)^2) / ||mu||^4 (centered: c* - 1); memory O(P)."""
     return ImplicitFisher.from_model(unet, names, batches, alphas_cumprod, centered, t_range=t_range).to_rank1()
 
 
-def lowrank_from_model(unet: torch.nn.Module, names: Sequence[str], batches, alphas_cumprod: torch.Tensor,
-                       k: int = 5, centered: bool = False, tol: float = 1e-6, ncv: int | None = None,
-                       seed: int = 0, t_range: str = "") -> LowRankFisher:
+def lowrank_from_model(
+    unet: torch.nn.Module,
+    names: Sequence[str],
+    batches,
+    alphas_cumprod: torch.Tensor,
+    k: int = 5,
+    centered: bool = False,
+    tol: float = 1e-6,
+    ncv: int | None = None,
+    seed: int = 0,
+    t_range: str = "",
+) -> LowRankFisher:
     """Top-k eigenpairs of F by Lanczos (scipy ``eigsh``, seeded start) on jvp/vjp products.
 
     Memory O(P) per product; cost about (Lanczos steps) x (jvp + backward over the data).
@@ -47,8 +62,15 @@ def lowrank_from_model(unet: torch.nn.Module, names: Sequence[str], batches, alp
     return fisher.to_low_rank(k, seed=seed, tol=tol, ncv=ncv)
 
 
-def diagonal_from_model(unet: torch.nn.Module, names: Sequence[str], batches, alphas_cumprod: torch.Tensor,
-                        centered: bool = False, max_memory: int = DEFAULT_MAX_MEMORY, t_range: str = "") -> DiagonalFisher:
+def diagonal_from_model(
+    unet: torch.nn.Module,
+    names: Sequence[str],
+    batches,
+    alphas_cumprod: torch.Tensor,
+    centered: bool = False,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    t_range: str = "",
+) -> DiagonalFisher:
     """DiagonalFisher (column means of G^2) from per-sample gradients in chunks within ``max_memory`` bytes."""
     fisher = ImplicitFisher.from_model(unet, names, batches, alphas_cumprod, centered, max_memory, t_range)
     return fisher.to_diagonal()
@@ -89,7 +111,12 @@ def stochastic_power_iteration(
     evals, rot = evals.flip(0), rot.flip(1)
     V = (V.double() @ rot).to(dtype)
     info = info if info is not None else FisherInfo()
-    info.extra = {**info.extra, "method": "stochastic_power_iteration", "iterations": num_iters, "average_last": average_last}
+    info.extra = {
+        **info.extra,
+        "method": "stochastic_power_iteration",
+        "iterations": num_iters,
+        "average_last": average_last,
+    }
     return LowRankFisher(evals.clamp_min(0.0).to(dtype), V, info)
 
 

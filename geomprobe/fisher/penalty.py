@@ -22,7 +22,7 @@ step, which on small3 would cost more than the penalty itself).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -122,7 +122,7 @@ class DiagonalStack(_Stack):
     def task_arguments(self, fisher) -> tuple:
         return (fisher.diag(),)
 
-    def to(self, device) -> "DiagonalStack":
+    def to(self, device) -> DiagonalStack:
         if self.diagonals is not None:
             self.diagonals, self.anchors = self.diagonals.to(device), self.anchors.to(device)
         return self
@@ -184,9 +184,13 @@ class ProjectionStack(_Stack):
         K, _, P = rows.shape
         return (torch.cat([rows, rows.new_zeros(K, extra, P)], 1), torch.cat([weights, weights.new_zeros(K, extra)], 1))
 
-    def to(self, device) -> "ProjectionStack":
+    def to(self, device) -> ProjectionStack:
         if self.rows is not None:
-            self.rows, self.weights, self.anchors = self.rows.to(device), self.weights.to(device), self.anchors.to(device)
+            self.rows, self.weights, self.anchors = (
+                self.rows.to(device),
+                self.weights.to(device),
+                self.anchors.to(device),
+            )
         return self
 
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +227,7 @@ class DenseStack(_Stack):
     def task_arguments(self, fisher) -> tuple:
         return (fisher.matrix,)
 
-    def to(self, device) -> "DenseStack":
+    def to(self, device) -> DenseStack:
         if self.matrices is not None:
             self.matrices, self.anchors = self.matrices.to(device), self.anchors.to(device)
         return self
@@ -254,7 +258,7 @@ class OperatorStack(_Stack):
     def task_arguments(self, fisher) -> tuple:
         return (fisher,)
 
-    def to(self, device) -> "OperatorStack":
+    def to(self, device) -> OperatorStack:
         return self  # the Fisher object places its own products
 
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,10 +326,12 @@ class StackedPenalty(_Stack):
 
     def _stack(self, name: str) -> _Stack:
         if name not in self.stacks:
-            makers = {"diagonal": lambda: DiagonalStack(self.strength),
-                      "projection": lambda: ProjectionStack(self.strength, self.dtype),
-                      "dense": lambda: DenseStack(self.strength, self.dtype),
-                      "operator": lambda: OperatorStack(self.strength)}
+            makers = {
+                "diagonal": lambda: DiagonalStack(self.strength),
+                "projection": lambda: ProjectionStack(self.strength, self.dtype),
+                "dense": lambda: DenseStack(self.strength, self.dtype),
+                "operator": lambda: OperatorStack(self.strength),
+            }
             self.stacks[name] = makers[name]()
         return self.stacks[name]
 
@@ -344,7 +350,7 @@ class StackedPenalty(_Stack):
             self._stack("operator").add(fisher, anchor)
         self.P = fisher.P
 
-    def to(self, device) -> "StackedPenalty":
+    def to(self, device) -> StackedPenalty:
         for stack in self.stacks.values():
             stack.to(device)
         return self

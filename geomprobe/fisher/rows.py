@@ -13,8 +13,9 @@ two row blocks plus K and three (P,) vectors.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -70,7 +71,12 @@ class IterableRows:
     statistics need more than one pass; wrap the code that makes it in a function instead.
     """
 
-    def __init__(self, blocks: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]], n: int | None = None, P: int | None = None):
+    def __init__(
+        self,
+        blocks: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
+        n: int | None = None,
+        P: int | None = None,
+    ):
         if callable(blocks):
             self._factory = blocks
         else:
@@ -175,7 +181,7 @@ class GramStatistics:
 
     @property
     def diag_fisher(self) -> np.ndarray:
-        """diag F = column means of G^2, (P,)."""
+        """Diag F = column means of G^2, (P,)."""
         return self.column_sumsq / self.n
 
 
@@ -211,7 +217,9 @@ def gram_statistics(
     done = 0
     a = 0
     for outer in source.blocks(rows):
-        dtype = compute_dtype or (outer.dtype if outer.is_floating_point() and outer.dtype != torch.float16 else torch.float32)
+        dtype = compute_dtype or (
+            outer.dtype if outer.is_floating_point() and outer.dtype != torch.float16 else torch.float32
+        )
         Bi = outer.to(dtype)
         bi = Bi.shape[0]
         # column sums as GEMVs in the block's dtype (3x faster than a float64 reduction at P ~ 1e5);
@@ -244,7 +252,9 @@ def gram_statistics(
     return GramStatistics(K=K, column_sum=column_sum.numpy(), column_sumsq=column_sumsq.numpy(), n=n, P=P)
 
 
-def column_sums(source: RowSource | Any, max_memory: int = DEFAULT_MAX_MEMORY) -> tuple[torch.Tensor, torch.Tensor, int]:
+def column_sums(
+    source: RowSource | Any, max_memory: int = DEFAULT_MAX_MEMORY
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(G^T 1 (P,), column sums of G^2 (P,), n), float64, from one pass over the row blocks.
 
     Raises:
@@ -265,7 +275,9 @@ def column_sums(source: RowSource | Any, max_memory: int = DEFAULT_MAX_MEMORY) -
     return s, s2, n
 
 
-def transpose_times(source: RowSource | Any, weights: torch.Tensor, max_memory: int = DEFAULT_MAX_MEMORY) -> torch.Tensor:
+def transpose_times(
+    source: RowSource | Any, weights: torch.Tensor, max_memory: int = DEFAULT_MAX_MEMORY
+) -> torch.Tensor:
     """G^T W for W (n,) or (n, m): (P,) or (P, m) float64, one pass."""
     source = as_row_source(source)
     W = weights.double()

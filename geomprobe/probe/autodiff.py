@@ -26,8 +26,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
 
 import torch
 
@@ -47,7 +47,9 @@ def autodiff_safe(unet: torch.nn.Module, forward_mode: bool = False) -> Iterator
         unet: the model whose forward runs inside the block.
         forward_mode: also select ``SDPBackend.MATH`` for scaled-dot-product attention.
     """
-    handles = [m.register_forward_pre_hook(_contiguous_input) for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    handles = [
+        m.register_forward_pre_hook(_contiguous_input) for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)
+    ]
     try:
         if forward_mode:
             from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -21,10 +21,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import InitVar, asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,7 +118,8 @@ class ExtractConfig:
 
 def stored_identity(manifest: dict[str, Any]) -> dict[str, Any]:
     """A store manifest's identity in today's spelling (stores written before 0.2 say ``t`` for ``t_range``
-    and had only the Gaussian projection)."""
+    and had only the Gaussian projection).
+    """
     identity = dict(manifest.get("identity") or {})
     if "t" in identity:
         identity["t_range"] = identity.pop("t")
@@ -184,7 +186,8 @@ def _barrier(world: int) -> None:
 
 def _on_every_rank(world: int, step: Callable[[], Any], other_failed: str) -> Any:
     """``step()`` on this rank; if it fails here or on another rank, raise on every rank (so one
-    rank's error stops all without a hang): its own error, or a :class:`DataError` ``other_failed``."""
+    rank's error stops all without a hang): its own error, or a :class:`DataError` ``other_failed``.
+    """
     error: Exception | None = None
     value = None
     try:
@@ -231,7 +234,8 @@ def row_inputs(
     spec: TimestepSpec, key: str, rows: range, sample_shape: tuple[int, ...], seed: int, with_xi: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(t (n,) int64, noise (n, C, H, W), xi or None) for ``rows`` at ``key``; each row from its own
-    generator seeded by ``derived_seed(seed, key code, row)``."""
+    generator seeded by ``derived_seed(seed, key code, row)``.
+    """
     code = _key_code(spec, key)
     ts, noises, xis = [], [], []
     band = torch.as_tensor(spec.timesteps)
@@ -329,10 +333,13 @@ def extract_gradients(
         on_note(note)
     manifest = _new_manifest(plan, command)
     old_sums = _open_store(plan, manifest, overwrite)
-    result = ExtractResult(out=plan.out, n=plan.n, P=plan.P, num_params=plan.layout.P, rank=plan.rank, world_size=plan.world)
+    result = ExtractResult(
+        out=plan.out, n=plan.n, P=plan.P, num_params=plan.layout.P, rank=plan.rank, world_size=plan.world
+    )
     summaries = {k: KeySummary(k, plan.key_info[k]["t"], 0, plan.P) for k in plan.keys}
     _on_every_rank(
-        plan.world, lambda: _extract_shards(plan, _file_attrs(plan, manifest), old_sums, result, summaries, progress),
+        plan.world,
+        lambda: _extract_shards(plan, _file_attrs(plan, manifest), old_sums, result, summaries, progress),
         "another torchrun rank failed; rerun the same command to resume",
     )
     if plan.rank == 0:
@@ -346,7 +353,8 @@ def extract_gradients(
 @dataclass
 class _Plan:
     """What one extraction run works from: the model, the probed rows, the keys, the row layout and
-    the chunking (everything computed before the first shard is written)."""
+    the chunking (everything computed before the first shard is written).
+    """
 
     config: ExtractConfig
     out: Path
@@ -404,7 +412,9 @@ def _plan(config: ExtractConfig, out: Path, device: str, max_memory: int | str |
     unet.requires_grad_(True)
     alphas_cumprod = ckpt.scheduler.alphas_cumprod.float()
     # SNR bands come from this model's own schedule (e.g. squaredcos_cap_v2), not the linear default
-    spec = parse_timesteps(config.t_range, num_train_timesteps=len(alphas_cumprod), alphas_cumprod=alphas_cumprod.double().numpy())
+    spec = parse_timesteps(
+        config.t_range, num_train_timesteps=len(alphas_cumprod), alphas_cumprod=alphas_cumprod.double().numpy()
+    )
     keys = [key_for(spec.band)] if spec.is_band else [key_for(t) for t in spec.timesteps]
     dataset = _model_dataset(config, info)
     sample_rows = select_samples(dataset.labels, dataset.num_classes, config.classes, config.samples, config.seed)
@@ -412,16 +422,33 @@ def _plan(config: ExtractConfig, out: Path, device: str, max_memory: int | str |
     names = select_parameters(unet, config.params)
     layout = param_layout(unet, names)
     projector = make_projection(config.projection, layout.P, config.project, config.seed) if config.project else None
-    chunk, chunk_note = reproducible_chunk(unet, layout.P, (dataset.channels, dataset.image_size, dataset.image_size), budget)
+    chunk, chunk_note = reproducible_chunk(
+        unet, layout.P, (dataset.channels, dataset.image_size, dataset.image_size), budget
+    )
     if projector:  # the projection holds (chunk, P) and (K, block) at once; keep the chunk in budget too
         chunk = max(1, min(chunk, budget // max(1, 8 * layout.P)))
     n = len(sample_rows)
     return _Plan(
-        config=config, out=out, device=dev, rank=rank, world=world, unet=unet, info=info,
-        checksum=checkpoint_checksum(config.ckpt), alphas_cumprod=alphas_cumprod, spec=spec, keys=keys,
-        key_info=_key_info(spec, keys, alphas_cumprod.double().numpy()), dataset=dataset, sample_rows=sample_rows,
-        names=names, layout=layout, projector=projector, chunk=chunk,
-        shard_ranges=[(a, min(n, a + config.shard_rows)) for a in range(0, n, config.shard_rows)], notes=ckpt.notes + ([chunk_note] if chunk_note else []),
+        config=config,
+        out=out,
+        device=dev,
+        rank=rank,
+        world=world,
+        unet=unet,
+        info=info,
+        checksum=checkpoint_checksum(config.ckpt),
+        alphas_cumprod=alphas_cumprod,
+        spec=spec,
+        keys=keys,
+        key_info=_key_info(spec, keys, alphas_cumprod.double().numpy()),
+        dataset=dataset,
+        sample_rows=sample_rows,
+        names=names,
+        layout=layout,
+        projector=projector,
+        chunk=chunk,
+        shard_ranges=[(a, min(n, a + config.shard_rows)) for a in range(0, n, config.shard_rows)],
+        notes=ckpt.notes + ([chunk_note] if chunk_note else []),
     )
 
 
@@ -460,8 +487,12 @@ def _key_info(spec: TimestepSpec, keys: list[str], alpha_np: np.ndarray) -> dict
         if spec.is_band:
             ts = np.asarray(spec.timesteps)
             info[k] = {
-                "t": k, "band": spec.band, "t_min": int(ts.min()), "t_max": int(ts.max()),
-                "alpha_bar": float(alpha_np[ts].mean()), "snr": float(snr_np[ts].mean()),
+                "t": k,
+                "band": spec.band,
+                "t_min": int(ts.min()),
+                "t_max": int(ts.max()),
+                "alpha_bar": float(alpha_np[ts].mean()),
+                "snr": float(snr_np[ts].mean()),
             }
         else:
             tt = int(k[1:])
@@ -484,7 +515,10 @@ def _new_manifest(plan: _Plan, command: list[str] | None) -> dict[str, Any]:
         "identity": config.comparable(plan.checksum),
         "checkpoint": {"path": str(Path(config.ckpt).resolve()), "checksum": plan.checksum},
         "dataset": {
-            "name": plan.dataset.name, "split": config.split, "image_size": info.image_size, "channels": info.channels,
+            "name": plan.dataset.name,
+            "split": config.split,
+            "image_size": info.image_size,
+            "channels": info.channels,
             **({"resized_from": list(plan.dataset.source_shape)} if isinstance(plan.dataset, ResizedDataset) else {}),
         },
         "t_range": plan.spec.text,
@@ -492,7 +526,11 @@ def _new_manifest(plan: _Plan, command: list[str] | None) -> dict[str, Any]:
         "key_info": plan.key_info,
         "n": plan.n,
         "P": plan.P,
-        "params": {"names": list(layout.names), "shapes": [list(s) for s in layout.shapes], "slices": [list(s) for s in layout.slices]},
+        "params": {
+            "names": list(layout.names),
+            "shapes": [list(s) for s in layout.shapes],
+            "slices": [list(s) for s in layout.slices],
+        },
         "projection": plan.projector.describe() if plan.projector else None,
         "shard_rows": config.shard_rows,
         "shards": [{"file": shard_name(j), "rows": [a, b]} for j, (a, b) in enumerate(plan.shard_ranges)],
@@ -502,9 +540,11 @@ def _new_manifest(plan: _Plan, command: list[str] | None) -> dict[str, Any]:
 
 def _open_store(plan: _Plan, manifest: dict[str, Any], overwrite: bool) -> dict[str, str | None]:
     """Prepare ``out`` (every rank checks; rank 0 clears and writes the manifest); the old shards'
-    checksums {file: sha256} when resuming."""
+    checksums {file: sha256} when resuming.
+    """
     old = _on_every_rank(
-        plan.world, lambda: _prepare_out(plan.out, manifest["identity"], overwrite, plan.rank),
+        plan.world,
+        lambda: _prepare_out(plan.out, manifest["identity"], overwrite, plan.rank),
         f"another rank could not prepare {plan.out}",
     )
     if plan.rank == 0:
@@ -553,7 +593,8 @@ class _Progress:
 
 class _RowBuffer:
     """(rows, P) views of one float32 buffer reused by every chunk (no fresh (chunk, P) allocation and
-    its page faults per chunk; each chunk is written out before the next one is computed)."""
+    its page faults per chunk; each chunk is written out before the next one is computed).
+    """
 
     def __init__(self, chunk: int, P: int, device: torch.device):
         self.chunk, self.P, self.device = chunk, P, device
@@ -565,17 +606,29 @@ class _RowBuffer:
         return self.buffer[:rows]
 
 
-def _extract_shards(plan: _Plan, file_attrs: dict[str, Any], old_sums: dict[str, str | None],
-                    result: ExtractResult, summaries: dict[str, KeySummary], progress: Callable[..., None] | None) -> None:
+def _extract_shards(
+    plan: _Plan,
+    file_attrs: dict[str, Any],
+    old_sums: dict[str, str | None],
+    result: ExtractResult,
+    summaries: dict[str, KeySummary],
+    progress: Callable[..., None] | None,
+) -> None:
     """Write this rank's shards; complete ones (checked against their checksums) are skipped."""
-    tracker = _Progress(progress, sum(b - a for a, b in (plan.shard_ranges[j] for j in plan.my_shards)) * len(plan.keys))
+    tracker = _Progress(
+        progress, sum(b - a for a, b in (plan.shard_ranges[j] for j in plan.my_shards)) * len(plan.keys)
+    )
     rows = _RowBuffer(plan.chunk, plan.layout.P, plan.device)
     for j in plan.my_shards:
         a, b = plan.shard_ranges[j]
         final = plan.out / shard_name(j)
         if final.exists():
             try:
-                check_shard(final, {"row_start": a, "row_stop": b, "keys": plan.keys, "P": plan.P}, sha256=old_sums.get(final.name))
+                check_shard(
+                    final,
+                    {"row_start": a, "row_stop": b, "keys": plan.keys, "P": plan.P},
+                    sha256=old_sums.get(final.name),
+                )
             except DataError as exc:
                 raise DataError(f"{exc}; delete it to recompute it, or pass --overwrite to start afresh") from None
             result.shards_skipped += 1
@@ -587,8 +640,9 @@ def _extract_shards(plan: _Plan, file_attrs: dict[str, Any], old_sums: dict[str,
         result.shards_written += 1
 
 
-def _write_shard(plan: _Plan, j: int, attrs: dict[str, Any], summaries: dict[str, KeySummary],
-                 tracker: _Progress, rows: _RowBuffer) -> None:
+def _write_shard(
+    plan: _Plan, j: int, attrs: dict[str, Any], summaries: dict[str, KeySummary], tracker: _Progress, rows: _RowBuffer
+) -> None:
     """Compute and write shard ``j``: every key, chunk by chunk."""
     a, b = plan.shard_ranges[j]
     x0_all, y_all = plan.dataset.batch(plan.sample_rows[a:b])
@@ -596,7 +650,15 @@ def _write_shard(plan: _Plan, j: int, attrs: dict[str, Any], summaries: dict[str
         for k in plan.keys:
             tk = time.perf_counter()
             info = plan.key_info[k]
-            writer.create_key(k, b - a, plan.P, plan.config.dtype, info | {"key": k, "band": info["band"] or ""}, plan.sample_shape, plan.with_xi)
+            writer.create_key(
+                k,
+                b - a,
+                plan.P,
+                plan.config.dtype,
+                info | {"key": k, "band": info["band"] or ""},
+                plan.sample_shape,
+                plan.with_xi,
+            )
             for c0 in range(a, b, plan.chunk):
                 c1 = min(b, c0 + plan.chunk)
                 _write_chunk(plan, writer, k, a, range(c0, c1), x0_all[c0 - a : c1 - a], y_all[c0 - a : c1 - a], rows)
@@ -607,19 +669,48 @@ def _write_shard(plan: _Plan, j: int, attrs: dict[str, Any], summaries: dict[str
             summaries[k].bytes += (b - a) * plan.P * np.dtype(plan.config.dtype).itemsize
 
 
-def _write_chunk(plan: _Plan, writer: ShardWriter, key: str, shard_start: int, chunk: range,
-                 x0: torch.Tensor, y: torch.Tensor, rows: _RowBuffer) -> None:
+def _write_chunk(
+    plan: _Plan,
+    writer: ShardWriter,
+    key: str,
+    shard_start: int,
+    chunk: range,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    rows: _RowBuffer,
+) -> None:
     """Per-sample gradients (projected if asked) and inputs of store rows ``chunk`` at ``key``."""
-    batch, xi = keyed_batch(plan.spec, key, chunk, x0, y, plan.config.seed, plan.unet, plan.alphas_cumprod, plan.with_xi)
-    G, losses = per_sample_grads(plan.unet, plan.names, batch.x0, batch.noise, batch.t, batch.y, plan.alphas_cumprod,
-                                 target=batch.target, chunk_size=plan.chunk, return_losses=True, out=rows(len(chunk)))
+    batch, xi = keyed_batch(
+        plan.spec, key, chunk, x0, y, plan.config.seed, plan.unet, plan.alphas_cumprod, plan.with_xi
+    )
+    G, losses = per_sample_grads(
+        plan.unet,
+        plan.names,
+        batch.x0,
+        batch.noise,
+        batch.t,
+        batch.y,
+        plan.alphas_cumprod,
+        target=batch.target,
+        chunk_size=plan.chunk,
+        return_losses=True,
+        out=rows(len(chunk)),
+    )
     if plan.projector:
         G = plan.projector.project(G)
     t = batch.t.numpy()
     writer.write_rows(
-        key, chunk.start - shard_start, chunk.stop - shard_start, G.cpu().numpy().astype(plan.config.dtype, copy=False),
-        labels=y.numpy(), sample_index=plan.sample_rows[chunk.start : chunk.stop].astype(np.int64), loss=losses.cpu().numpy(),
-        t=t, alpha_bar=plan.alphas_cumprod.double().numpy()[t], x0=x0.numpy(), noise=batch.noise.numpy(),
+        key,
+        chunk.start - shard_start,
+        chunk.stop - shard_start,
+        G.cpu().numpy().astype(plan.config.dtype, copy=False),
+        labels=y.numpy(),
+        sample_index=plan.sample_rows[chunk.start : chunk.stop].astype(np.int64),
+        loss=losses.cpu().numpy(),
+        t=t,
+        alpha_bar=plan.alphas_cumprod.double().numpy()[t],
+        x0=x0.numpy(),
+        noise=batch.noise.numpy(),
         xi=None if xi is None else xi.numpy(),
     )
 
@@ -661,7 +752,9 @@ def _prepare_out(out: Path, identity: dict[str, Any], overwrite: bool, rank: int
         stray = [p.name for p in out.iterdir()] if out.is_dir() else []
         foreign = [s for s in stray if not s.startswith("shard-") and not s.startswith(MANIFEST)]
         if foreign:
-            raise UsageError(f"--out {out} is not empty and not a gradient store (it holds {foreign[0]}); choose another directory")
+            raise UsageError(
+                f"--out {out} is not empty and not a gradient store (it holds {foreign[0]}); choose another directory"
+            )
         if stray and not overwrite:
             raise UsageError(f"--out {out} holds shards but no manifest; pass --overwrite to start it afresh")
         if stray and rank == 0:

@@ -30,7 +30,7 @@ The names other modules import from here (``select_parameters``, ``param_layout`
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -122,5 +122,7 @@ def _output_buffer(out: torch.Tensor | None, B: int, P: int, device: torch.devic
     if out is None:
         return torch.empty(B, P, dtype=torch.float32, device=device)
     if out.shape != (B, P) or out.dtype != torch.float32 or out.device != device:
-        raise UsageError(f"out buffer must be ({B}, {P}) float32 on {device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+        raise UsageError(
+            f"out buffer must be ({B}, {P}) float32 on {device}, got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
     return out

@@ -37,7 +37,7 @@ class NoisedBatch(NamedTuple):
         """B, the number of samples."""
         return int(self.x_t.shape[0])
 
-    def rows(self, a: int, b: int) -> "NoisedBatch":
+    def rows(self, a: int, b: int) -> NoisedBatch:
         """Rows ``a:b`` (views)."""
         return NoisedBatch(self.x_t[a:b], self.t[a:b], None if self.y is None else self.y[a:b], self.target[a:b])
 

@@ -7,7 +7,7 @@ parsed once at the entry point with :func:`geomprobe.io.parse_memory`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -24,7 +24,8 @@ _GRAD_FACTOR = 2.0
 
 def activation_bytes_per_sample(unet: torch.nn.Module, sample_shape: Sequence[int]) -> int:
     """Bytes of module outputs for one sample of shape (C, H, W) (one batch-1 forward with hooks;
-    callers that loop over batches compute it once, as :func:`geomprobe.probe.extract_gradients` does)."""
+    callers that loop over batches compute it once, as :func:`geomprobe.probe.extract_gradients` does).
+    """
     total = 0
 
     def hook(_mod, _inp, out):
@@ -48,7 +49,11 @@ def activation_bytes_per_sample(unet: torch.nn.Module, sample_shape: Sequence[in
 
 
 def chunk_size_for(
-    unet: torch.nn.Module, P: int, sample_shape: Sequence[int], max_memory: int | None = DEFAULT_MAX_MEMORY, cap: int = 256
+    unet: torch.nn.Module,
+    P: int,
+    sample_shape: Sequence[int],
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
+    cap: int = 256,
 ) -> int:
     """How many samples one ``vmap(grad)`` call may hold within ``max_memory`` bytes (>= 1).
 
@@ -78,5 +83,7 @@ def reproducible_chunk(
     allowed = chunk_size_for(unet, P, sample_shape, max_memory)
     if allowed >= chunk:
         return chunk, None
-    return allowed, (f"--max-memory {int(max_memory) / 2**20:.0f} MiB computes {allowed} rows per call instead of "
-                     f"{chunk}: the rows differ from a default-budget run at float rounding (~1e-7 relative)")
+    return allowed, (
+        f"--max-memory {int(max_memory) / 2**20:.0f} MiB computes {allowed} rows per call instead of "
+        f"{chunk}: the rows differ from a default-budget run at float rounding (~1e-7 relative)"
+    )

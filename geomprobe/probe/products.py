@@ -12,8 +12,8 @@ g_i is the gradient of sample i's loss over the parameters ``names`` in :func:`p
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 from torch.func import jvp
@@ -57,7 +57,7 @@ def _loss_gradients(
     alphas_cumprod: torch.Tensor,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """grad of sum_i w_i l_i (w = 1 when ``weights`` is None) over ``names``: one tensor per name."""
+    """Grad of sum_i w_i l_i (w = 1 when ``weights`` is None) over ``names``: one tensor per name."""
     inputs = probe_inputs(unet, batch.x0, batch.noise, batch.t, batch.y, alphas_cumprod, batch.target)
     with torch.enable_grad(), autodiff_safe(unet):  # enable_grad: also inside an autograd backward (EWC penalty)
         params = {n: p.clone().requires_grad_(True) for n, p in selected.items()}
@@ -77,7 +77,7 @@ def mean_gradient(
     alphas_cumprod: torch.Tensor | None = None,
     target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """mu = (1/n) sum_i grad l_i: (P,) float32, from one batched backward of the mean loss per batch.
+    """Mu = (1/n) sum_i grad l_i: (P,) float32, from one batched backward of the mean loss per batch.
 
     Either pass one batch (``x0, noise, t, y, alphas_cumprod[, target]`` as tensors), or pass an
     iterable of :class:`ProbeBatch` (or tuples ``(x0, noise, t, y[, target])``) as ``x0`` together with
@@ -163,7 +163,9 @@ def directional_derivatives(
     return _jvp_directional(unet, names, inputs, tangents)
 
 
-def _jvp_directional(unet: torch.nn.Module, names: list[str], inputs, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
+def _jvp_directional(
+    unet: torch.nn.Module, names: list[str], inputs, tangents: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """All v^T g_i by one ``torch.func.jvp`` of the per-sample loss vector."""
     selected, constants = split_state(unet, names)
 

@@ -33,8 +33,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -116,7 +117,7 @@ class ShardWriter:
         self.f: h5py.File | None = None
         self.bytes = 0
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         if self.tmp.exists():
             self.tmp.unlink()
         self.f = h5py.File(self.tmp, "w")
@@ -140,14 +141,24 @@ class ShardWriter:
         itemsize = np.dtype(dtype).itemsize
         rows_per_chunk = int(max(1, min(n, TARGET_CHUNK_BYTES // max(1, P * itemsize))))
         ds = f.create_dataset(
-            f"grads/{key}", shape=(n, P), dtype=dtype, chunks=(rows_per_chunk, P),
-            fletcher32=True, compression=compression,
+            f"grads/{key}",
+            shape=(n, P),
+            dtype=dtype,
+            chunks=(rows_per_chunk, P),
+            fletcher32=True,
+            compression=compression,
         )
         for k, v in key_attrs.items():
             ds.attrs[k] = v
         m = f.require_group(f"meta/{key}")
         img_chunk = (max(1, min(n, 64)), *sample_shape)
-        for name, dt in (("labels", "int64"), ("sample_index", "int64"), ("t", "int64"), ("loss", "float32"), ("alpha_bar", "float64")):
+        for name, dt in (
+            ("labels", "int64"),
+            ("sample_index", "int64"),
+            ("t", "int64"),
+            ("loss", "float32"),
+            ("alpha_bar", "float64"),
+        ):
             m.create_dataset(name, shape=(n,), dtype=dt, chunks=(max(1, n),), fletcher32=True)
         for name in ("x0", "noise") + (("xi",) if with_xi else ()):
             m.create_dataset(name, shape=(n, *sample_shape), dtype="float32", chunks=img_chunk, fletcher32=True)
@@ -298,7 +309,11 @@ class GradientStore:
         k = self.key(t)
         info = dict(self.manifest["key_info"][k])
         info.update(
-            key=k, target=self.target, n=self.n(t), P=self.P, projection=self.projection,
+            key=k,
+            target=self.target,
+            n=self.n(t),
+            P=self.P,
+            projection=self.projection,
             dtype=self.manifest["config"]["dtype"],
         )
         return info
@@ -356,7 +371,8 @@ class GradientStore:
 
     def meta_array(self, t: int | str, name: str) -> torch.Tensor:
         """``meta/{key}/{name}`` concatenated over shards (labels, sample_index, loss, t, alpha_bar,
-        x0, noise, xi)."""
+        x0, noise, xi).
+        """
         k = self.key(t)
         parts = [self._read(s, f"meta/{k}/{name}") for s in self._shards]
         return torch.from_numpy(np.concatenate(parts))

@@ -12,7 +12,7 @@ back to the vmap engine.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -32,7 +32,8 @@ _LAYERWISE_TYPES = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm, torch.
 
 def layerwise_owners(unet: torch.nn.Module, names: Sequence[str]) -> Owners | None:
     """{module name: (module, {"weight"|"bias": parameter name})} for the selected parameters, or None
-    when a selected parameter lives in a module type (or configuration) the layerwise engine cannot do."""
+    when a selected parameter lives in a module type (or configuration) the layerwise engine cannot do.
+    """
     modules = dict(unet.named_modules())
     owners: Owners = {}
     for n in names:
@@ -89,6 +90,7 @@ def _forward_backward_to_outputs(unet, owners: Owners, batch: NoisedBatch):
             # a group norm's saved statistics must be read now: the backward frees them
             stats = _saved_group_norm_stats(output) if isinstance(mod, torch.nn.GroupNorm) else None
             records[mname].append((inputs[0], output, stats))
+
         return hook
 
     handles = [module.register_forward_hook(make_hook(mname)) for mname, (module, _) in owners.items()]
@@ -181,7 +183,14 @@ def _conv_weight_grads(x: torch.Tensor, gout: torch.Tensor, m: torch.nn.Conv2d) 
     _, gw, _ = torch.ops.aten.convolution_backward(
         gout.reshape(1, B * Cout, *gout.shape[2:]),
         x.reshape(1, B * x.shape[1], *x.shape[2:]),
-        weight, None, list(m.stride), list(m.padding), list(m.dilation), False, [0, 0], B * m.groups,
+        weight,
+        None,
+        list(m.stride),
+        list(m.padding),
+        list(m.dilation),
+        False,
+        [0, 0],
+        B * m.groups,
         [False, True, False],
     )
     return gw.view(B, *m.weight.shape)
@@ -204,8 +213,13 @@ def _conv_weight_grads_by_correlation(x: torch.Tensor, gout: torch.Tensor, m: to
     kh, kw = m.kernel_size
     kernels = gout.unsqueeze(1).expand(B, Cin, Cout, *gout.shape[2:]).reshape(B * Cin * Cout, 1, *gout.shape[2:])
     corr = torch.nn.functional.conv2d(
-        x.reshape(1, B * Cin, *x.shape[2:]), kernels, None,
-        stride=m.dilation, padding=m.padding, dilation=m.stride, groups=B * Cin,
+        x.reshape(1, B * Cin, *x.shape[2:]),
+        kernels,
+        None,
+        stride=m.dilation,
+        padding=m.padding,
+        dilation=m.stride,
+        groups=B * Cin,
     )  # (1, B*Cin*Cout, >= kh, >= kw): rows beyond the kernel come from the stride's remainder
     return corr[0, :, :kh, :kw].reshape(B, Cin, Cout, kh, kw).transpose(1, 2)
 
@@ -224,7 +238,11 @@ def _saved_group_norm_stats(output: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def _module_grads(
-    m: torch.nn.Module, x: torch.Tensor, gout: torch.Tensor, want_w: bool, want_b: bool,
+    m: torch.nn.Module,
+    x: torch.Tensor,
+    gout: torch.Tensor,
+    want_w: bool,
+    want_b: bool,
     group_norm_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Per-sample (weight grad (B, *W.shape) | None, bias grad (B, *b.shape) | None) of one module.

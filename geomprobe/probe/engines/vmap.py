@@ -6,7 +6,7 @@ and every buffer is a constant, :func:`geomprobe.probe.params.split_state`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.func import grad_and_value, vmap
@@ -24,7 +24,8 @@ def vmap_grads(
     losses: torch.Tensor,
 ) -> None:
     """Fill ``out`` (B, P) with per-sample gradients and ``losses`` (B,) with the losses, ``chunk_size``
-    samples per ``vmap`` call. ``batch`` is on the model's device (:func:`geomprobe.probe.losses.probe_inputs`)."""
+    samples per ``vmap`` call. ``batch`` is on the model's device (:func:`geomprobe.probe.losses.probe_inputs`).
+    """
     selected, constants = split_state(unet, names)
 
     def loss(params, x_t, t, y, target):  # ONE sample (no batch dim) -> scalar
