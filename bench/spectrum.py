@@ -93,14 +93,14 @@ def section_eigen(sizes, repeat):
     for n, P in sizes:
         G = synthetic_gradients(n, P)
         ACCUMULATION_SECONDS.clear()
-        t_gram, w_gram = best_of(lambda: gram_route(G), repeat)
+        t_gram, w_gram = best_of(lambda G=G: gram_route(G), repeat)
         t_acc = min(ACCUMULATION_SECONDS)
-        t_dense, w_dense = best_of(lambda: dense_route(G), 1) if P <= 4096 else (float("nan"), None)
-        t_lz, w_lz = best_of(lambda: lanczos_route(G), repeat)
+        t_dense, w_dense = best_of(lambda G=G: dense_route(G), 1) if P <= 4096 else (float("nan"), None)
+        t_lz, w_lz = best_of(lambda G=G: lanczos_route(G), repeat)
         ref = w_dense if w_dense is not None else w_lz
         diff = float(np.max(np.abs(w_gram - ref) / ref))
         # GFLOP/s of the Gram accumulation alone vs a plain matmul of the same shape (2 n^2 P flops)
-        t_mm, _ = best_of(lambda: G @ G.T, repeat)
+        t_mm, _ = best_of(lambda G=G: G @ G.T, repeat)
         flops = 2.0 * n * n * P
         row = dict(
             n=n,

@@ -1,5 +1,4 @@
-"""Keep freed memory inside the process (glibc malloc), so large short-lived tensors do not
-page-fault afresh every batch.
+"""Keep freed memory inside the process (glibc malloc) so large short-lived tensors do not page-fault afresh.
 
 PyTorch allocates CPU tensors with ``malloc``. glibc hands large freed blocks back to the kernel
 (blocks above ``M_MMAP_THRESHOLD`` at once, the top of the heap once it exceeds
@@ -25,8 +24,10 @@ _M_MMAP_THRESHOLD = -3
 
 
 def retain_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 << 20) -> bool:
-    """Tell glibc to keep up to ``trim_threshold`` bytes of freed heap and to serve blocks below
-    ``mmap_threshold`` bytes (glibc's maximum is 32 MiB on 64-bit) from the heap.
+    """Tell glibc to keep freed heap memory and to serve mid-sized blocks from the heap.
+
+    Keeps up to ``trim_threshold`` bytes of freed heap and serves blocks below ``mmap_threshold``
+    bytes (glibc's maximum is 32 MiB on 64-bit) from the heap.
 
     Returns True when glibc accepted both settings, False where the C library has no ``mallopt``
     (macOS, Windows), where it refuses them (musl, 32-bit builds) or ``GEOMPROBE_MALLOC=default``

@@ -179,6 +179,7 @@ def read_idx(raw: bytes, source: str) -> np.ndarray:
 
 
 def load_idx_dataset(name: str, root: Path, split: str) -> ImageDataset:
+    """An MNIST-format (IDX, optionally gzipped) split: uint8 images zero-padded to (N, 1, 32, 32), labels 0..9."""
     prefix = "train" if split == "train" else "t10k"
     img_stem, lab_stem = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
     images = read_idx(_open_maybe_gz(root, img_stem), str(root / img_stem))
@@ -195,6 +196,7 @@ def load_idx_dataset(name: str, root: Path, split: str) -> ImageDataset:
 
 
 def load_cifar10(root: Path, split: str) -> ImageDataset:
+    """A CIFAR-10 split from the binary batches: uint8 images (N, 3, 32, 32), labels 0..9."""
     base = root / "cifar-10-batches-bin" if (root / "cifar-10-batches-bin").is_dir() else root
     names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
     images, labels = [], []
@@ -216,6 +218,7 @@ def load_cifar10(root: Path, split: str) -> ImageDataset:
 
 
 def load_imagenet32(root: Path, split: str) -> ImageDataset:
+    """An ImageNet32 split from its npz batches: uint8 images (N, 3, 32, 32), labels 1..1000 shifted to 0..999."""
     names = [f"train_data_batch_{i}.npz" for i in range(1, 11)] if split == "train" else ["val_data.npz"]
     images, labels = [], []
     for n in names:

@@ -235,7 +235,7 @@ def test_resume_gives_identical_metrics(tmp_path, one_thread):
     resumed = run_continual(cfg, tmp_path / "cut", seeds=[0], cache_dir=cache, resume=True)
     assert resumed.seeds[0].resumed_from == 0
     assert resumed.seeds[0].fid == full.seeds[0].fid
-    rows = lambda p: [l for l in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rows = lambda p: [line for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(tmp_path / "cut") == rows(tmp_path / "full")
     # the Fisher files are the fisher package's own format, loadable by load_fisher
     from geomprobe.fisher import load_fisher
@@ -246,7 +246,7 @@ def test_resume_gives_identical_metrics(tmp_path, one_thread):
 
 def test_metrics_rows_follow_design_section_9(tmp_path, one_thread):
     res = run_continual(_tiny(fisher="diag", steps_per_task=2), tmp_path / "r", seeds=[0, 1], cache_dir=tmp_path / "c")
-    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in lines if not r.get("summary")]
     summaries = [r for r in lines if r.get("summary")]
     assert len(rows) == 2 * 3 and len(summaries) == 2
@@ -365,9 +365,12 @@ def test_task_fisher_estimates_match_explicit_per_sample_gradients(tiny_unet, on
     assert all(int(t) >= min(spec.timesteps) for b in batches for t in b.t)
     G = torch.cat([per_sample_grads(tiny_unet, names, b.x0, b.noise, b.t, b.y, ac) for b in batches]).double()
     mu = G.mean(0)
-    est = lambda kind: estimate_task_fisher(
-        kind, tiny_unet, names, data, ac, spec, 12, torch.Generator().manual_seed(5), batch_size=8
-    )  # noqa: E731
+
+    def est(kind):
+        return estimate_task_fisher(
+            kind, tiny_unet, names, data, ac, spec, 12, torch.Generator().manual_seed(5), batch_size=8
+        )
+
     diag = est("diag")
     assert torch.allclose(diag.diagonal.double(), G.pow(2).mean(0), rtol=1e-4, atol=1e-10)
     r1 = est("rank1")

@@ -52,7 +52,7 @@ def test_refuses_nonempty_out_without_resume(tmp_path):
 
 def test_log_and_metadata(tmp_path):
     train(_config(4), tmp_path / "run")
-    rows = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert all({"step", "loss"} <= r.keys() for r in rows)
     ck = load_checkpoint(tmp_path / "run")
     assert ck.info.step == 4 and ck.info.preset == "small1" and ck.info.image_size == 8

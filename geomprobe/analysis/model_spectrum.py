@@ -58,9 +58,11 @@ def analyze_model(
     Args:
         config: checkpoint, t-spec, samples, classes, split, parameter regex, target and seed, as
             for ``geomprobe grads`` (``project`` and ``dtype`` do not apply and must be unset).
-        top_k, centered: as for :func:`geomprobe.analysis.analyze_store`.
+        top_k: eigenvalues to report per t (at least 1), as for :func:`geomprobe.analysis.analyze_store`.
+        centered: the covariance Sigma = F - mu mu^T instead of the second moment F.
         max_memory: bytes for one parameter block of n rows, the n x n Gram matrix and (P,) vectors.
         progress: ``progress(key name, blocks done, blocks)``.
+        device: ``auto``, ``cpu`` or ``cuda[:i]`` for the model's forward and backward passes.
         batch_size: probe rows per per-sample-gradient call.
 
     Returns:

@@ -195,11 +195,13 @@ def config_field(name: str) -> Field:
 
 
 def config_from_dict(values: dict) -> ContinualConfig:
+    """A :class:`ContinualConfig` from ``values`` (e.g. a manifest's ``config``), ignoring unknown keys."""
     known = {f.name for f in fields(ContinualConfig)}
     return ContinualConfig(**{k: v for k, v in values.items() if k in known})
 
 
 def make_manifest(config: ContinualConfig, seeds: list[int] | None = None, seed: int | None = None) -> dict:
+    """The run manifest: tool, version, command line, config, strategy, creation time and the given seed(s)."""
     from geomprobe import __version__
 
     m = {

@@ -87,6 +87,8 @@ class SeedResult:
 
 @dataclass
 class ContinualResult:
+    """One strategy's run over several seeds: per-seed results and (mean, stderr) over seeds."""
+
     out: Path
     strategy: str
     seeds: list[SeedResult]
@@ -258,6 +260,7 @@ def run_seed(
 
 
 def total_steps(config: ContinualConfig, seeds: list[int]) -> int:
+    """Training steps of a whole run: seeds x tasks x steps per task."""
     return len(seeds) * config.tasks * config.steps_per_task
 
 
@@ -311,6 +314,7 @@ def run_continual(
 def summarize(
     out: Path, strategy: str, results: list[SeedResult], features: FeatureNet | None, seconds: float
 ) -> ContinualResult:
+    """Aggregate per-seed results into (mean, stderr) of AFID, forgetting and final mean task accuracy."""
     res = ContinualResult(out=out, strategy=strategy, seeds=results, seconds=seconds)
     keys = results[0].afid.keys()
     res.afid = {k: mean_and_stderr([r.afid[k] for r in results]) for k in keys}
@@ -323,6 +327,8 @@ def summarize(
 
 
 def summary_dict(res: ContinualResult) -> dict:
+    """The JSON-ready ``summary.json`` content of ``res`` (NaN written as null)."""
+
     def num(x: float) -> float | None:  # JSON has no NaN: a single seed's standard error is null
         return None if x != x else x
 

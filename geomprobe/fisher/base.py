@@ -65,6 +65,7 @@ def as_tensor(v: Any) -> torch.Tensor:
 
 
 def promoted(a: torch.Tensor, *others: torch.Tensor) -> torch.dtype:
+    """The promoted dtype of ``a`` (the default float dtype if ``a`` is not floating) and ``others``."""
     dtype = a.dtype if a.is_floating_point() else torch.get_default_dtype()
     for o in others:
         dtype = torch.promote_types(dtype, o.dtype)
@@ -250,8 +251,10 @@ def matrix_free_penalty(fisher: FisherMatrix, d: torch.Tensor, strength: float) 
 
 
 def read_tensor(f: h5py.File, name: str) -> torch.Tensor:
+    """The HDF5 dataset ``name`` of ``f``, read whole into a CPU tensor."""
     return torch.from_numpy(np.asarray(f[name][()]))
 
 
 def write_tensor(f: h5py.File, name: str, t: torch.Tensor) -> None:
+    """Write ``t`` (detached, on CPU) as the HDF5 dataset ``name`` of ``f``, with a Fletcher-32 checksum."""
     f.create_dataset(name, data=t.detach().cpu().numpy(), fletcher32=True)

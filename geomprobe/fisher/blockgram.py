@@ -141,7 +141,8 @@ def block_gram_statistics(
     Args:
         gradients: ``gradients(block_names, out)`` writes the (n, sum of their sizes) float32
             per-sample gradients of the parameters ``block_names`` (in that order) into ``out``.
-        names, sizes: the selected parameters in layout order and their numbers of values.
+        names: the selected parameters in layout order.
+        sizes: the number of values of each parameter in ``names`` (same length and order).
         n: rows.
         max_memory: bytes (see the module docstring for what must fit).
         progress: called as ``progress(blocks done, blocks)``.

@@ -264,7 +264,7 @@ class OperatorStack(_Stack):
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         value = torch.zeros((), dtype=torch.float64, device=theta.device)
         grad = torch.zeros_like(theta)
-        for fisher, anchor in zip(self.fishers, self.anchors):
+        for fisher, anchor in zip(self.fishers, self.anchors, strict=True):
             d = theta - anchor.to(theta)
             Fd = torch.as_tensor(fisher.mv(d)).to(theta.device)
             value = value + 0.5 * self.strength * torch.dot(Fd.double().reshape(-1), d.double())

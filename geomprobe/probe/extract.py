@@ -117,8 +117,9 @@ class ExtractConfig:
 
 
 def stored_identity(manifest: dict[str, Any]) -> dict[str, Any]:
-    """A store manifest's identity in today's spelling (stores written before 0.2 say ``t`` for ``t_range``
-    and had only the Gaussian projection).
+    """A store manifest's identity in today's spelling.
+
+    Stores written before 0.2 say ``t`` for ``t_range`` and had only the Gaussian projection.
     """
     identity = dict(manifest.get("identity") or {})
     if "t" in identity:
@@ -143,6 +144,8 @@ class KeySummary:
 
 @dataclass
 class ExtractResult:
+    """What one extraction run wrote: n rows per key, row length P (K if projected), num_params values, ranks."""
+
     out: Path
     n: int
     P: int
@@ -185,8 +188,10 @@ def _barrier(world: int) -> None:
 
 
 def _on_every_rank(world: int, step: Callable[[], Any], other_failed: str) -> Any:
-    """``step()`` on this rank; if it fails here or on another rank, raise on every rank (so one
-    rank's error stops all without a hang): its own error, or a :class:`DataError` ``other_failed``.
+    """``step()`` on this rank; if it fails here or on another rank, raise on every rank.
+
+    So one rank's error stops all without a hang: each rank raises its own error, or a
+    :class:`DataError` ``other_failed``.
     """
     error: Exception | None = None
     value = None
@@ -233,8 +238,9 @@ def _key_code(spec: TimestepSpec, key: str) -> int:
 def row_inputs(
     spec: TimestepSpec, key: str, rows: range, sample_shape: tuple[int, ...], seed: int, with_xi: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(t (n,) int64, noise (n, C, H, W), xi or None) for ``rows`` at ``key``; each row from its own
-    generator seeded by ``derived_seed(seed, key code, row)``.
+    """(t (n,) int64, noise (n, C, H, W), xi or None) for ``rows`` at ``key``.
+
+    Each row comes from its own generator seeded by ``derived_seed(seed, key code, row)``.
     """
     code = _key_code(spec, key)
     ts, noises, xis = [], [], []
@@ -352,8 +358,9 @@ def extract_gradients(
 
 @dataclass
 class _Plan:
-    """What one extraction run works from: the model, the probed rows, the keys, the row layout and
-    the chunking (everything computed before the first shard is written).
+    """What one extraction run works from: the model, the probed rows, the keys, the row layout and the chunking.
+
+    Everything here is computed before the first shard is written.
     """
 
     config: ExtractConfig
@@ -539,8 +546,9 @@ def _new_manifest(plan: _Plan, command: list[str] | None) -> dict[str, Any]:
 
 
 def _open_store(plan: _Plan, manifest: dict[str, Any], overwrite: bool) -> dict[str, str | None]:
-    """Prepare ``out`` (every rank checks; rank 0 clears and writes the manifest); the old shards'
-    checksums {file: sha256} when resuming.
+    """Prepare ``out`` (every rank checks; rank 0 clears and writes the manifest).
+
+    Returns the old shards' checksums {file: sha256} when resuming, else {}.
     """
     old = _on_every_rank(
         plan.world,
@@ -592,8 +600,10 @@ class _Progress:
 
 
 class _RowBuffer:
-    """(rows, P) views of one float32 buffer reused by every chunk (no fresh (chunk, P) allocation and
-    its page faults per chunk; each chunk is written out before the next one is computed).
+    """(rows, P) views of one float32 buffer reused by every chunk.
+
+    No fresh (chunk, P) allocation and its page faults per chunk; each chunk is written out before
+    the next one is computed.
     """
 
     def __init__(self, chunk: int, P: int, device: torch.device):
@@ -728,6 +738,7 @@ def _finish_manifest(plan: _Plan, manifest: dict[str, Any]) -> None:
 
 
 def h5py_str():
+    """h5py's variable-length string dtype (h5py imported only when needed)."""
     import h5py
 
     return h5py.string_dtype()

@@ -23,8 +23,10 @@ _GRAD_FACTOR = 2.0
 
 
 def activation_bytes_per_sample(unet: torch.nn.Module, sample_shape: Sequence[int]) -> int:
-    """Bytes of module outputs for one sample of shape (C, H, W) (one batch-1 forward with hooks;
-    callers that loop over batches compute it once, as :func:`geomprobe.probe.extract_gradients` does).
+    """Bytes of module outputs for one sample of shape (C, H, W).
+
+    Measured by one batch-1 forward with hooks; callers that loop over batches compute it once, as
+    :func:`geomprobe.probe.extract_gradients` does.
     """
     total = 0
 

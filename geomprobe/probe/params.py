@@ -58,7 +58,7 @@ class ParamLayout:
         """Split a row (P,) into ``{name: tensor of the parameter's shape}`` (views, no copy)."""
         if row.shape[-1] != self.P:
             raise UsageError(f"row has {row.shape[-1]} entries, the parameter layout has P={self.P}")
-        return {n: row[a:b].view(s) for n, s, (a, b) in zip(self.names, self.shapes, self.slices)}
+        return {n: row[a:b].view(s) for n, s, (a, b) in zip(self.names, self.shapes, self.slices, strict=True)}
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`view`: concatenate ``tensors[name]`` in layout order to (P,) float32."""

@@ -92,7 +92,7 @@ def mean_gradient(
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in selected.items()}
     n_total = 0
     for b in batches:
-        for n, g in zip(names, _loss_gradients(unet, names, selected, constants, b, alphas_cumprod)):
+        for n, g in zip(names, _loss_gradients(unet, names, selected, constants, b, alphas_cumprod), strict=True):
             acc[n] += g.float()
         n_total += len(b)
     if n_total == 0:

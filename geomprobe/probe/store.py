@@ -50,6 +50,7 @@ TARGET_CHUNK_BYTES = 1 << 20
 
 
 def shard_name(index: int) -> str:
+    """The file name of shard ``index`` (``3 -> 'shard-00003.h5'``)."""
     return f"shard-{index:05d}.h5"
 
 
@@ -73,6 +74,7 @@ def key_label(key: str) -> int | str:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of the file at ``path``, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -206,7 +208,7 @@ def check_shard(path: str | Path, expected: dict[str, Any], sha256: str | None =
                 if sha256 is None:
                     for a in range(0, n, max(1, ds.chunks[0])):
                         ds[a : a + ds.chunks[0]]
-                    for name, item in f[f"meta/{key}"].items():
+                    for _name, item in f[f"meta/{key}"].items():
                         item[()]
     except DataError:
         raise
@@ -370,8 +372,9 @@ class GradientStore:
         return torch.cat(blocks) if blocks else torch.empty(0, self.P)
 
     def meta_array(self, t: int | str, name: str) -> torch.Tensor:
-        """``meta/{key}/{name}`` concatenated over shards (labels, sample_index, loss, t, alpha_bar,
-        x0, noise, xi).
+        """``meta/{key}/{name}`` concatenated over shards.
+
+        ``name`` is one of labels, sample_index, loss, t, alpha_bar, x0, noise, xi.
         """
         k = self.key(t)
         parts = [self._read(s, f"meta/{k}/{name}") for s in self._shards]
@@ -426,7 +429,7 @@ class GradientStore:
             raise UsageError(f"row has shape {tuple(row.shape)}, expected ({self.P},)")
         return {
             n: row[a:b].reshape(shape)
-            for n, shape, (a, b) in zip(self.param_names, self.param_shapes, self.param_slices)
+            for n, shape, (a, b) in zip(self.param_names, self.param_shapes, self.param_slices, strict=True)
         }
 
     def verify(self) -> None:

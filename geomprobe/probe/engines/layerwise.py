@@ -31,8 +31,10 @@ _LAYERWISE_TYPES = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm, torch.
 
 
 def layerwise_owners(unet: torch.nn.Module, names: Sequence[str]) -> Owners | None:
-    """{module name: (module, {"weight"|"bias": parameter name})} for the selected parameters, or None
-    when a selected parameter lives in a module type (or configuration) the layerwise engine cannot do.
+    """The modules owning the selected parameters, or None if the layerwise engine cannot do one of them.
+
+    Returns {module name: (module, {"weight"|"bias": parameter name})} for the selected parameters, or
+    None when a selected parameter lives in a module type (or configuration) the layerwise engine cannot do.
     """
     modules = dict(unet.named_modules())
     owners: Owners = {}
@@ -62,7 +64,7 @@ def layerwise_grads(
 
     Raises :class:`LayerwiseUnsupported` when the forward does something the engine cannot see through.
     """
-    offsets = dict(zip(layout.names, layout.slices))
+    offsets = dict(zip(layout.names, layout.slices, strict=True))
     params = dict(unet.named_parameters())
     frozen = [params[n] for n in layout.names if not params[n].requires_grad]
     for p in frozen:  # the backward must reach the selected modules' outputs
@@ -108,14 +110,18 @@ def _forward_backward_to_outputs(unet, owners: Owners, batch: NoisedBatch):
         if len(recs) != 1:
             raise LayerwiseUnsupported(f"module {mname} ran {len(recs)} times in one forward")
     single = {mname: recs[0] for mname, recs in records.items()}
-    return losses, single, [g if g is not None else torch.zeros_like(single[m][1]) for m, g in zip(owners, grads_out)]
+    return (
+        losses,
+        single,
+        [g if g is not None else torch.zeros_like(single[m][1]) for m, g in zip(owners, grads_out, strict=True)],
+    )
 
 
 def _layerwise_chunk(unet, owners: Owners, offsets, batch: NoisedBatch, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` (b, P) with per-sample gradients for one chunk; return the (b,) losses."""
     losses, records, grads_out = _forward_backward_to_outputs(unet, owners, batch)
     with torch.no_grad():  # closed-form per-sample gradients: nothing below needs autograd
-        for gout, (mname, (m, attrs)) in zip(grads_out, owners.items()):
+        for gout, (mname, (m, attrs)) in zip(grads_out, owners.items(), strict=True):
             inp, _, stats = records[mname]
             gw, gb = _module_grads(m, inp, gout, "weight" in attrs, "bias" in attrs, stats)
             for attr, g in (("weight", gw), ("bias", gb)):
@@ -137,7 +143,7 @@ def layerwise_directional(unet, owners: Owners, batch: NoisedBatch, tangents: di
     _, records, grads_out = _forward_backward_to_outputs(unet, owners, batch)
     dots = torch.zeros(batch.n, dtype=torch.float64, device=batch.x_t.device)
     with torch.no_grad():
-        for gout, (mname, (m, attrs)) in zip(grads_out, owners.items()):
+        for gout, (mname, (m, attrs)) in zip(grads_out, owners.items(), strict=True):
             inp = records[mname][0]
             vw, vb = tangents.get(attrs.get("weight", "")), tangents.get(attrs.get("bias", ""))
             dots += (_module_with(m, inp, vw, vb) * gout).flatten(1).sum(1, dtype=torch.float64)

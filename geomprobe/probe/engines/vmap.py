@@ -23,8 +23,10 @@ def vmap_grads(
     out: torch.Tensor,
     losses: torch.Tensor,
 ) -> None:
-    """Fill ``out`` (B, P) with per-sample gradients and ``losses`` (B,) with the losses, ``chunk_size``
-    samples per ``vmap`` call. ``batch`` is on the model's device (:func:`geomprobe.probe.losses.probe_inputs`).
+    """Fill ``out`` (B, P) with per-sample gradients and ``losses`` (B,) with the losses.
+
+    Runs ``chunk_size`` samples per ``vmap`` call. ``batch`` is on the model's device
+    (:func:`geomprobe.probe.losses.probe_inputs`).
     """
     selected, constants = split_state(unet, names)
 
