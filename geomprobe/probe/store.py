@@ -427,6 +427,8 @@ class GradientStore:
         row = torch.as_tensor(row)
         if row.shape != (self.P,):
             raise UsageError(f"row has shape {tuple(row.shape)}, expected ({self.P},)")
+        if not len(self.param_names) == len(self.param_shapes) == len(self.param_slices):
+            raise DataError(f"{self.path / MANIFEST}: parameter names, shapes and slices differ in length")
         return {
             n: row[a:b].reshape(shape)
             for n, shape, (a, b) in zip(self.param_names, self.param_shapes, self.param_slices, strict=True)
