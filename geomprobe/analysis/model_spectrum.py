@@ -68,13 +68,13 @@ def analyze_model(
     Returns:
         A SpectrumResult whose ``store`` field names the checkpoint.
     """
-    from geomprobe.probe.extract import _plan, probe_batches
+    from geomprobe.probe.extract import plan_probe
 
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
     if config.project:
         raise UsageError("--project applies to stored rows; spectrum --ckpt computes the exact Gram matrix")
-    plan = _plan(config, None, device, int(max_memory))
+    plan = plan_probe(config, None, device, int(max_memory))
     sizes = [math.prod(s) for s in plan.layout.shapes]
     blocks = plan_blocks(plan.n, sizes, list(plan.layout.names), int(max_memory))
     mine = blocks[plan.rank :: plan.world]  # torchrun: each rank adds its share of the blocks
@@ -85,30 +85,49 @@ def analyze_model(
     )
     means = MeanGradients(int(max_memory))
     for key in plan.keys:
-        batches = list(
-            probe_batches(
-                plan.dataset,
-                plan.sample_rows,
-                plan.spec,
-                key,
-                config.seed,
-                batch_size,
-                plan.unet,
-                plan.alphas_cumprod,
-                config.target,
-            )
-        )
-        fill = model_gradients(plan.unet, batches, plan.alphas_cumprod, int(max_memory))
         on_block = (lambda d, tot, _k=key: progress(_k, d, tot)) if progress else None
-        stats = block_gram_statistics(fill, list(plan.layout.names), sizes, plan.n, int(max_memory), on_block, mine)
-        stats = all_reduce_statistics(stats)
-        spectrum = fisher_spectrum(stats, top_k=top_k, centered=centered)
+        batches, spectrum = _key_spectrum(
+            plan, key, mine, sizes, top_k, centered, int(max_memory), batch_size, on_block
+        )
         means.add(spectrum.mu)
-        spectrum.mu = None
+        spectrum.mu = None  # held by ``means`` within the budget
         result.entries.append(_entry(plan, key, batches, spectrum))
     result.mu_cosine = means.cosine_matrix()
     means.close()
     return result
+
+
+def _key_spectrum(
+    plan: Any,
+    key: str,
+    blocks: list,
+    sizes: list[int],
+    top_k: int,
+    centered: bool,
+    max_memory: int,
+    batch_size: int,
+    on_block,
+):
+    """(probe batches, FisherSpectrum) of one key: the rows ``grads`` would store, Gram over ``blocks``."""
+    from geomprobe.probe.extract import probe_batches
+
+    config = plan.config
+    batches = list(
+        probe_batches(
+            plan.dataset,
+            plan.sample_rows,
+            plan.spec,
+            key,
+            config.seed,
+            batch_size,
+            plan.unet,
+            plan.alphas_cumprod,
+            config.target,
+        )
+    )
+    fill = model_gradients(plan.unet, batches, plan.alphas_cumprod, max_memory)
+    stats = block_gram_statistics(fill, list(plan.layout.names), sizes, plan.n, max_memory, on_block, blocks)
+    return batches, fisher_spectrum(all_reduce_statistics(stats), top_k=top_k, centered=centered)
 
 
 def _entry(plan: Any, key: str, batches: list, spectrum: Any) -> SpectrumEntry:

@@ -214,7 +214,13 @@ def gram_statistics(
     K = np.zeros((n, n), dtype=np.float64)
     column_sum = torch.zeros(P, dtype=torch.float64)
     column_sumsq = torch.zeros(P, dtype=torch.float64)
-    done = 0
+    done = [0]  # block pairs multiplied (a store may yield more, shorter blocks than planned)
+
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total_pairs)
+
     a = 0
     for outer in source.blocks(rows):
         dtype = compute_dtype or (
@@ -228,28 +234,30 @@ def gram_statistics(
         column_sum += (ones @ Bi)[0].double()
         column_sumsq += (ones @ (Bi * Bi))[0].double()
         K[a : a + bi, a : a + bi] = (Bi @ Bi.T).double().numpy()
-        done += 1
-        if progress:
-            progress(done, total_pairs)
-        b = 0
-        if a > 0:
-            for inner in source.blocks(rows):
-                if b >= a:
-                    break
-                Bj = inner.to(dtype)
-                bj = Bj.shape[0]
-                block = (Bi @ Bj.T).double().numpy()
-                K[a : a + bi, b : b + bj] = block
-                K[b : b + bj, a : a + bi] = block.T
-                b += bj
-                done += 1
-                if progress:
-                    progress(done, total_pairs)
+        tick()
+        _add_earlier_blocks(source, rows, Bi, a, K, tick)
         a += bi
     if a != n:
         raise UsageError(f"row source announced n={n} rows but yielded {a}")
     K /= max(n, 1)
     return GramStatistics(K=K, column_sum=column_sum.numpy(), column_sumsq=column_sumsq.numpy(), n=n, P=P)
+
+
+def _add_earlier_blocks(source: RowSource, rows: int, Bi: torch.Tensor, a: int, K: np.ndarray, tick) -> None:
+    """K[I, J] and K[J, I] for the outer block I (rows a.., values Bi) and every block J before it."""
+    b = 0
+    if a == 0:
+        return
+    for inner in source.blocks(rows):
+        if b >= a:
+            break
+        Bj = inner.to(Bi.dtype)
+        bj = Bj.shape[0]
+        block = (Bi @ Bj.T).double().numpy()
+        K[a : a + Bi.shape[0], b : b + bj] = block
+        K[b : b + bj, a : a + Bi.shape[0]] = block.T
+        b += bj
+        tick()
 
 
 def column_sums(

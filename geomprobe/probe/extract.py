@@ -334,7 +334,7 @@ def extract_gradients(
     for the summary table.
     """
     t_start = time.perf_counter()
-    plan = _plan(config, Path(out), device, max_memory)
+    plan = plan_probe(config, Path(out), device, max_memory)
     for note in plan.notes if on_note else []:  # after every input check: a refused input gives one line
         on_note(note)
     manifest = _new_manifest(plan, command)
@@ -407,7 +407,7 @@ class _Plan:
         return [j for j in range(len(self.shard_ranges)) if j % self.world == self.rank]
 
 
-def _plan(config: ExtractConfig, out: Path, device: str, max_memory: int | str | None) -> _Plan:
+def plan_probe(config: ExtractConfig, out: Path, device: str, max_memory: int | str | None) -> _Plan:
     """Validate, start torchrun's process group, load model and data, choose rows, keys and chunks."""
     config.validate()
     dev = resolve_device(device)
