@@ -405,7 +405,7 @@ def continual(
 
 @app.command()
 def spectrum(
-    grads_store: Path = typer.Option(..., "--grads", help="gradient store directory (written by `geomprobe grads`)"),
+    grads_store: Optional[Path] = typer.Option(None, "--grads", help="gradient store directory (written by `geomprobe grads`)"),
     t_range: Optional[str] = typer.Option(None, "--t-range", help="t-spec or band to analyse (default: every key of the store)"),
     top_k: int = typer.Option(5, "--top-k", help="eigenvalues per t, and the rank of the best rank-k error"),
     as_json: bool = typer.Option(False, "--json", help="print spectrum.json to stdout instead of the table"),
@@ -415,12 +415,31 @@ def spectrum(
     model: bool = typer.Option(True, "--model/--no-model", help="compute the scaled-identity MSE with the store's checkpoint"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
+    bootstrap: int = typer.Option(0, "--bootstrap", metavar="B", help="95% percentile intervals over B row resamples (e.g. 200; 0 = off)"),
+    bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="seed of the resamples and of the n-sweep null"),
+    n_sweep: Optional[str] = typer.Option(None, "--n-sweep", help="statistics on the first m rows, e.g. 64,128,256,512,1024"),
+    shares: bool = typer.Option(False, "--shares", help="shares of ||mu||^2, ||v1||^2, tr F per UNet block and tensor"),
+    from_spectra: Optional[list[Path]] = typer.Option(None, "--from", help="summarise spectrum.json of several stores (mean ± s.e.); repeat"),
 ) -> None:
     """Fisher spectra per t from a gradient store: gaps, rank-1/diag/rank-k errors, cosine maps."""
     from geomprobe.analysis import analyze_store, select_entries, write_spectrum
+    from geomprobe.analysis.uncertainty import UncertaintyOptions, parse_sizes, write_spread
+    from geomprobe.errors import UsageError
     from geomprobe.models import resolve_device
     from geomprobe.probe import GradientStore
 
+    if from_spectra:
+        summary, path = write_spread(from_spectra, out)
+        if as_json:
+            print_json(summary)
+        for row in [] if as_json else summary["rows"]:
+            m, e = row["mean"].get("lambda2_over_lambda1"), row["se"].get("lambda2_over_lambda1")
+            console(quiet).print(f"t={row['t']}: λ2/λ1 = {m:.3g} ± {e if e is None else format(e, '.2g')} ({row['count']} stores)")
+        console(quiet or as_json).print(f"wrote {path}")
+        return
+    if grads_store is None:
+        raise UsageError("give --grads STORE (or --from SPECTRUM ... to summarise several spectra)")
+    options = UncertaintyOptions(bootstrap=bootstrap, seed=bootstrap_seed, n_sweep=parse_sizes(n_sweep), shares=shares)
     store = GradientStore(grads_store)
     total = len(select_entries(store, t_range))
     finished: set[str] = set()
@@ -433,7 +452,7 @@ def spectrum(
 
         result = analyze_store(
             store, t_range=t_range, top_k=top_k, centered=centered, max_memory=max_memory, with_model=model,
-            progress=on_block, device=str(resolve_device(device)),
+            progress=on_block, device=str(resolve_device(device)), uncertainty=options,
         )
     json_path, maps_path = write_spectrum(result, store, out)
     report = result.to_json()

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from geomprobe.analysis.identity import scaled_identity_mse
+from geomprobe.analysis.uncertainty import UncertaintyOptions, entry_extras
 from geomprobe.errors import DataError, UsageError
 from geomprobe.fisher.rows import ConcatRows, StoreRows, gram_statistics
 from geomprobe.fisher.spectrum import FisherSpectrum, fisher_spectrum, mean_cosine_matrix
@@ -44,6 +45,7 @@ class SpectrumEntry:
     keys: list[str]
     spectrum: FisherSpectrum
     scaled_identity_mse: float | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class SpectrumResult:
     entries: list[SpectrumEntry] = field(default_factory=list)
     mu_cosine: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The spectrum.json object, exactly the keys of docs/design.md §9 (NaN becomes null)."""
@@ -69,6 +72,7 @@ class SpectrumResult:
                     "eigenvalues": [_num(x) for x in s.eigenvalues],
                     "lambda2_over_lambda1": _num(s.lambda2_over_lambda1),
                     "lambda1_over_trace": _num(s.lambda1_over_trace),
+                    "effective_rank": _num(s.effective_rank),
                     "trace": _num(s.trace),
                     "frobenius": _num(s.frobenius),
                     "mu_norm": _num(s.mu_norm),
@@ -79,6 +83,7 @@ class SpectrumResult:
                     "cos_to_mean": {k: _num(v) for k, v in s.cos_summary().items()},
                     "cos_v1_mu": _num(s.cos_v1_mu),
                     "scaled_identity_mse": _num(e.scaled_identity_mse),
+                    **_nums(e.extras),
                 }
             )
         matrix = self.mu_cosine if self.mu_cosine is not None else np.zeros((0, 0))
@@ -87,6 +92,7 @@ class SpectrumResult:
             "centered": self.centered,
             "rows": rows,
             "mu_cosine": {"t": [e.label for e in self.entries], "matrix": [[_num(x) for x in r] for r in matrix]},
+            **self.extras,
         }
 
 
@@ -95,6 +101,17 @@ def _num(x: Any) -> float | None:
         return None
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else x
+
+
+def _nums(obj: Any) -> Any:
+    """Nested dicts/lists of numbers with NaN and inf as None (for spectrum.json)."""
+    if isinstance(obj, dict):
+        return {k: _nums(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nums(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return _num(obj)
+    return obj
 
 
 def select_entries(store: Any, t_range: str | None) -> list[tuple[int | str, list[str]]]:
@@ -151,12 +168,15 @@ def analyze_store(
     with_model: bool = True,
     progress: ProgressFn | None = None,
     device: str = "cpu",
+    uncertainty: UncertaintyOptions | None = None,
 ) -> SpectrumResult:
     """Spectrum rows of a gradient store (path or :class:`GradientStore`), streamed in bounded memory.
 
     ``max_memory``: bytes for one key's working set (two row blocks + the n x n Gram matrix).
     ``with_model``: compute the scaled-identity MSE with
     the store's checkpoint (needs the checkpoint directory, verified by checksum).
+    ``uncertainty``: bootstrap intervals, n-sweep and block shares per row
+    (:mod:`geomprobe.analysis.uncertainty`; default none).
     """
     from geomprobe.probe import GradientStore
 
@@ -168,6 +188,9 @@ def analyze_store(
     selection = select_entries(store, t_range)
     result = SpectrumResult(store=str(store.path), centered=centered, top_k=top_k)
     checkpoint = _load_model(store, result.notes, device) if with_model else None
+    uncertainty = uncertainty or UncertaintyOptions()
+    result.extras = uncertainty.header()
+    layout = None if store.projection else (store.param_names, store.param_slices)
 
     for label, keys in selection:
         source = StoreRows(store, keys[0]) if len(keys) == 1 else ConcatRows([StoreRows(store, k) for k in keys])
@@ -186,7 +209,8 @@ def analyze_store(
                 sq_sum += value * len(batch)
                 count += len(batch)
             mse = sq_sum / count
-        result.entries.append(SpectrumEntry(label, float(np.mean(snrs)), keys, spectrum, mse))
+        extras = entry_extras(source, stats, spectrum, uncertainty, layout, top_k, budget) if uncertainty.active else {}
+        result.entries.append(SpectrumEntry(label, float(np.mean(snrs)), keys, spectrum, mse, extras))
     result.mu_cosine = mean_cosine_matrix([e.spectrum.mu for e in result.entries])
     return result
 
