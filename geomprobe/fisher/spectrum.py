@@ -208,6 +208,7 @@ def spectrum_from_gram(
     centered: bool = False,
     P: int = 0,
     mu: np.ndarray | None = None,
+    eig: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> FisherSpectrum:
     """The spectrum.json numbers from the uncentered Gram matrix and two scalars.
 
@@ -219,13 +220,15 @@ def spectrum_from_gram(
         centered: analyse Sigma = F - mu mu^T (Gram matrix H K H).
         P: number of parameters (recorded only).
         mu: (P,) mean gradient to keep (recorded only; default empty).
+        eig: the top-k eigenpairs of K (or H K H), (values (k,), vectors (n, k)), when already
+            known (e.g. from a smaller equivalent matrix); default: :func:`top_eigenpairs`.
 
     Returns:
         A :class:`FisherSpectrum`; ``top_vector`` is u1 (n,), the top eigenvector of K (or H K H).
     """
     n = K_raw.shape[0]
     K = centered_gram(K_raw) if centered else K_raw
-    eigenvalues, U = top_eigenpairs(K, top_k)
+    eigenvalues, U = eig if eig is not None else top_eigenpairs(K, top_k)
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     frob_sq = float(np.sum(K * K))
 
