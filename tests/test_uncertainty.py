@@ -150,3 +150,18 @@ def test_squared_gram_gives_the_diagonal_norm():
     Q = squared_gram(TensorRows(G), 2**24)
     w = np.ones(12)
     assert w @ Q @ w / 144 == pytest.approx(float(((G**2).mean(0) ** 2).sum()))
+
+
+def test_uncertainty_figures_from_spectrum_json(tiny_store, tmp_path):  # noqa: F811 - the imported fixture
+    from geomprobe.analysis import write_spectrum
+    from geomprobe.figures import make_figures
+
+    store = GradientStore(tiny_store)
+    options = UncertaintyOptions(bootstrap=10, n_sweep=[10, 20, 40], null_replicates=2, shares=True)
+    result = analyze_store(store, top_k=2, with_model=False, uncertainty=options)
+    write_spectrum(result, store, tmp_path / "run")
+    report = make_figures([tmp_path / "run"], tmp_path / "figs")
+    made = {f.name for f in report.made}
+    assert {"fig_intervals", "fig_n_sweep", "fig_block_shares"} <= made
+    assert (tmp_path / "figs" / "fig_block_shares.png").is_file()
+    assert "lambda2/lambda1 [95%]" in (tmp_path / "figs" / "fig_intervals.txt").read_text()
