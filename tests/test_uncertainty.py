@@ -165,3 +165,16 @@ def test_uncertainty_figures_from_spectrum_json(tiny_store, tmp_path):  # noqa: 
     assert {"fig_intervals", "fig_n_sweep", "fig_block_shares"} <= made
     assert (tmp_path / "figs" / "fig_block_shares.png").is_file()
     assert "lambda2/lambda1 [95%]" in (tmp_path / "figs" / "fig_intervals.txt").read_text()
+
+
+def test_rank1_fisher_file_shares_equal_the_store_mu_shares(tiny_store, tmp_path):  # noqa: F811 - the imported fixture
+    from geomprobe.analysis.shares import fisher_file_shares
+    from geomprobe.fisher import fisher_from_store
+
+    store = GradientStore(tiny_store)
+    fisher_from_store(store, 700, "rank1").save(tmp_path / "fisher-task0.h5")
+    shares = fisher_file_shares(tmp_path / "fisher-task0.h5")
+    row = analyze_store(store, t_range="700", top_k=2, with_model=False, uncertainty=UncertaintyOptions(shares=True))
+    expected = row.to_json()["rows"][0]["shares"]["mu"]
+    assert shares["mu"]["tensors"] == pytest.approx(expected["tensors"], abs=1e-6)
+    assert shares["names"] == store.param_names

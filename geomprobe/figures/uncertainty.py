@@ -124,6 +124,7 @@ def fig_n_sweep(spectrum, out_dir: str | Path, stem: str = "fig_n_sweep") -> Fig
         )
     for ax, name in zip(axes[0], (r"$\lambda_2/\lambda_1$", r"$\lambda_1/\sum\lambda$"), strict=True):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("rows n (nested subsets: the first n rows)")
         ax.set_ylabel(name)
         ax.grid(True, color="0.9", lw=0.6)
@@ -141,11 +142,12 @@ def fig_n_sweep(spectrum, out_dir: str | Path, stem: str = "fig_n_sweep") -> Fig
 
 
 def share_matrix(spectrum: SpectrumFile, kind: str) -> tuple[list[str], np.ndarray]:
-    """(blocks, (num_blocks, T) shares of ``kind``) from the rows' ``shares``."""
+    """(blocks + ["(norm layers)"], (num_blocks + 1, T) shares of ``kind``) from the rows' ``shares``."""
     _need(spectrum, "shares", "--shares")
     blocks = list(spectrum.rows[0]["shares"][kind]["blocks"])
     M = np.array([[r["shares"][kind]["blocks"].get(b) or np.nan for r in spectrum.rows] for b in blocks], float)
-    return blocks, M
+    norm = [r["shares"][kind].get("norm_layers") for r in spectrum.rows]
+    return blocks + ["(norm layers)"], np.vstack([M, np.array([np.nan if x is None else x for x in norm], float)])
 
 
 def fig_block_shares(spectrum, out_dir: str | Path, stem: str = "fig_block_shares") -> FigureOutput:
@@ -161,7 +163,7 @@ def fig_block_shares(spectrum, out_dir: str | Path, stem: str = "fig_block_share
         ax.set_yticks(range(len(blocks)), blocks if ax is axes[0, 0] else [""] * len(blocks), fontsize=7)
         ax.set_xlabel("t")
         ax.set_title(f"share of {name}")
-        top = [blocks[i] for i in np.nanargmax(M, axis=0)]
+        top = [blocks[i] for i in np.nanargmax(M[:-1], axis=0)]
         lines.append(
             f"{kind}: top block per t " + ", ".join(f"{t}:{b}" for t, b in zip(spectrum.timesteps, top, strict=True))
         )
