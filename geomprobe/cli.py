@@ -423,7 +423,7 @@ def spectrum(
 ) -> None:
     """Fisher spectra per t from a gradient store: gaps, rank-1/diag/rank-k errors, cosine maps."""
     from geomprobe.analysis import analyze_store, select_entries, write_spectrum
-    from geomprobe.analysis.uncertainty import UncertaintyOptions, parse_sizes, write_spread
+    from geomprobe.analysis.uncertainty import UncertaintyOptions, parse_sizes, summary_tables, write_spread
     from geomprobe.errors import UsageError
     from geomprobe.models import resolve_device
     from geomprobe.probe import GradientStore
@@ -480,6 +480,13 @@ def spectrum(
             fmt(row["cos_v1_mu"]), fmt(row["scaled_identity_mse"]),
         )
     con.print(table)
+    for title, header, lines in summary_tables(report):  # intervals, n-sweep, block shares when computed
+        extra = Table(title=title)
+        for col in header:
+            extra.add_column(col, justify="right")
+        for line in lines:
+            extra.add_row(*line)
+        con.print(extra)
     for note in result.notes:
         con.print(f"note: {note}")
     con.print(f"wrote {json_path} and {maps_path}")

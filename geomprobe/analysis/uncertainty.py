@@ -182,3 +182,48 @@ def write_spread(paths: Sequence[str | Path], out_dir: str | Path | None = None)
     out = Path(out_dir) if out_dir is not None else Path(summary["sources"][0]).parent
     out.mkdir(parents=True, exist_ok=True)
     return summary, write_json(out / SPREAD_JSON, summary)
+
+
+def _fmt(x: Any) -> str:
+    return "–" if x is None else format(x, ".3g")
+
+
+def summary_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows of strings) for the CLI: intervals, n-sweep and top blocks, when present.
+
+    Args:
+        report: a spectrum.json object (``SpectrumResult.to_json()``).
+    """
+    rows = report["rows"]
+    tables = []
+    if all("ci" in r for r in rows):
+        keys = ("lambda2_over_lambda1", "lambda1_over_trace", "effective_rank", "rel_err_rank1", "cos_v1_mu")
+        lines = [
+            [str(r["t"])] + [f"{_fmt(r[k])} [{_fmt(r['ci'][k][0])}, {_fmt(r['ci'][k][1])}]" for k in keys] for r in rows
+        ]
+        boot = report.get("bootstrap", {})
+        title = f"95% bootstrap intervals (B={boot.get('replicates')}, seed {boot.get('seed')})"
+        tables.append((title, ["t", "λ2/λ1", "λ1/Σλ", "eff. rank", "err_rank1", "cos(v1,μ)"], lines))
+    if all("n_sweep" in r for r in rows) and rows:
+        sizes = [p["n"] for p in rows[0]["n_sweep"]]
+        lines = [
+            [str(r["t"])]
+            + [
+                f"{_fmt(p['lambda2_over_lambda1'])} ({_fmt(p.get('null', {}).get('lambda2_over_lambda1'))})"
+                for p in r["n_sweep"]
+            ]
+            for r in rows
+        ]
+        tables.append(("λ2/λ1 on the first n rows (null)", ["t", *[f"n={m}" for m in sizes]], lines))
+    if all("shares" in r for r in rows):
+        kinds = [k for k in ("mu", "v1", "trace") if k in rows[0]["shares"]]
+        lines = []
+        for r in rows:
+            line = [str(r["t"])]
+            for k in kinds:
+                blocks = r["shares"][k]["blocks"]
+                top = max(blocks, key=lambda b: blocks[b] or 0.0)
+                line.append(f"{top} {_fmt(blocks[top])} (norm {_fmt(r['shares'][k]['norm_layers'])})")
+            lines.append(line)
+        tables.append(("largest block share", ["t", *[f"top block of {k}" for k in kinds]], lines))
+    return tables
