@@ -178,3 +178,12 @@ def test_rank1_fisher_file_shares_equal_the_store_mu_shares(tiny_store, tmp_path
     expected = row.to_json()["rows"][0]["shares"]["mu"]
     assert shares["mu"]["tensors"] == pytest.approx(expected["tensors"], abs=1e-6)
     assert shares["names"] == store.param_names
+
+
+def test_uncertainty_figures_list_nothing_without_the_keys(tmp_path):
+    from geomprobe.figures.uncertainty import uncertainty_figures
+
+    class Plain:
+        rows = [{"t": 100}]
+
+    assert uncertainty_figures([Plain(), Plain()]) == [] and uncertainty_figures([Plain()]) == []

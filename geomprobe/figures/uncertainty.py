@@ -187,7 +187,7 @@ def uncertainty_figures(spectra: Sequence[SpectrumFile]) -> list[tuple[str, obje
     if has["ci"]:
         jobs.append(("fig_intervals", lambda out, s=has["ci"]: fig_intervals(s, out)))
     for key, name, make in (("n_sweep", "fig_n_sweep", fig_n_sweep), ("shares", "fig_block_shares", fig_block_shares)):
-        labels = model_variant_labels(has[key]) if len(has[key]) > 1 else [""]
+        labels = model_variant_labels(has[key]) if len(has[key]) > 1 else [""] * len(has[key])
         for s, lab in zip(has[key], labels, strict=True):
             suffix = "_" + "".join(c if c.isalnum() else "-" for c in lab).strip("-") if lab else ""
             jobs.append((name + suffix, lambda out, s=s, st=name + suffix, f=make: f(s, out, stem=st)))
