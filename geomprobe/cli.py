@@ -405,7 +405,7 @@ def continual(
 
 @app.command()
 def spectrum(
-    grads_store: Optional[Path] = typer.Option(None, "--grads", help="gradient store directory (written by `geomprobe grads`)"),
+    grads_store: Path | None = typer.Option(None, "--grads", help="gradient store directory (written by `geomprobe grads`)"),
     t_range: Optional[str] = typer.Option(None, "--t-range", help="t-spec or band to analyse (default: every key of the store)"),
     top_k: int = typer.Option(5, "--top-k", help="eigenvalues per t, and the rank of the best rank-k error"),
     as_json: bool = typer.Option(False, "--json", help="print spectrum.json to stdout instead of the table"),
@@ -417,9 +417,9 @@ def spectrum(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
     bootstrap: int = typer.Option(0, "--bootstrap", metavar="B", help="95% percentile intervals over B row resamples (e.g. 200; 0 = off)"),
     bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="seed of the resamples and of the n-sweep null"),
-    n_sweep: Optional[str] = typer.Option(None, "--n-sweep", help="statistics on the first m rows, e.g. 64,128,256,512,1024"),
+    n_sweep: str | None = typer.Option(None, "--n-sweep", help="statistics on the first m rows, e.g. 64,128,256,512,1024"),
     shares: bool = typer.Option(False, "--shares", help="shares of ||mu||^2, ||v1||^2, tr F per UNet block and tensor"),
-    from_spectra: Optional[list[Path]] = typer.Option(None, "--from", help="summarise spectrum.json of several stores (mean ± s.e.); repeat"),
+    from_spectra: list[Path] | None = typer.Option(None, "--from", help="summarise spectrum.json of several stores (mean ± s.e.); repeat"),
 ) -> None:
     """Fisher spectra per t from a gradient store: gaps, rank-1/diag/rank-k errors, cosine maps."""
     from geomprobe.analysis import analyze_store, select_entries, write_spectrum
