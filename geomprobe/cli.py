@@ -441,16 +441,27 @@ def spectrum(
     gram_dtype: str = typer.Option("float64", help="with --grads: float64 | float32 products for the Gram matrix (float32: 2x faster, small eigenvalues less exact)"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
+    bootstrap: int = typer.Option(0, "--bootstrap", metavar="B", help="with --grads: 95% percentile intervals over B row resamples (e.g. 200; 0 = off)"),
+    bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="seed of the resamples and of the n-sweep null"),
+    n_sweep: Optional[str] = typer.Option(None, "--n-sweep", help="with --grads: statistics on the first m rows, e.g. 64,128,256,512,1024"),
+    shares: bool = typer.Option(False, "--shares", help="with --grads: shares of ||mu||^2, ||v1||^2, tr F per UNet block and tensor"),
+    from_spectra: Optional[list[Path]] = typer.Option(None, "--from", help="summarise spectrum.json of several stores (mean ± s.e.); repeat"),
 ) -> None:
-    """Fisher spectra per t from a gradient store (--grads) or a model (--ckpt): gaps, errors, cosine maps."""
+    """Fisher spectra per t from a gradient store (--grads) or a model (--ckpt): gaps, errors, intervals, cosine maps."""
     from geomprobe.analysis import write_spectrum
+    from geomprobe.analysis.uncertainty import UncertaintyOptions, parse_sizes
     from geomprobe.errors import UsageError
     from geomprobe.models import resolve_device
 
+    if from_spectra:
+        return _spread_of_spectra(from_spectra, out, as_json, quiet)
     if (grads_store is None) == (ckpt is None):
-        raise UsageError("give either --grads STORE or --ckpt MODEL")
+        raise UsageError("give either --grads STORE or --ckpt MODEL (or --from SPECTRUM ... to summarise several)")
     if ckpt is not None and out is None:
         raise UsageError("--ckpt needs --out DIR for spectrum.json (the model directory is not written to)")
+    options = UncertaintyOptions(bootstrap=bootstrap, seed=bootstrap_seed, n_sweep=parse_sizes(n_sweep), shares=shares)
+    if ckpt is not None and options.active:
+        raise UsageError("--bootstrap, --n-sweep and --shares need the stored rows: use them with --grads")
     dev = str(resolve_device(device))
     rank = int(os.environ.get("RANK", "0"))  # under torchrun (spectrum --ckpt) rank 0 alone writes and prints
     quiet = quiet or rank != 0
@@ -462,7 +473,8 @@ def spectrum(
                                    params=params, target=target, seed=seed, data_root=str(data_root) if data_root else None)
             result = _spectrum_of_model(config, top_k, centered, max_memory, dev, update)
         else:
-            result = _spectrum_of_store(grads_store, t_range, top_k, centered, max_memory, model, dev, update, gram_dtype)
+            result = _spectrum_of_store(grads_store, t_range, top_k, centered, max_memory, model, dev, update,
+                                        gram_dtype, options)
     if rank != 0:
         return
     json_path, maps_path = write_spectrum(result, None, out)
@@ -473,7 +485,20 @@ def spectrum(
     console(quiet).print(f"wrote {json_path} and {maps_path}")
 
 
-def _spectrum_of_store(path, t_range, top_k, centered, max_memory, with_model, device, update, gram_dtype):
+def _spread_of_spectra(paths, out, as_json: bool, quiet: bool) -> None:
+    """``spectrum --from``: mean ± standard error of every number over several spectrum.json."""
+    from geomprobe.analysis.uncertainty import write_spread
+
+    summary, path = write_spread(paths, out)
+    if as_json:
+        print_json(summary)
+    for row in [] if as_json else summary["rows"]:
+        m, e = row["mean"].get("lambda2_over_lambda1"), row["se"].get("lambda2_over_lambda1")
+        console(quiet).print(f"t={row['t']}: λ2/λ1 = {m:.3g} ± {e if e is None else format(e, '.2g')} ({row['count']} stores)")
+    console(quiet or as_json).print(f"wrote {path}")
+
+
+def _spectrum_of_store(path, t_range, top_k, centered, max_memory, with_model, device, update, gram_dtype, options):
     """analyze_store with a progress bar counting finished keys."""
     from geomprobe.analysis import analyze_store, select_entries
     from geomprobe.probe import GradientStore
@@ -488,7 +513,8 @@ def _spectrum_of_store(path, t_range, top_k, centered, max_memory, with_model, d
         update(len(finished), total=total, key=name)
 
     return analyze_store(store, t_range=t_range, top_k=top_k, centered=centered, max_memory=max_memory,
-                         with_model=with_model, progress=on_block, device=device, gram_dtype=gram_dtype)
+                         with_model=with_model, progress=on_block, device=device, gram_dtype=gram_dtype,
+                         uncertainty=options)
 
 
 def _spectrum_of_model(config, top_k, centered, max_memory, device, update):
@@ -510,7 +536,9 @@ def _spectrum_of_model(config, top_k, centered, max_memory, device, update):
 
 
 def _print_spectrum(result, top_k: int, centered: bool, quiet: bool) -> None:
-    """The spectrum table (one row per t or band) and the result's notes, on stderr."""
+    """The spectrum table (one row per t or band), interval / n-sweep / share tables, notes, on stderr."""
+    from geomprobe.analysis.uncertainty import summary_tables
+
     report = result.to_json()
     con = console(quiet)
     if not con.is_terminal:  # rich assumes 80 columns off a terminal; the table has up to 17
@@ -534,6 +562,13 @@ def _print_spectrum(result, top_k: int, centered: bool, quiet: bool) -> None:
             fmt(row["cos_v1_mu"]), fmt(row["scaled_identity_mse"]),
         )
     con.print(table)
+    for title, header, lines in summary_tables(report):  # intervals, n-sweep, block shares when computed
+        extra = Table(title=title)
+        for col in header:
+            extra.add_column(col, justify="right")
+        for line in lines:
+            extra.add_row(*line)
+        con.print(extra)
     for note in result.notes:
         con.print(f"note: {note}")
 

@@ -32,7 +32,7 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 ROW_KEYS = {
-    "t", "snr", "n", "P", "eigenvalues", "lambda2_over_lambda1", "lambda1_over_trace", "trace", "frobenius",
+    "t", "snr", "n", "P", "eigenvalues", "lambda2_over_lambda1", "lambda1_over_trace", "effective_rank", "trace", "frobenius",
     "mu_norm", "c_star", "rel_err_diag", "rel_err_rank1", "rel_err_rankk", "cos_to_mean", "cos_v1_mu",
     "scaled_identity_mse",
 }

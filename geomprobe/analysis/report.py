@@ -27,6 +27,7 @@ import torch
 
 from geomprobe.analysis.identity import scaled_identity_mse
 from geomprobe.analysis.means import MeanGradients
+from geomprobe.analysis.uncertainty import UncertaintyOptions, entry_extras
 from geomprobe.errors import DataError, UsageError
 from geomprobe.fisher.rows import ConcatRows, StoreRows, gram_statistics
 from geomprobe.fisher.spectrum import FisherSpectrum, fisher_spectrum
@@ -47,6 +48,7 @@ class SpectrumEntry:
     scaled_identity_mse: float | None = None
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     """Per-row provenance for cosine_maps.h5: ``labels``, ``sample_index``, ``t`` (n,) int64."""
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class SpectrumResult:
     entries: list[SpectrumEntry] = field(default_factory=list)
     mu_cosine: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The spectrum.json object, exactly the keys of docs/design.md §9 (NaN becomes null)."""
@@ -72,6 +75,7 @@ class SpectrumResult:
                     "eigenvalues": [_num(x) for x in s.eigenvalues],
                     "lambda2_over_lambda1": _num(s.lambda2_over_lambda1),
                     "lambda1_over_trace": _num(s.lambda1_over_trace),
+                    "effective_rank": _num(s.effective_rank),
                     "trace": _num(s.trace),
                     "frobenius": _num(s.frobenius),
                     "mu_norm": _num(s.mu_norm),
@@ -82,6 +86,7 @@ class SpectrumResult:
                     "cos_to_mean": {k: _num(v) for k, v in s.cos_summary().items()},
                     "cos_v1_mu": _num(s.cos_v1_mu),
                     "scaled_identity_mse": _num(e.scaled_identity_mse),
+                    **_nums(e.extras),
                 }
             )
         matrix = self.mu_cosine if self.mu_cosine is not None else np.zeros((0, 0))
@@ -90,6 +95,7 @@ class SpectrumResult:
             "centered": self.centered,
             "rows": rows,
             "mu_cosine": {"t": [e.label for e in self.entries], "matrix": [[_num(x) for x in r] for r in matrix]},
+            **self.extras,
         }
 
 
@@ -98,6 +104,17 @@ def _num(x: Any) -> float | None:
         return None
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else x
+
+
+def _nums(obj: Any) -> Any:
+    """Nested dicts/lists of numbers with NaN and inf as None (for spectrum.json)."""
+    if isinstance(obj, dict):
+        return {k: _nums(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nums(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return _num(obj)
+    return obj
 
 
 def select_entries(store: Any, t_range: str | None) -> list[tuple[int | str, list[str]]]:
@@ -160,6 +177,7 @@ def analyze_store(
     progress: ProgressFn | None = None,
     device: str = "cpu",
     gram_dtype: str = "float64",
+    uncertainty: UncertaintyOptions | None = None,
 ) -> SpectrumResult:
     """Spectrum rows of a gradient store (path or :class:`GradientStore`), streamed in bounded memory.
 
@@ -167,6 +185,8 @@ def analyze_store(
     ``with_model``: compute the scaled-identity MSE with
     the store's checkpoint (needs the checkpoint directory, verified by checksum). ``gram_dtype``:
     float64 (default) or float32 products for K (see :func:`geomprobe.fisher.rows.gram_statistics`).
+    ``uncertainty``: bootstrap intervals, n-sweep and block shares per row
+    (:mod:`geomprobe.analysis.uncertainty`; default none).
     """
     from geomprobe.probe import GradientStore
 
@@ -181,6 +201,9 @@ def analyze_store(
     selection = select_entries(store, t_range)
     result = SpectrumResult(store=str(store.path), centered=centered, top_k=top_k)
     checkpoint = _load_model(store, result.notes, device) if with_model else None
+    uncertainty = uncertainty or UncertaintyOptions()
+    result.extras = uncertainty.header()
+    layout = None if store.projection else (store.param_names, store.param_slices)
 
     means = MeanGradients(budget)
     for label, keys in selection:
@@ -189,13 +212,14 @@ def analyze_store(
         on_pair = (lambda d, tot, _n=name: progress(_n, d, tot)) if progress else None
         stats = gram_statistics(source, budget, compute_dtype=compute_dtype, progress=on_pair)
         spectrum = fisher_spectrum(stats, top_k=top_k, centered=centered)
+        extras = entry_extras(source, stats, spectrum, uncertainty, layout, top_k, budget) if uncertainty.active else {}
         means.add(spectrum.mu)
         spectrum.mu = None  # held by ``means`` within the budget
         mse = _store_identity_mse(checkpoint, store, keys) if checkpoint is not None else None
         rows = {name: torch.cat([getter(k) for k in keys]).numpy()
                 for name, getter in (("labels", store.labels), ("sample_index", store.sample_index), ("t", store.row_timesteps))}
         snr = float(np.mean([float(store.meta(k)["snr"]) for k in keys]))
-        result.entries.append(SpectrumEntry(label, snr, keys, spectrum, mse, rows))
+        result.entries.append(SpectrumEntry(label, snr, keys, spectrum, mse, rows=rows, extras=extras))
     result.mu_cosine = means.cosine_matrix()
     means.close()
     return result

@@ -46,6 +46,7 @@ from geomprobe.figures.spectra import (
     fig6_model_sizes,
 )
 from geomprobe.figures.style import FigureOutput
+from geomprobe.figures.uncertainty import fig_block_shares, fig_intervals, fig_n_sweep, uncertainty_figures
 from geomprobe.io import MANIFEST, write_json
 
 __all__ = [
@@ -62,6 +63,9 @@ __all__ = [
     "fig5_samples_across_tasks",
     "fig6_model_sizes",
     "fig_task_fid",
+    "fig_intervals",
+    "fig_n_sweep",
+    "fig_block_shares",
     "table1_final_afid",
     "table5_low_rank",
     "table6_finetune",
@@ -152,6 +156,8 @@ def _spectrum_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attempt
             lambda s=spectrum, x=suffix: fig3d_approximation_errors(s, out_dir, "fig3d_approximation_errors" + x),
         )
     attempt("fig6", lambda: fig6_model_sizes(spectra, out_dir))
+    for name, make in uncertainty_figures(spectra):  # only when spectrum.json has ci / n_sweep / shares
+        attempt(name, lambda m=make: m(out_dir))
 
 
 def _continual_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attempts) -> None:

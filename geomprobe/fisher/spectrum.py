@@ -24,6 +24,11 @@ With ``centered=True`` F is the covariance Sigma = F - mu mu^T, whose Gram matri
     rel_err_rankk[k]   sqrt(||F||^2 - sum_{j<=k} lambda_j^2) / ||F||      (best rank-k, Eckart-Young)
     cos_to_mean        g_i^T mu / (||g_i|| ||mu||) = (K 1)_i / (sqrt(n K_ii) ||mu||), signed, raw rows
     cos_v1_mu          |v1^T mu| / ||mu|| with v1 = G_c^T u1 / sqrt(n lambda1)
+    effective_rank     exp(-sum_j p_j log p_j) over p_j = lambda_j / tr F (j <= k) plus one bucket
+                       p_rest = 1 - sum_j p_j for the remainder of the spectrum (1 = rank 1, <= k+1)
+
+:func:`spectrum_from_gram` computes all of these from K and two scalars (||mu||^2, ||diag F||^2),
+so a resampled or subsampled Gram matrix (geomprobe.fisher.resample) gets the same numbers.
 """
 
 from __future__ import annotations
@@ -135,6 +140,17 @@ class FisherSpectrum:
     cos_v1_mu: float
     mu: np.ndarray | None
     centered: bool = False
+    top_vector: np.ndarray | None = None
+
+    @property
+    def effective_rank(self) -> float:
+        """exp(entropy) of (lambda_1..k / tr F, remainder / tr F): 1 for rank 1, at most k + 1."""
+        if self.trace <= 0 or not self.eigenvalues.size:
+            return float("nan")
+        p = self.eigenvalues / self.trace
+        p = np.append(p, max(1.0 - float(p.sum()), 0.0))
+        p = p[p > 0]
+        return float(np.exp(-np.sum(p * np.log(p))))
 
     @property
     def lambda2_over_lambda1(self) -> float:
@@ -179,12 +195,42 @@ def fisher_spectrum(stats: GramStatistics, top_k: int = 5, centered: bool = Fals
     Returns:
         A :class:`FisherSpectrum` (float64 numbers).
     """
-    n, K_raw, mu = stats.n, stats.K, stats.mu
-    K = centered_gram(K_raw) if centered else K_raw
-    mu_norm_sq = float(mu @ mu)
+    mu = stats.mu
     diag_F = stats.diag_fisher - (mu * mu if centered else 0.0)
+    return spectrum_from_gram(
+        stats.K, float(mu @ mu), float(diag_F @ diag_F), top_k=top_k, centered=centered, P=stats.P, mu=mu
+    )
 
-    eigenvalues, U = top_eigenpairs(K, top_k)
+
+def spectrum_from_gram(
+    K_raw: np.ndarray,
+    mu_norm_sq: float,
+    diag_sq: float,
+    top_k: int = 5,
+    centered: bool = False,
+    P: int = 0,
+    mu: np.ndarray | None = None,
+    eig: tuple[np.ndarray, np.ndarray] | None = None,
+) -> FisherSpectrum:
+    """The spectrum.json numbers from the uncentered Gram matrix and two scalars.
+
+    Args:
+        K_raw: (n, n) uncentered K = G G^T / n (rows may repeat, e.g. a bootstrap replicate).
+        mu_norm_sq: ||mu||^2 (= 1^T K 1 / n).
+        diag_sq: ||diag F||^2 (of Sigma when centered); nan gives a nan rel_err_diag.
+        top_k: eigenvalues to report, and the rank of the best rank-k error.
+        centered: analyse Sigma = F - mu mu^T (Gram matrix H K H).
+        P: number of parameters (recorded only).
+        mu: (P,) mean gradient to keep (recorded only; default empty).
+        eig: the top-k eigenpairs of K (or H K H), (values (k,), vectors (n, k)), when already
+            known (e.g. from a smaller equivalent matrix); default: :func:`top_eigenpairs`.
+
+    Returns:
+        A :class:`FisherSpectrum`; ``top_vector`` is u1 (n,), the top eigenvector of K (or H K H).
+    """
+    n = K_raw.shape[0]
+    K = centered_gram(K_raw) if centered else K_raw
+    eigenvalues, U = eig if eig is not None else top_eigenpairs(K, top_k)
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     frob_sq = float(np.sum(K * K))
 
@@ -196,19 +242,20 @@ def fisher_spectrum(stats: GramStatistics, top_k: int = 5, centered: bool = Fals
 
     return FisherSpectrum(
         n=n,
-        P=stats.P,
+        P=P,
         eigenvalues=eigenvalues,
         trace=float(np.trace(K)),
         frobenius=math.sqrt(frob_sq),
         mu_norm=math.sqrt(mu_norm_sq),
         c_star=c_star,
-        rel_err_diag=relative_error(frob_sq - float(diag_F @ diag_F), frob_sq),
+        rel_err_diag=relative_error(frob_sq - diag_sq, frob_sq) if math.isfinite(diag_sq) else float("nan"),
         rel_err_rank1=relative_error(frob_sq - rank1_captured, frob_sq),
         rel_err_rankk={str(top_k): relative_error(frob_sq - float(np.sum(eigenvalues[:top_k] ** 2)), frob_sq)},
         cos_to_mean=_cosines(K_raw, G_mu, mu_norm_sq),
         cos_v1_mu=_cos_v1_mu(U, eigenvalues, Gc_mu, n, mu_norm_sq),
-        mu=mu,
+        mu=mu if mu is not None else np.zeros(0),
         centered=centered,
+        top_vector=U[:, 0].copy() if U.size else None,
     )
 
 
@@ -232,3 +279,33 @@ def rank1_residual_op_norm(stats: GramStatistics, c_star: float) -> float:
     root = (U * np.sqrt(np.clip(w, 0.0, None))) @ U.T  # S^{1/2}
     M = np.eye(n) / n - c_star * np.ones((n, n)) / n**2
     return float(np.abs(np.linalg.eigvalsh(root @ M @ root)).max())
+
+
+def top_fisher_direction(
+    source: Any, u1: np.ndarray, lambda1: float, mu: np.ndarray | None = None, max_memory: int | None = None
+) -> np.ndarray:
+    """v1 = G_c^T u1 / sqrt(n lambda1), the unit top eigenvector of F (or Sigma), streamed in one pass.
+
+    Args:
+        source: the row source G (n, P) the Gram matrix was built from.
+        u1: (n,) top eigenvector of K (of H K H when centered).
+        lambda1: its eigenvalue (> 0).
+        mu: (P,) mean gradient when centered (G_c^T u1 = G^T u1 - mu (1^T u1) n / n); None: uncentered.
+        max_memory: bytes for the row blocks (default: geomprobe.io.DEFAULT_MAX_MEMORY).
+
+    Returns:
+        (P,) float64 unit vector v1.
+    """
+    import torch
+
+    from geomprobe.fisher.rows import transpose_times
+    from geomprobe.io import DEFAULT_MAX_MEMORY
+
+    if not lambda1 > 0:
+        raise DataError("the top eigenvalue is zero; v1 is undefined")
+    n = u1.shape[0]
+    v = transpose_times(source, torch.from_numpy(np.asarray(u1, dtype=np.float64)), max_memory or DEFAULT_MAX_MEMORY)
+    v = v.numpy()
+    if mu is not None:
+        v = v - mu * float(np.sum(u1))
+    return v / math.sqrt(n * lambda1)
