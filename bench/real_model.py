@@ -96,8 +96,8 @@ def route_fn(name: str, unet, ac, batches, max_memory: int, k: int):
         return lambda: [
             per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, ac, max_memory=max_memory) for b in batches
         ]
-    if name == "mu_cstar":
-        return lambda: {"c_star": fisher.to_rank1().c_star}
+    if name == "mu_cstar":  # a fresh object per call: mu is cached on the object
+        return lambda: {"c_star": ImplicitFisher.from_model(unet, names, batches, ac).to_rank1().c_star}
     if name == "fv":
         v = torch.randn(fisher.P, generator=torch.Generator().manual_seed(2))
         return lambda: fisher.mv(v)
