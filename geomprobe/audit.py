@@ -38,7 +38,7 @@ from geomprobe.fisher import audit_math as am
 from geomprobe.fisher.rows import ConcatRows, StoreRows, gram_statistics
 from geomprobe.fisher.spectrum import mean_cosine_matrix
 from geomprobe.io import MANIFEST, atomic_path, parse_memory, write_json
-from geomprobe.models import checkpoint_checksum, load_model
+from geomprobe.models import checkpoint_checksum, load_model, resolve_device
 from geomprobe.probe.extract import ExtractConfig, _model_dataset, extract_gradients, row_inputs, select_samples
 from geomprobe.probe.params import select_parameters
 from geomprobe.probe.products import ProbeBatch, mean_gradient
@@ -141,6 +141,7 @@ def run_audit(
 
 
 def _context(config: AuditConfig, out: Path, device: str, max_memory: int, progress) -> _Ctx:
+    device = str(resolve_device(device))
     ckpt = load_model(config.ckpt, device)
     ac = ckpt.scheduler.alphas_cumprod.float()
     spec = parse_timesteps(config.t_range, num_train_timesteps=len(ac), alphas_cumprod=ac.double().numpy())
