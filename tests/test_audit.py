@@ -299,3 +299,40 @@ def test_rerun_skips_finished_checks_and_other_config_is_refused(audited, ckpt):
         app, ["audit", "--ckpt", str(ckpt), "--t", "200,1200", "--out", str(out / "x"), "--quiet"]
     )
     assert result.exit_code == 2 and "outside" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_band_ewc_check_runs_every_band_and_figures_read_audit_json(ckpt, tmp_path, monkeypatch):
+    from geomprobe.continual import ContinualConfig
+    from geomprobe.figures import make_figures
+
+    monkeypatch.setenv("GEOMPROBE_CACHE", str(tmp_path / "cache"))
+    cl = ContinualConfig(model="small1", image_size=8, tasks=2, steps_per_task=2, batch_size=16, fisher_samples=8,
+                         n_generated=8, sample_steps=2, replay_per_class=4, replay_batch=8, classifier_steps=20)  # fmt: skip
+    cfg = AuditConfig(ckpt=str(ckpt), checks=(4,), t_range="500", samples=10, seeds=(0, 1), continual=cl)
+    doc = run_audit(cfg, tmp_path / "a")
+    rows = {r["band"]: r for r in doc["band_ewc"]["rows"]}
+    assert set(rows) == {"high-snr", "mid-snr", "low-snr", "all"}
+    for band, r in rows.items():
+        summary = json.loads((tmp_path / "a" / "band-ewc" / band / "summary.json").read_text())
+        assert r["afid"] == pytest.approx(summary["afid"]["2"]["mean"]) and r["afid_se"] == pytest.approx(
+            summary["afid"]["2"]["stderr"]
+        )
+        assert r["forgetting"] == pytest.approx(summary["forgetting"]["mean"]) and r["mu_norm"] > 0
+    assert rows["all"]["cos_to_all"] == pytest.approx(1.0)
+    assert any(v["claim"].startswith("§3") for v in doc["verdicts"])
+    report = make_figures([tmp_path / "a"], tmp_path / "fig")
+    made = {f.name for f in report.made}
+    assert "audit_band_ewc" in made and (tmp_path / "fig" / "audit_band_ewc.png").exists()
+    assert (tmp_path / "fig" / "audit_band_ewc.txt").read_text().startswith("Audit check 4")
+
+
+def test_figures_of_checks_1_to_3(audited, tmp_path):
+    from geomprobe.figures import make_figures
+
+    _, out, _ = audited
+    report = make_figures([out], tmp_path / "fig")
+    made = {f.name for f in report.made}
+    assert {"audit_task_dependence", "audit_true_vs_empirical", "audit_stability"} <= made
+    assert dict(report.skipped)["audit_band_ewc"].startswith(str(out / "audit.json"))
+    for stem in ("audit_task_dependence", "audit_stability"):
+        assert all((tmp_path / "fig" / f"{stem}.{ext}").exists() for ext in ("png", "pdf", "txt"))
