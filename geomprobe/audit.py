@@ -43,7 +43,7 @@ from geomprobe.probe.extract import ExtractConfig, _model_dataset, extract_gradi
 from geomprobe.probe.params import select_parameters
 from geomprobe.probe.products import ProbeBatch, mean_gradient
 from geomprobe.probe.store import GradientStore, key_for
-from geomprobe.timesteps import parse_timesteps, snr
+from geomprobe.timesteps import HIGH_SNR_THRESHOLD, LOW_SNR_THRESHOLD, parse_timesteps, snr
 
 CHECKS = (1, 2, 3, 4)
 AUDIT_JSON = "audit.json"
@@ -212,6 +212,27 @@ def _store(
     return GradientStore(out)
 
 
+def band_of(value: float) -> str:
+    """The SNR band of docs/design.md §4 a timestep's SNR falls in."""
+    return "high-snr" if value >= HIGH_SNR_THRESHOLD else ("low-snr" if value < LOW_SNR_THRESHOLD else "mid-snr")
+
+
+def band_means(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per SNR band, the mean over its timesteps of every scalar number of the rows (t and snr included)."""
+    out: dict[str, dict[str, float]] = {}
+    for band in ("high-snr", "mid-snr", "low-snr"):
+        members = [r for r in rows if band_of(r["snr"]) == band]
+        keys = [
+            k
+            for k, v in (members[0].items() if members else [])
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        if members:
+            out[band] = {k: float(np.mean([np.nan if r[k] is None else r[k] for r in members])) for k in keys}
+            out[band]["timesteps"] = [r["t"] for r in members]
+    return out
+
+
 def _stacked_gram(sources: list, max_memory: int) -> np.ndarray:
     """S = G G^T (unnormalised) of the stacked rows of ``sources``."""
     stats = gram_statistics(ConcatRows(sources), max_memory=max_memory, compute_dtype=torch.float64)
@@ -332,6 +353,7 @@ def _check_task_dependence(ctx: _Ctx) -> list[dict]:
             {
                 "t": t,
                 "snr": ctx.snrs[t],
+                "band": band_of(ctx.snrs[t]),
                 "n_per_task": n_task,
                 "tasks": ctx.tasks,
                 "mean_inter_task_cos": m["value"],
@@ -395,7 +417,7 @@ def _check_true_vs_empirical(ctx: _Ctx) -> list[dict]:
             per_t[t].append(true_vs_empirical_seed(S, stores["empirical"].n(t), c.top_k, c.bootstrap, seed))
     rows = []
     for t, ps in per_t.items():
-        row: dict[str, Any] = {"t": t, "snr": ctx.snrs[t], "n": c.samples}
+        row: dict[str, Any] = {"t": t, "snr": ctx.snrs[t], "band": band_of(ctx.snrs[t]), "n": c.samples}
         for side in ("empirical", "true"):
             row[side] = {"eigenvalues": np.mean([p[side]["eigenvalues"] for p in ps], axis=0).tolist()}
             for name in ("lambda2_over_lambda1", "lambda1_over_trace", "effective_rank"):
@@ -489,6 +511,7 @@ def _check_stability(ctx: _Ctx) -> list[dict]:
         row: dict[str, Any] = {
             "t": t,
             "snr": ctx.snrs[t],
+            "band": band_of(ctx.snrs[t]),
             "n": c.samples,
             "n_linear": ps[0]["n_linear"],
             "min_norm": ps[0]["min_norm"],
@@ -655,6 +678,8 @@ def assemble(out: Path, config: AuditConfig, ctx: _Ctx | None = None) -> dict[st
         path = out / f"check-{k}.json"
         if path.exists():
             doc[name] = json.loads(path.read_text())
+            if k != 4:
+                doc[name]["bands"] = band_means(doc[name]["rows"])
     doc["verdicts"] = verdicts(doc)
     doc = _clean(doc)
     write_json(out / AUDIT_JSON, doc)
