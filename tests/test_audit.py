@@ -168,17 +168,21 @@ def test_parse_checks_refuses_unknown_checks():
 # --------------------------------------------------------------------------- the command end to end
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
+def _micro_checkpoint(path, seed: int):
+    """A geomprobe checkpoint of a micro UNet (a few thousand parameters) for digits at 8 px."""
+    torch.manual_seed(seed)
     unet = UNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"), block_out_channels=(4, 8), layers_per_block=1,
         norm_num_groups=4, add_attention=False, num_class_embeds=10,
     )  # fmt: skip
-    path = tmp_path_factory.mktemp("ckpt") / "micro"
     save_checkpoint(path, unet, build_scheduler(), ModelInfo("micro", "digits", 8, 1, 10, 0, 0))
     return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return _micro_checkpoint(tmp_path_factory.mktemp("ckpt") / "micro", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +272,7 @@ def test_audit_numbers_recomputed_densely_from_kept_stores(audited):
             c = np.mean((Ge @ mu) ** 2) / (mu @ mu) ** 2
             R = LinearOperator(
                 (Ge.shape[1],) * 2,
-                matvec=lambda v, G=Ge, m=mu, c=c: G.T @ (G @ v) / n - c * m * (m @ v),
+                matvec=lambda v, G=Ge, m=mu, c=c, n=n: G.T @ (G @ v) / n - c * m * (m @ v),
                 dtype=np.float64,
             )
             r_ops.append(abs(eigsh(R, k=1, which="LM", v0=np.ones(Ge.shape[1]))[0][0]))
@@ -336,3 +340,30 @@ def test_figures_of_checks_1_to_3(audited, tmp_path):
     assert dict(report.skipped)["audit_band_ewc"].startswith(str(out / "audit.json"))
     for stem in ("audit_task_dependence", "audit_stability"):
         assert all((tmp_path / "fig" / f"{stem}.{ext}").exists() for ext in ("png", "pdf", "txt"))
+
+
+def test_an_audit_directory_of_another_checkpoint_is_refused(audited, ckpt, tmp_path):
+    _, out, _ = audited
+    other = _micro_checkpoint(tmp_path / "other", seed=1)
+    args = [
+        "audit",
+        "--ckpt",
+        str(other),
+        "--t",
+        "200,900",
+        "--samples",
+        "20",
+        "--seeds",
+        "0,1",
+        "--tasks",
+        "5",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert (
+        result.exit_code == 2
+        and "checkpoint_checksum" in result.output
+        and len(result.output.strip().splitlines()) == 1
+    )

@@ -38,6 +38,13 @@ def _rows(doc: dict, key: str, path: Path) -> list[dict]:
     return rows
 
 
+def _load(path: str | Path, key: str, sort: str = "t") -> tuple[Path, dict, list[dict]]:
+    """(path, audit.json, the rows of check ``key`` sorted by ``sort``)."""
+    path = Path(path)
+    doc = read_audit(path)
+    return path, doc, sorted(_rows(doc, key, path), key=lambda r: r[sort])
+
+
 def _num(x) -> float:
     return float("nan") if x is None else float(x)
 
@@ -46,6 +53,14 @@ def _ci(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     lo = np.array([_num((r.get(key) or [None, None])[0]) for r in rows])
     hi = np.array([_num((r.get(key) or [None, None])[1]) for r in rows])
     return lo, hi
+
+
+def _line_with_ci(ax, x, rows: list[dict], name: str, label: str, style: int, ci_key: str | None = None) -> None:
+    """Plot rows[name] against x with its bootstrap interval (rows[ci_key], default name + "_ci") as a band."""
+    st = series_style(style)
+    ax.plot(x, [_num(r[name]) for r in rows], lw=1.8, label=label, **st)
+    lo, hi = _ci(rows, ci_key or name + "_ci")
+    ax.fill_between(x, lo, hi, alpha=0.2, color=st["color"])
 
 
 def _details(doc: dict) -> list[str]:
@@ -57,25 +72,18 @@ def _details(doc: dict) -> list[str]:
 
 def fig_task_dependence(path: str | Path, out_dir: str | Path, stem: str = "audit_task_dependence") -> FigureOutput:
     """Check 1: mean inter-task cosine of the mean gradients and cos to the pure-noise direction against SNR."""
-    path, out_dir = Path(path), Path(out_dir)
-    doc = read_audit(path)
-    rows = sorted(_rows(doc, "task_dependence", path), key=lambda r: r["snr"])
+    out_dir = Path(out_dir)
+    path, doc, rows = _load(path, "task_dependence", "snr")
     snr = np.array([r["snr"] for r in rows])
     fig, axes = new_figure(*SIZE)
     ax = axes[0, 0]
-    mean = np.array([_num(r["mean_inter_task_cos"]) for r in rows])
-    lo, hi = _ci(rows, "ci")
-    ax.plot(snr, mean, lw=1.8, label="mean inter-task cos(μ_a, μ_b)", **series_style(0))
-    ax.fill_between(snr, lo, hi, alpha=0.2, color=series_style(0)["color"])
+    _line_with_ci(ax, snr, rows, "mean_inter_task_cos", "mean inter-task cos(μ_a, μ_b)", 0, ci_key="ci")
     ctrl = np.array([_num(r["shuffled_control"]["value"]) for r in rows])
     clo = np.array([_num(r["shuffled_control"]["interval"][0]) for r in rows])
     chi = np.array([_num(r["shuffled_control"]["interval"][1]) for r in rows])
     ax.plot(snr, ctrl, lw=1.2, ls="--", label="shuffled class-balanced splits (control)", **series_style(1))
     ax.fill_between(snr, clo, chi, alpha=0.15, color=series_style(1)["color"])
-    noise = np.array([_num(r["cos_to_noise_direction"]) for r in rows])
-    nlo, nhi = _ci(rows, "cos_to_noise_direction_ci")
-    ax.plot(snr, noise, lw=1.8, label="cos(μ_data, μ_noise), x0 = 0", **series_style(2))
-    ax.fill_between(snr, nlo, nhi, alpha=0.2, color=series_style(2)["color"])
+    _line_with_ci(ax, snr, rows, "cos_to_noise_direction", "cos(μ_data, μ_noise), x0 = 0", 2)
     ax.plot(snr, [_num(r["v1_inter_task_cos"]) for r in rows], lw=1.0, ls=":", label="mean inter-task |cos(v1_a, v1_b)|",
             **series_style(3))  # fmt: skip
     ax.set_xscale("log")
@@ -98,9 +106,8 @@ def fig_task_dependence(path: str | Path, out_dir: str | Path, stem: str = "audi
 
 def fig_true_vs_empirical(path: str | Path, out_dir: str | Path, stem: str = "audit_true_vs_empirical") -> FigureOutput:
     """Check 2: explained share lambda1/trace and effective rank of the true and the empirical Fisher against t."""
-    path, out_dir = Path(path), Path(out_dir)
-    doc = read_audit(path)
-    rows = sorted(_rows(doc, "true_vs_empirical", path), key=lambda r: r["t"])
+    out_dir = Path(out_dir)
+    path, doc, rows = _load(path, "true_vs_empirical", "t")
     t = [r["t"] for r in rows]
     fig, axes = new_figure(*WIDE, ncols=3)
     for i, side in enumerate(("empirical", "true")):
@@ -137,18 +144,14 @@ def fig_true_vs_empirical(path: str | Path, out_dir: str | Path, stem: str = "au
 
 def fig_stability(path: str | Path, out_dir: str | Path, stem: str = "audit_stability") -> FigureOutput:
     """Check 3: Davis-Kahan bound, residual bound and measured sin angle(v1, mu); Assumption 1's residuals."""
-    path, out_dir = Path(path), Path(out_dir)
-    doc = read_audit(path)
-    rows = sorted(_rows(doc, "stability", path), key=lambda r: r["t"])
+    out_dir = Path(out_dir)
+    path, doc, rows = _load(path, "stability", "t")
     t = [r["t"] for r in rows]
     fig, axes = new_figure(*WIDE, ncols=2)
     ax = axes[0, 0]
     for i, (name, label) in enumerate((("dk_bound", "Davis–Kahan ‖R‖/(λ1−λ2)"), ("residual_bound", "‖R v1‖/λ1"),
                                        ("measured_sin", "measured sin∠(v1, μ)"))):  # fmt: skip
-        st = series_style(i)
-        lo, hi = _ci(rows, name + "_ci")
-        ax.plot(t, [_num(r[name]) for r in rows], lw=1.8, label=label, **st)
-        ax.fill_between(t, lo, hi, alpha=0.2, color=st["color"])
+        _line_with_ci(ax, t, rows, name, label, i)
     ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
     ax.set_yscale("log")
     ax.set_xlabel("t")
@@ -159,10 +162,7 @@ def fig_stability(path: str | Path, out_dir: str | Path, stem: str = "audit_stab
     for i, (name, label) in enumerate(
         (("linear_map_residual", "‖ε̂ − A x_t‖/‖ε̂‖"), ("identity_distance", "‖A − aI‖_F/‖A‖_F"))
     ):
-        st = series_style(i + 3)
-        lo, hi = _ci(rows, name + "_ci")
-        ax.plot(t, [_num(r[name]) for r in rows], lw=1.8, label=label, **st)
-        ax.fill_between(t, lo, hi, alpha=0.2, color=st["color"])
+        _line_with_ci(ax, t, rows, name, label, i + 3)
     ax.set_xlabel("t")
     ax.set_title(f"Assumption 1: least-squares linear map (n = {rows[0].get('n_linear')})")
     ax.legend(frameon=False, loc="best")
@@ -183,9 +183,9 @@ def fig_stability(path: str | Path, out_dir: str | Path, stem: str = "audit_stab
 
 def fig_band_ewc(path: str | Path, out_dir: str | Path, stem: str = "audit_band_ewc") -> FigureOutput:
     """Check 4: AFID@T and forgetting of rank-1 EWC + GD with the Fisher from each SNR band."""
-    path, out_dir = Path(path), Path(out_dir)
-    doc = read_audit(path)
-    rows = _rows(doc, "band_ewc", path)
+    out_dir = Path(out_dir)
+    path, doc, rows = _load(path, "band_ewc", "band")
+    rows = sorted(rows, key=lambda r: ("high-snr", "mid-snr", "low-snr", "all").index(r["band"]))
     bands = [r["band"] for r in rows]
     fig, axes = new_figure(*WIDE, ncols=2)
     for j, (name, label) in enumerate((("afid", "AFID@T (↓)"), ("forgetting", "forgetting (↓)"))):
