@@ -367,3 +367,10 @@ def test_an_audit_directory_of_another_checkpoint_is_refused(audited, ckpt, tmp_
         and "checkpoint_checksum" in result.output
         and len(result.output.strip().splitlines()) == 1
     )
+
+
+def test_task_groups_draw_their_own_noise(audited):
+    # shared eps_r across tasks would make the low-SNR task means agree by construction
+    _, out, _ = audited
+    noise = [GradientStore(out / "seed-0" / "tasks" / f"task-{j}").inputs(900).noise for j in range(2)]
+    assert not torch.allclose(noise[0][0], noise[1][0])
