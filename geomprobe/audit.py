@@ -696,6 +696,23 @@ def verdicts(doc: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+UNIT_INTERVAL_STATS = ("measured_sin", "lambda1_over_trace", "lambda2_over_lambda1")
+
+
+def clip_intervals(row: dict[str, Any]) -> None:
+    """Clip basic-bootstrap intervals (in place) to the range of their statistic.
+
+    [-1, 1] for cosines, [0, 1] for sines and shares, [0, inf) for the rest (norms, bounds, ranks, residuals).
+    """
+    for key, value in row.items():
+        if isinstance(value, dict):
+            clip_intervals(value)
+        elif (key == "ci" or key.endswith("_ci")) and isinstance(value, list) and len(value) == 2:
+            stat = "mean_inter_task_cos" if key == "ci" else key[: -len("_ci")]
+            lo, hi = (-1.0, 1.0) if "cos" in stat else (0.0, 1.0 if stat in UNIT_INTERVAL_STATS else math.inf)
+            row[key] = [None if v is None else min(max(v, lo), hi) for v in value]
+
+
 def assemble(out: Path, config: AuditConfig, ctx: _Ctx | None = None) -> dict[str, Any]:
     """audit.json from the finished check files in ``out``."""
     manifest = json.loads((out / MANIFEST).read_text())
@@ -710,6 +727,8 @@ def assemble(out: Path, config: AuditConfig, ctx: _Ctx | None = None) -> dict[st
         if path.exists():
             doc[name] = json.loads(path.read_text())
             if k != 4:
+                for row in doc[name]["rows"]:
+                    clip_intervals(row)
                 doc[name]["bands"] = band_means(doc[name]["rows"])
     doc["verdicts"] = verdicts(doc)
     doc = _clean(doc)
