@@ -18,6 +18,7 @@ from pathlib import Path
 
 from geomprobe.errors import DataError
 from geomprobe.figures import samples as figures_samples
+from geomprobe.figures.audit import AUDIT_FIGURE_MAKERS, AUDIT_FIGURES, AUDIT_JSON
 from geomprobe.figures.continual import (
     fig4_average_fid,
     fig_task_fid,
@@ -174,6 +175,17 @@ def _continual_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attemp
     attempt("table6", lambda: table6_finetune(runs, out_dir))
 
 
+def _audit_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attempts) -> None:
+    """The per-check figures of every audit.json (``geomprobe audit``), suffixed by directory when several."""
+    from geomprobe.figures.results import find_files
+
+    paths = find_files(run_dirs, AUDIT_JSON)
+    for path in paths:
+        suffix = "" if len(paths) == 1 else "_" + path.parent.name
+        for name in AUDIT_FIGURES:
+            attempt(name + suffix, lambda p=path, n=name, x=suffix: AUDIT_FIGURE_MAKERS[n](p, out_dir, n + x))
+
+
 def make_figures(
     run_dirs: Iterable[str | Path],
     out_dir: str | Path,
@@ -192,6 +204,7 @@ def make_figures(
     _spectrum_figures(run_dirs, out_dir, attempt)
     _continual_figures(run_dirs, out_dir, attempt)
     attempt("fig5", lambda: fig5_samples_across_tasks(find_sample_grids(run_dirs), out_dir))
+    _audit_figures(run_dirs, out_dir, attempt)
     if not report.made:
         reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped[:2])
         raise DataError(f"no figure could be made from {', '.join(map(str, run_dirs))} ({reasons})")
