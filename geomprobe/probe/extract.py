@@ -423,7 +423,7 @@ def plan_probe(config: ExtractConfig, out: Path, device: str, max_memory: int | 
         config.t_range, num_train_timesteps=len(alphas_cumprod), alphas_cumprod=alphas_cumprod.double().numpy()
     )
     keys = [key_for(spec.band)] if spec.is_band else [key_for(t) for t in spec.timesteps]
-    dataset = _model_dataset(config, info)
+    dataset = model_dataset(config, info)
     sample_rows = select_samples(dataset.labels, dataset.num_classes, config.classes, config.samples, config.seed)
     _check_labels(dataset, sample_rows, info)
     names = select_parameters(unet, config.params)
@@ -459,7 +459,7 @@ def plan_probe(config: ExtractConfig, out: Path, device: str, max_memory: int | 
     )
 
 
-def _model_dataset(config: ExtractConfig, info: ModelInfo):
+def model_dataset(config: ExtractConfig, info: ModelInfo):
     """``--dataset`` (else the checkpoint's), checked against the model's size and channels.
 
     With ``--resize`` the images are brought to them (:func:`geomprobe.data.fit_to_model`).
