@@ -110,7 +110,7 @@ def test_block_gram_statistics_equal_the_dense_gram_matrix():
     assert any(isinstance(b, ParameterBlock) and len(b.pieces) > 1 for b in blocks)
     stats = block_gram_statistics(gradients, names, sizes, 9, blocks=blocks)
     G64 = G.astype(np.float64)
-    np.testing.assert_allclose(stats.K, G64 @ G64.T / 9, rtol=1e-12)
+    np.testing.assert_allclose(stats.K, G64 @ G64.T / 9, rtol=1e-5, atol=1e-6)  # float32 products of float32 rows
     np.testing.assert_allclose(stats.column_sum, G64.sum(0), rtol=1e-12)
     np.testing.assert_allclose(stats.column_sumsq, (G64**2).sum(0), rtol=1e-12)
 

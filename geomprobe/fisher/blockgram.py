@@ -11,11 +11,11 @@ stored G.
 Under ``torchrun`` each rank adds a disjoint share of the blocks and :func:`all_reduce_statistics`
 sums them, so K ranks make about 1/K of the passes each.
 
-Memory: the (n, P_b) block, a float64 slab of it for the product, K (n x n float64) and three
-(P,) float64 vectors fit in ``max_memory``. Passes over the data (one forward + backward of the
-n rows each) = number of blocks = ceil(P / P_b) with
+Memory: the (n, P_b) float32 block, K (n x n float64) and three (P,) float64 vectors fit in
+``max_memory``. Passes over the data (one forward + backward of the n rows each) = number of
+blocks = ceil(P / P_b) with
 
-    P_b = (max_memory - 8 n^2 - 24 P) / (4 n + 8 n / 4)       (about max_memory / (6 n) values)
+    P_b = (max_memory - 8 n^2 - 24 P) / (4 n)       (about max_memory / (4 n) values)
 
 A parameter tensor larger than P_b is split into column ranges (its per-sample gradient is then
 recomputed once per range).
@@ -30,10 +30,9 @@ import numpy as np
 import torch
 
 from geomprobe.errors import UsageError
-from geomprobe.fisher.rows import GramStatistics
+from geomprobe.fisher.rows import GRAM_SLAB, GramStatistics, gram_product
 from geomprobe.io import DEFAULT_MAX_MEMORY
 
-_FLOAT64_SLAB = 4  # the float64 product slab is at most 1/4 of a block's columns
 
 
 @dataclass(frozen=True)
@@ -58,13 +57,13 @@ class ParameterBlock:
 
 
 def block_columns(n: int, P: int, max_memory: int) -> int:
-    """P_b: the widest block whose (n, P_b) float32 rows, float64 slab, K and (P,) vectors fit.
+    """P_b: the widest block whose (n, P_b) float32 rows, K and (P,) vectors fit in ``max_memory``.
 
     Raises:
         UsageError: not even one column fits (names the budget needed).
     """
     reserved = 8 * n * n + 24 * P
-    per_column = 4 * n + 8 * n // _FLOAT64_SLAB + 1
+    per_column = 4 * n + 1
     width = (int(max_memory) - reserved) // per_column
     if width < 1:
         need = (reserved + 64 * per_column) / 2**20
@@ -117,12 +116,12 @@ def block_rows(
 def accumulate_block(
     G_b: torch.Tensor, K: np.ndarray, column_sum: np.ndarray, column_sumsq: np.ndarray, columns: tuple[int, int]
 ) -> None:
-    """K += G_b G_b^T (float64, in slabs of columns); the block's column sums and sums of squares."""
-    a, b = columns
-    slab = max(1, G_b.shape[1] // _FLOAT64_SLAB)
-    for c in range(0, G_b.shape[1], slab):
-        part = G_b[:, c : c + slab].double()
-        K += (part @ part.T).numpy()
+    """K += G_b G_b^T (:func:`~geomprobe.fisher.rows.gram_product`: float32 slabs, float64 sums); the
+    block's column sums and sums of squares (float64)."""
+    a, _ = columns
+    K += gram_product(G_b, G_b)
+    for c in range(0, G_b.shape[1], GRAM_SLAB):  # float64 per slab: exact squares, a small copy
+        part = G_b[:, c : c + GRAM_SLAB].double()
         column_sum[a + c : a + c + part.shape[1]] = part.sum(0).numpy()
         column_sumsq[a + c : a + c + part.shape[1]] = part.pow(2).sum(0).numpy()
 

@@ -196,11 +196,10 @@ def gram_statistics(
     Block pairs (I, J) with J <= I are multiplied, so a source larger than the budget is read
     about (number of blocks + 1) / 2 times; when G fits in one block it is read once.
     ``compute_dtype``: dtype of the block products (default: the rows' own dtype), accumulated in
-    float64 either way. float64 products of float32 rows cost about 2x and hold a float64 copy of
-    each live block (accounted in the budget); float32 products err by ~1e-7 of the largest
-    entries of K, which moves the small eigenvalues lambda_2..lambda_k of a nearly rank-1 K
-    (``geomprobe spectrum`` uses float64 unless ``--gram-dtype float32``; bench/README.md has the
-    measured difference). ``progress(done, total)`` is called after each block pair.
+    float64 over column slabs either way (:func:`gram_product`). float64 products of float32 rows
+    are exact but cost about 10x the float32 GEMM and hold a float64 copy of each live block
+    (accounted in the budget); the slabbed float32 products err by ~3e-5 on lambda_2..lambda_5 of a
+    nearly rank-1 K at P = 4M and by ~1e-8 at P = 1e5 (bench/README.md). ``progress(done, total)`` is called after each block pair.
     """
     source = as_row_source(source)
     n, P = source.n, source.P
@@ -233,7 +232,7 @@ def gram_statistics(
         ones = torch.ones(1, bi, dtype=dtype)
         column_sum += (ones @ Bi)[0].double()
         column_sumsq += (ones @ (Bi * Bi))[0].double()
-        K[a : a + bi, a : a + bi] = (Bi @ Bi.T).double().numpy()
+        K[a : a + bi, a : a + bi] = gram_product(Bi, Bi)
         tick()
         _add_earlier_blocks(source, rows, Bi, a, K, tick)
         a += bi
@@ -253,11 +252,29 @@ def _add_earlier_blocks(source: RowSource, rows: int, Bi: torch.Tensor, a: int, 
             break
         Bj = inner.to(Bi.dtype)
         bj = Bj.shape[0]
-        block = (Bi @ Bj.T).double().numpy()
+        block = gram_product(Bi, Bj)
         K[a : a + Bi.shape[0], b : b + bj] = block
         K[b : b + bj, a : a + Bi.shape[0]] = block.T
         b += bj
         tick()
+
+
+GRAM_SLAB = 65_536
+"""Columns per product in :func:`gram_product`: float32 sums over at most this many terms, then float64."""
+
+
+def gram_product(A: torch.Tensor, B: torch.Tensor) -> np.ndarray:
+    """A B^T (a, b) as float64, from products over column slabs of ``GRAM_SLAB`` summed in float64.
+
+    A float32 dot product over millions of columns loses the small eigenvalues of a nearly rank-1
+    Gram matrix (lambda_2..lambda_5 off by 4-7% at P = 4M, bench/gram_dtype.py); over slabs of
+    65,536 columns it errs by ~3e-5 there, at the cost of one float32 GEMM (10x less than float64).
+    float64 inputs give float64 products throughout.
+    """
+    out = np.zeros((A.shape[0], B.shape[0]))
+    for c in range(0, A.shape[1], GRAM_SLAB):
+        out += (A[:, c : c + GRAM_SLAB] @ B[:, c : c + GRAM_SLAB].T).double().numpy()
+    return out
 
 
 def column_sums(
