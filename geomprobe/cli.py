@@ -350,14 +350,15 @@ def grads(
 ) -> None:
     """Per-sample gradients at chosen timesteps into an HDF5 gradient store (resumable, torchrun-aware)."""
     from geomprobe.io import check_count, check_output, check_seed
-    from geomprobe.timesteps import parse_timesteps
+    from geomprobe.timesteps import BAND_NAMES, parse_timesteps
 
     check_seed(seed)
     check_count(samples, "--samples")
     check_count(shard_rows, "--shard-rows")
     if project is not None:
         check_count(project, "--project")
-    parse_timesteps(t_range, _num_train_timesteps(ckpt))  # the model's schedule, read as JSON: no torch yet
+    if t_range.strip().lower() not in BAND_NAMES:  # bands need the model's betas: checked when it is loaded
+        parse_timesteps(t_range, _num_train_timesteps(ckpt))  # the model's schedule, read as JSON: no torch yet
     check_output(out, "dir")
 
     from geomprobe.probe import ExtractConfig, extract_gradients
