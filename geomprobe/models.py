@@ -216,14 +216,19 @@ def save_checkpoint(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    unet.save_pretrained(staging / "unet", safe_serialization=True)
-    scheduler.save_pretrained(staging / "scheduler")
-    info.version = __version__
-    (staging / CHECKPOINT_META).write_text(json.dumps(asdict(info), indent=2))
-    if optimizer_state is not None:
-        save_file({k: v.contiguous().cpu() for k, v in optimizer_state.items()}, str(staging / "optimizer.safetensors"))
-    if train_state is not None:
-        (staging / TRAIN_STATE).write_text(json.dumps(train_state))
+    from safetensors import SafetensorError
+
+    try:
+        unet.save_pretrained(staging / "unet", safe_serialization=True)
+        scheduler.save_pretrained(staging / "scheduler")
+        info.version = __version__
+        (staging / CHECKPOINT_META).write_text(json.dumps(asdict(info), indent=2))
+        if optimizer_state is not None:
+            save_file({k: v.contiguous().cpu() for k, v in optimizer_state.items()}, str(staging / "optimizer.safetensors"))
+        if train_state is not None:
+            (staging / TRAIN_STATE).write_text(json.dumps(train_state))
+    except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors: make them one line like those
+        raise OSError(f"cannot write a checkpoint in {staging}: {str(exc).splitlines()[0]}") from None
     (staging / STAGING_COMPLETE).write_text("")
     finish_staged_checkpoint(directory)
     return directory

@@ -292,3 +292,40 @@ def test_errors_before_torch_loads():
         timeout=300,
     )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "outside" in done.stderr
+
+
+def test_swallowed_ctrl_c_still_exits_130(tmp_path, monkeypatch):
+    """A KeyboardInterrupt lost in a finaliser ("Exception ignored in ...") leaves the flag: exit 130, one line."""
+    from types import SimpleNamespace
+
+    import geomprobe.figures
+    from geomprobe import io
+
+    def make_figures(run_dirs, out):
+        monkeypatch.setitem(io._interrupt, "requested", True)  # what the SIGINT handler leaves behind
+        return SimpleNamespace(out_dir=out, made=[], skipped=[])
+
+    monkeypatch.setattr(geomprobe.figures, "make_figures", make_figures)
+    result = runner.invoke(app, ["figures", "--from", str(tmp_path), "--out", str(tmp_path / "f"), "--quiet"])
+    text = (result.stderr if result.stderr_bytes is not None else result.output).strip()
+    assert result.exit_code == 130, text
+    assert len(text.splitlines()) == 1 and text.startswith("interrupted; rerun with: ")
+
+
+def test_full_disk_at_checkpoint_is_one_line_and_restartable(tmp_path, monkeypatch):
+    from diffusers import UNet2DModel
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    args = ["train", "--out", str(tmp_path / "run"), *TRAIN[:-1], "--steps", "3", "--checkpoint-every", "2", "--quiet"]
+    with monkeypatch.context() as m:
+        m.setattr(UNet2DModel, "save_pretrained", full)
+        result = runner.invoke(app, args)
+    text = (result.stderr if result.stderr_bytes is not None else result.output).strip()
+    assert result.exit_code == 1 and len(text.splitlines()) == 1 and "No space left on device" in text, text
+    assert not (tmp_path / "run" / "geomprobe.json").exists()
+    result = runner.invoke(app, args)  # the same command, once there is space again
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "geomprobe.json").read_text())["step"] == 3
