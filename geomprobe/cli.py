@@ -26,18 +26,75 @@ from geomprobe.errors import GeomprobeError
 
 
 class _GeomprobeGroup(TyperGroup):
-    """Turns project errors into one line on stderr and a non-zero exit (never a traceback)."""
+    """Turns project errors into one line on stderr and a non-zero exit (never a traceback).
+
+    Also the process set-up that must precede torch: OMP_WAIT_POLICY (:func:`_prepare_process`) and the
+    SIGINT handler that makes Ctrl-C stop every command with exit 130 (geomprobe/io.py, "interrupts").
+    """
+
+    def main(self, *args, **kwargs):  # noqa: D401 - click API
+        import signal
+
+        previous = signal.getsignal(signal.SIGINT)
+        installed = _prepare_process()
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            if installed:
+                signal.signal(signal.SIGINT, previous)
 
     def invoke(self, ctx):  # noqa: D401 - click API
+        from geomprobe.io import raise_if_interrupted
+
         retain_freed_memory()  # fewer page faults for per-batch temporaries (geomprobe/allocator.py)
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            raise_if_interrupted()  # a Ctrl-C swallowed by a finaliser still ends the command with 130
+            return result
         except GeomprobeError as exc:
             Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            Console(stderr=True).print("interrupted; rerun the same command to resume", highlight=False)
+        except KeyboardInterrupt as exc:
+            Console(stderr=True).print(_interrupt_message(ctx, exc), highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # a full disk, a read-only or vanished directory: the system's one line
+            where = f": {exc.filename}" if exc.filename else ""
+            what = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+            Console(stderr=True).print(f"[bold red]error:[/] {what}{where}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+
+# Commands whose work survives an interrupt and that continue it only with --resume; the others
+# (grads, reproduce) continue when rerun as they were, or (sample, spectrum, figures) start again.
+_RESUME_FLAG = {"train", "continual"}
+
+
+def _interrupt_message(ctx, exc: BaseException) -> str:
+    """One line: what was kept and the exact command that continues (the original argv, + --resume)."""
+    from geomprobe.io import resume_command
+
+    name = ctx.invoked_subcommand or ""
+    step = getattr(exc, "step", None)
+    kept = f" at step {step} (checkpoint saved)" if step is not None else ""
+    if name in _RESUME_FLAG:
+        return f"interrupted{kept}; resume with: {resume_command(add_resume=True)}"
+    if name in ("grads", "reproduce"):
+        return f"interrupted{kept}; finished parts are kept, rerun to continue: {resume_command()}"
+    return f"interrupted{kept}; rerun with: {resume_command()}"
+
+
+def _prepare_process() -> bool:
+    """Before torch loads: OpenMP threads that sleep instead of spin when idle, and the SIGINT handler.
+
+    ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it (see ``threads_option``); libgomp reads it once,
+    when torch loads it, so it is set here, before any command imports torch. Returns True when the
+    SIGINT handler was installed (main thread).
+    """
+    from geomprobe.io import install_interrupt_handler
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return install_interrupt_handler()
 
 
 app = typer.Typer(
@@ -61,8 +118,50 @@ def memory_option(what: str):
     )
 
 
+def default_threads() -> int:
+    """Torch/OpenMP threads without ``--threads``: ``OMP_NUM_THREADS`` when set, else the usable cores.
+
+    Usable cores: the CPUs this process may run on (``os.sched_getaffinity``), i.e. a fixed number per
+    machine, never the current load (results must not depend on what else runs). With the threads
+    sleeping when idle (``OMP_WAIT_POLICY=PASSIVE``, set by the CLI) this does not collapse when other
+    jobs share the cores; README "Threads" has the measurements.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _apply_threads(value: int | None) -> int | None:
+    """``--threads`` callback: runs while the options are parsed, before the command imports torch."""
+    if value is not None and value < 1:
+        from geomprobe.errors import UsageError
+
+        raise UsageError(f"--threads must be >= 1, got {value}")
+    n = value if value is not None else default_threads()
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)  # read when torch loads
+    if "torch" in sys.modules:  # already loaded (library use, tests): set it directly
+        sys.modules["torch"].set_num_threads(n)
+    return value
+
+
+def threads_option():
+    """The one ``--threads`` option of every command (applied by its callback; the command ignores the value)."""
+    return typer.Option(
+        None, "--threads", callback=_apply_threads, metavar="N",
+        help="torch/OpenMP threads (default: OMP_NUM_THREADS if set, else the usable CPU cores)",
+    )
+
+
 def console(quiet: bool = False) -> Console:
     return Console(stderr=True, quiet=quiet)
+
+
+PROGRESS_SECONDS = 30.0
+"""Off a terminal, ``progress_bar`` prints a plain line at every 10% and at least every this many seconds."""
 
 
 @contextmanager
@@ -70,8 +169,17 @@ def progress_bar(description: str, total: int, quiet: bool = False, unit: str = 
     """A rich progress bar on stderr; yields ``update(completed, **fields)``.
 
     The bar appears at the first update, so input errors raised before any work starts print
-    as a single line. ``fields`` (e.g. ``loss=1.23``) are shown after the bar.
+    as a single line. ``fields`` (e.g. ``loss=1.23``) are shown after the bar. When stderr is not a
+    terminal (redirected to a file), plain lines ``description: done/total (pct%) fields, elapsed``
+    are printed instead, at every 10% and every :data:`PROGRESS_SECONDS` (``GEOMPROBE_PROGRESS_SECONDS``).
+    Every update is also a safe point for Ctrl-C (geomprobe/io.py, "interrupts").
     """
+    import time
+
+    from geomprobe.io import raise_if_interrupted
+
+    con = console(quiet)
+    plain = not quiet and not con.is_terminal
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -80,23 +188,53 @@ def progress_bar(description: str, total: int, quiet: bool = False, unit: str = 
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    prog = Progress(*columns, console=console(quiet), disable=quiet, transient=False)
+    prog = Progress(*columns, console=con, disable=quiet or plain, transient=False)
     task = prog.add_task(description, total=total, info="")
     started = False
+    every = float(os.environ.get("GEOMPROBE_PROGRESS_SECONDS", PROGRESS_SECONDS))
+    t0 = time.monotonic()
+    last = {"time": t0, "tenth": 0, "line": ""}
+
+    def plain_line(completed: int, total: int | None, info: str) -> None:
+        now = time.monotonic()
+        tenth = int(10 * completed / total) if total else 0
+        if tenth <= last["tenth"] and now - last["time"] < every:
+            return
+        last.update(time=now, tenth=max(tenth, last["tenth"]))
+        pct = f" ({100 * completed / total:.0f}%)" if total else ""
+        line = f"{description}: {completed}/{total if total else '?'}{pct}{' ' + info if info else ''}, {now - t0:.0f} s"
+        last["line"] = line
+        con.print(line, highlight=False, soft_wrap=True, markup=False)
 
     def update(completed: int, total: int | None = None, **fields: float) -> None:
         nonlocal started
+        raise_if_interrupted()
         if not started:
             prog.start()
             started = True
         info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        prog.update(task, completed=completed, total=total, info=info + (f" {unit}" if unit and info else ""))
+        info += f" {unit}" if unit and info else ""
+        prog.update(task, completed=completed, total=total, info=info)
+        if plain:
+            plain_line(completed, prog.tasks[0].total, info)
 
     try:
         yield update
     finally:
         if started:
             prog.stop()
+
+
+def _num_train_timesteps(ckpt: Path) -> int:
+    """The model's ``num_train_timesteps`` from ``scheduler/scheduler_config.json`` (JSON only: no torch).
+
+    1000 (the default scheduler's) when the file is absent or unreadable; loading the model reports that.
+    """
+    try:
+        value = json.loads((Path(ckpt) / "scheduler" / "scheduler_config.json").read_text()).get("num_train_timesteps", 1000)
+    except (OSError, ValueError, AttributeError):
+        return 1000
+    return value if isinstance(value, int) and value > 0 else 1000
 
 
 def print_json(obj) -> None:
@@ -122,8 +260,16 @@ def train(
     seed: int = typer.Option(0, help="random seed (weights, batches, noise)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
+    threads: int | None = threads_option(),
 ) -> None:
     """Train a label-conditioned UNet2DModel with the DDPM loss."""
+    from geomprobe.io import check_count, check_output, check_seed
+
+    check_seed(seed)
+    check_count(batch_size, "--batch-size")
+    check_count(steps, "--steps", 0, 2**40)
+    check_output(out, "dir")
+
     from geomprobe.training import TrainConfig
     from geomprobe.training import train as run_train
 
@@ -154,8 +300,19 @@ def sample(
     seed: int = typer.Option(0, help="random seed of the initial noise"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet"),
+    threads: int | None = threads_option(),
 ) -> None:
     """Write a PNG grid of DDIM samples: one row per class, or --rows rows for an unconditional model."""
+    from geomprobe.io import check_count, check_output, check_seed
+
+    check_seed(seed)
+    check_count(n, "--n")
+    check_count(steps, "--steps", 1, _num_train_timesteps(ckpt))
+    check_count(scale, "--scale", 1, 64)
+    if rows is not None:
+        check_count(rows, "--rows")
+    check_output(out, "file")
+
     from geomprobe.sampling import sample_grid
 
     grid = sample_grid(ckpt, classes, n, out, steps=steps, seed=seed, device=device, scale=scale, rows=rows)
@@ -190,8 +347,21 @@ def grads(
     seed: int = typer.Option(0, help="random seed (sample choice, noise, band timesteps, projection)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
+    threads: int | None = threads_option(),
 ) -> None:
     """Per-sample gradients at chosen timesteps into an HDF5 gradient store (resumable, torchrun-aware)."""
+    from geomprobe.io import check_count, check_output, check_seed
+    from geomprobe.timesteps import BAND_NAMES, parse_timesteps
+
+    check_seed(seed)
+    check_count(samples, "--samples")
+    check_count(shard_rows, "--shard-rows")
+    if project is not None:
+        check_count(project, "--project")
+    if t_range.strip().lower() not in BAND_NAMES:  # bands need the model's betas: checked when it is loaded
+        parse_timesteps(t_range, _num_train_timesteps(ckpt))  # the model's schedule, read as JSON: no torch yet
+    check_output(out, "dir")
+
     from geomprobe.probe import ExtractConfig, extract_gradients
     from geomprobe.probe.extract import dist_info
 
@@ -227,6 +397,7 @@ def figures(
     out: Path = typer.Option(Path("figures"), "--out", help="directory for the PNG/PDF figures, captions and tables"),
     json_out: bool = typer.Option(False, "--json", help="print what was written and skipped as JSON on stdout"),
     quiet: bool = typer.Option(False, "--quiet", help="no table"),
+    threads: int | None = threads_option(),
 ) -> None:
     """Every paper figure and table that the stored results allow (reads results, recomputes nothing)."""
     from geomprobe.figures import make_figures
@@ -259,8 +430,12 @@ def reproduce(
     seed: int = typer.Option(0, help="random seed of training, probing and continual runs"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress display or table"),
+    threads: int | None = threads_option(),
 ) -> None:
     """Train -> grads -> spectrum -> figures (-> continual) in one resumable command."""
+    from geomprobe.io import check_seed
+
+    check_seed(seed)
     from rich.progress import Progress, SpinnerColumn
 
     from geomprobe.reproduce import get_preset, stage_keys
@@ -321,18 +496,42 @@ def _parse_seeds(text: str) -> list[int]:
         raise UsageError(f"malformed --seeds {text!r}; use e.g. '0,1,2'") from None
     if not seeds:
         raise UsageError("--seeds is empty")
-    return seeds
+    from geomprobe.io import check_seed
+
+    return [check_seed(s, "--seeds") for s in seeds]
 
 
 def _fmt_ms(mean: float, err: float) -> str:
     return f"{mean:.1f}" if err != err else f"{mean:.1f} ± {err:.1f}"
 
 
+def _continual_config_module():
+    """``geomprobe.continual.config`` without running ``geomprobe/continual/__init__.py``.
+
+    That package imports torch and diffusers (5-20 s), and the options of ``continual`` are built from
+    its config module when the CLI is imported; loading the module file alone keeps ``geomprobe --help``
+    and argument errors fast. The module is registered under its own name, so later imports (the package
+    itself included) share it.
+    """
+    import importlib.util
+
+    name = "geomprobe.continual.config"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "continual" / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def _config_option(name: str, *decls: str):
     """The typer option of ContinualConfig field ``name``: its default and help text come from the dataclass."""
-    from geomprobe.continual.config import config_field
-
-    f = config_field(name)
+    f = _continual_config_module().config_field(name)
     return typer.Option(f.default, *decls, help=f.metadata["help"])
 
 
@@ -372,6 +571,7 @@ def continual(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
     quiet: bool = typer.Option(False, "--quiet"),
+    threads: int | None = threads_option(),
 ) -> None:
     """Class-incremental continual learning: EWC (diag/rank-1/rank-k/full), distillation, FID and forgetting."""
     from dataclasses import fields
@@ -446,6 +646,7 @@ def spectrum(
     n_sweep: Optional[str] = typer.Option(None, "--n-sweep", help="with --grads: statistics on the first m rows, e.g. 64,128,256,512,1024"),
     shares: bool = typer.Option(False, "--shares", help="with --grads: shares of ||mu||^2, ||v1||^2, tr F per UNet block and tensor"),
     from_spectra: Optional[list[Path]] = typer.Option(None, "--from", help="summarise spectrum.json of several stores (mean ± s.e.); repeat"),
+    threads: int | None = threads_option(),
 ) -> None:
     """Fisher spectra per t from a gradient store (--grads) or a model (--ckpt): gaps, errors, intervals, cosine maps."""
     from geomprobe.analysis import write_spectrum
@@ -459,6 +660,11 @@ def spectrum(
         raise UsageError("give either --grads STORE or --ckpt MODEL (or --from SPECTRUM ... to summarise several)")
     if ckpt is not None and out is None:
         raise UsageError("--ckpt needs --out DIR for spectrum.json (the model directory is not written to)")
+    from geomprobe.io import check_output, check_seed
+
+    check_seed(seed)
+    if out is not None:
+        check_output(out, "dir")
     options = UncertaintyOptions(bootstrap=bootstrap, seed=bootstrap_seed, n_sweep=parse_sizes(n_sweep), shares=shares)
     if ckpt is not None and options.active:
         raise UsageError("--bootstrap, --n-sweep and --shares need the stored rows: use them with --grads")
@@ -601,6 +807,7 @@ def audit(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help="print audit.json on stdout"),
     quiet: bool = typer.Option(False, "--quiet"),
+    threads: int | None = threads_option(),
 ) -> None:
     """The critique's four checks of the rank-1 claim, measured: verdict table and audit.json."""
     from geomprobe.audit import AuditConfig, parse_checks, run_audit

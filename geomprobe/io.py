@@ -163,3 +163,138 @@ def parse_memory(text: str | int | None) -> int:
     if value < 2**20:
         raise UsageError(f"--max-memory {text!r} is below 1 MiB")
     return value
+
+
+# ---------------------------------------------------------------- interrupts (Ctrl-C)
+#
+# The CLI installs :func:`install_interrupt_handler`. A SIGINT then sets a flag *and* raises
+# KeyboardInterrupt, except inside :func:`deferred_interrupts` (the training loop), where it only sets
+# the flag and the loop stops at the end of the step, after saving a checkpoint. The flag is what makes
+# Ctrl-C reliable: a KeyboardInterrupt raised while Python runs a finaliser or a weakref callback (h5py's
+# object registry, torch's hooks) is printed as "Exception ignored in ..." and lost, so every progress
+# update and the end of every command check :func:`raise_if_interrupted` as well. A second Ctrl-C
+# always raises at once.
+
+_interrupt = {"requested": False, "deferring": 0, "count": 0}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, stopped at a safe point; ``step``: the step of the checkpoint saved before stopping (or None)."""
+
+    def __init__(self, step: int | None = None) -> None:
+        super().__init__(step)
+        self.step = step
+
+
+def interrupt_requested() -> bool:
+    """True once SIGINT arrived (under :func:`install_interrupt_handler`)."""
+    return _interrupt["requested"]
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` when a SIGINT arrived (a safe point); not inside :func:`deferred_interrupts`."""
+    if _interrupt["requested"] and not _interrupt["deferring"]:
+        raise Interrupted()
+
+
+def _on_sigint(signum, frame) -> None:
+    _interrupt["requested"] = True
+    _interrupt["count"] += 1
+    if _interrupt["deferring"] and _interrupt["count"] == 1:
+        return  # the training loop saves a checkpoint and stops at the end of this step
+    raise KeyboardInterrupt
+
+
+def install_interrupt_handler() -> bool:
+    """Route SIGINT through the flag above (main thread only; returns False elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    _interrupt.update(requested=False, deferring=0, count=0)
+    signal.signal(signal.SIGINT, _on_sigint)
+    return True
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Inside this block a first Ctrl-C only sets the flag; the caller polls :func:`interrupt_requested`."""
+    _interrupt["deferring"] += 1
+    try:
+        yield
+    finally:
+        _interrupt["deferring"] -= 1
+
+
+def resume_command(argv: list[str] | None = None, add_resume: bool = False) -> str:
+    """The command line that reruns this process (``argv``, default ``sys.argv``), shell-quoted.
+
+    ``python -m geomprobe`` when it ran as ``__main__.py``; ``--resume`` appended when ``add_resume`` and
+    absent. Printed on interrupts so that the user can copy it.
+    """
+    import shlex
+    import shutil
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    head = argv[0] if argv else "geomprobe"
+    if head.endswith("__main__.py") or head == "-m":
+        exe = Path(sys.executable).name
+        python = exe if shutil.which(exe) and Path(shutil.which(exe)).resolve() == Path(sys.executable).resolve() else sys.executable
+        prefix = [python, "-m", "geomprobe"]
+    else:
+        prefix = [Path(head).name if shutil.which(Path(head).name) else head]
+    rest = argv[1:]
+    if add_resume and "--resume" not in rest:
+        rest.append("--resume")
+    return shlex.join(prefix + rest)
+
+
+# ---------------------------------------------------------------- checks that need no torch
+
+SEED_MAX = 2**63 - 1
+"""Seeds are 0 .. 2**63 - 1 (torch.Generator.manual_seed takes up to 2**64 - 1; numpy's SeedSequence any
+non-negative int; one range for all)."""
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """``seed`` if it is in 0 .. 2**63 - 1, else a one-line UsageError."""
+    if not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"{option} must be in 0..2**63-1, got {seed}")
+    return seed
+
+
+def check_count(value: int, option: str, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
+    """``value`` if ``minimum <= value <= maximum``, else a one-line UsageError naming ``option``."""
+    if not minimum <= value <= maximum:
+        raise UsageError(f"{option} must be in {minimum}..{maximum}, got {value}")
+    return value
+
+
+def check_output(path: str | Path, kind: str = "dir", option: str = "--out") -> Path:
+    """Refuse an output path that cannot be written, before any work starts (one-line UsageError).
+
+    ``kind="dir"``: a directory to create or reuse (not an existing file, not a device); ``"file"``: a file
+    to create or replace (not a directory, not a device such as /dev/null). The nearest existing ancestor
+    must be a writable directory.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if kind == "dir" and not path.is_dir():
+            raise UsageError(f"{option} {path} exists and is not a directory")
+        if kind == "file" and not path.is_file():
+            what = "a directory" if path.is_dir() else "not a regular file"
+            raise UsageError(f"{option} {path} is {what}; give a file path")
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{option} {path} is not writable")
+        if kind == "dir" or path.parent == path:
+            return path
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {parent} is not writable")
+    return path

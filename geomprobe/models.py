@@ -165,6 +165,31 @@ class Checkpoint:
 
 STAGING = ".staging"
 STAGING_COMPLETE = "COMPLETE"
+TRAINING_COMPLETE = "training_complete"
+"""Key of ``geomprobe.json``'s ``extra``: True for the checkpoint of a finished ``train``, False for an
+intermediate one (every ``--checkpoint-every`` steps, or saved by Ctrl-C). Loading an intermediate
+checkpoint adds a one-line note naming its step (:func:`training_note`); it is not refused."""
+
+
+def training_note(info: ModelInfo, directory: Path) -> str | None:
+    """The note for an unfinished ``train`` checkpoint, None for a finished one or another kind of model.
+
+    Checkpoints written before the marker existed count as unfinished when their step is below the
+    ``steps`` of their ``train_config``.
+    """
+    config = info.extra.get("train_config")
+    if not isinstance(config, dict):
+        return None
+    complete = info.extra.get(TRAINING_COMPLETE)
+    steps = config.get("steps")
+    if complete is None:
+        complete = not isinstance(steps, int) or info.step >= steps
+    if complete:
+        return None
+    return (
+        f"{directory} is an intermediate checkpoint at step {info.step} of {steps} (training unfinished; "
+        "`geomprobe train ... --resume` completes it)"
+    )
 
 
 def save_checkpoint(
@@ -192,14 +217,19 @@ def save_checkpoint(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    unet.save_pretrained(staging / "unet", safe_serialization=True)
-    scheduler.save_pretrained(staging / "scheduler")
-    info.version = __version__
-    (staging / CHECKPOINT_META).write_text(json.dumps(asdict(info), indent=2))
-    if optimizer_state is not None:
-        save_file({k: v.contiguous().cpu() for k, v in optimizer_state.items()}, str(staging / "optimizer.safetensors"))
-    if train_state is not None:
-        (staging / TRAIN_STATE).write_text(json.dumps(train_state))
+    from safetensors import SafetensorError
+
+    try:
+        unet.save_pretrained(staging / "unet", safe_serialization=True)
+        scheduler.save_pretrained(staging / "scheduler")
+        info.version = __version__
+        (staging / CHECKPOINT_META).write_text(json.dumps(asdict(info), indent=2))
+        if optimizer_state is not None:
+            save_file({k: v.contiguous().cpu() for k, v in optimizer_state.items()}, str(staging / "optimizer.safetensors"))
+        if train_state is not None:
+            (staging / TRAIN_STATE).write_text(json.dumps(train_state))
+    except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors: make them one line like those
+        raise OSError(f"cannot write a checkpoint in {staging}: {str(exc).splitlines()[0]}") from None
     (staging / STAGING_COMPLETE).write_text("")
     finish_staged_checkpoint(directory)
     return directory
@@ -392,7 +422,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Che
         _check_meta(meta, info, derived)
     unet.to(resolve_device(device) if isinstance(device, str) else device)
     unet.eval()
-    return Checkpoint(unet=unet, scheduler=scheduler, info=info, path=directory, layout=layout, notes=[note] if note else [])
+    return Checkpoint(unet=unet, scheduler=scheduler, info=info, path=directory, layout=layout, notes=[n for n in (note, training_note(info, directory)) if n])
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:

@@ -130,6 +130,8 @@ def parse_timesteps(
             raise UsageError(f"t-spec {spec!r}: step must be positive")
         if start > stop:
             raise UsageError(f"t-spec {spec!r}: range is reversed ({start} > {stop})")
+        if stop >= num_train_timesteps:  # before the range is built: '0..99999999999' must not allocate it
+            raise UsageError(f"t-spec {spec!r}: timestep {stop} is outside 0..{num_train_timesteps - 1}")
         ts = tuple(range(start, stop + 1, step))
     elif _LIST.match(text):
         ts = tuple(sorted({int(x) for x in text.split(",")}))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -24,10 +25,14 @@ from diffusers import DDPMScheduler, UNet2DModel
 from geomprobe.data import DATASET_FACTS, ImageDataset, load_dataset, parse_classes
 from geomprobe.diffusion import per_sample_loss
 from geomprobe.errors import DataError, UsageError
+from geomprobe.io import CHECKPOINT_META, Interrupted, deferred_interrupts, interrupt_requested, raise_if_interrupted
 from geomprobe.models import (
+    STAGING,
+    TRAINING_COMPLETE,
     ModelInfo,
     build_scheduler,
     build_unet,
+    finish_staged_checkpoint,
     get_preset,
     load_checkpoint,
     load_optimizer_state,
@@ -130,27 +135,38 @@ def training_loop(
 
     Each step: batch -> mean per-sample DDPM loss -> + extra loss terms -> Adam step ->
     log (every ``log_every``) -> checkpoint (every ``checkpoint_every`` and at the end).
+
+    Ctrl-C under the CLI's handler (geomprobe/io.py, "interrupts") stops the loop at the end of the
+    current step: ``on_checkpoint(step)`` is called (unless that step was just saved) and
+    :class:`geomprobe.io.Interrupted` is raised with that step (None without ``on_checkpoint``).
     """
     device = next(unet.parameters()).device
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     unet.train()
     loss_value = float("nan")
-    for step in range(start_step + 1, end_step + 1):
-        x0, y, t, noise = (v.to(device) for v in next_batch())
-        terms = {"denoise": per_sample_loss(unet, x0, noise, t, y, alphas_cumprod).mean()}
-        if extra_loss is not None:
-            terms.update(extra_loss(unet, step))
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = float(loss.detach())
-        if progress is not None:
-            progress(step, loss_value)
-        if on_log is not None and (step % log_every == 0 or step == end_step):
-            on_log(step, {"loss": loss_value, **{k: float(v.detach()) for k, v in terms.items()}})
-        if on_checkpoint is not None and (step % checkpoint_every == 0 or step == end_step):
-            on_checkpoint(step)
+    raise_if_interrupted()
+    with deferred_interrupts():
+        for step in range(start_step + 1, end_step + 1):
+            x0, y, t, noise = (v.to(device) for v in next_batch())
+            terms = {"denoise": per_sample_loss(unet, x0, noise, t, y, alphas_cumprod).mean()}
+            if extra_loss is not None:
+                terms.update(extra_loss(unet, step))
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_value = float(loss.detach())
+            if progress is not None:
+                progress(step, loss_value)
+            if on_log is not None and (step % log_every == 0 or step == end_step):
+                on_log(step, {"loss": loss_value, **{k: float(v.detach()) for k, v in terms.items()}})
+            saved = on_checkpoint is not None and (step % checkpoint_every == 0 or step == end_step)
+            if saved:
+                on_checkpoint(step)
+            if interrupt_requested():
+                if on_checkpoint is not None and not saved:
+                    on_checkpoint(step)
+                raise Interrupted(step if on_checkpoint is not None else None)
     return loss_value
 
 
@@ -165,14 +181,67 @@ class TrainResult:
     log: list[dict] = field(default_factory=list)
 
 
+def _log_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of a training log; a partial last line (a write cut short by a kill or a full disk) is dropped.
+
+    Raises:
+        DataError: an earlier line is not valid JSON (names the file and the line).
+    """
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise DataError(f"{path}: line {number} is not valid JSON") from None
+    return rows
+
+
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines past ``last_step`` (written after the checkpoint a resume restarts from)."""
+    """Drop log lines past ``last_step`` (written after the checkpoint a resume restarts from) and a partial last line."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    keep = [line for line, row in _log_rows(path) if row.get("step", 0) <= last_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+# What a run directory holds before its first checkpoint is complete: a run killed then (SIGKILL, a
+# full disk) restarts from step 0 instead of being refused.
+_BEFORE_FIRST_CHECKPOINT = {TRAIN_LOG, TRAIN_LOG + ".tmp", STAGING}
+
+
+def _prepare_out(out: Path, resume: bool) -> bool:
+    """Decide how ``train`` uses ``out``; True when it holds a checkpoint to resume.
+
+    A directory with no completed checkpoint and only what a training run writes before it (the log, an
+    uncommitted ``.staging``) is cleared and started afresh, with or without ``--resume``; a checkpoint
+    without ``--resume`` and a directory with other files are refused (one line).
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if not out.is_dir():
+        return False
+    finish_staged_checkpoint(out)  # roll a committed checkpoint forward, drop an uncommitted one
+    entries = sorted(e.name for e in out.iterdir())
+    if not entries:
+        return False
+    if (out / CHECKPOINT_META).is_file():
+        if not resume:
+            raise UsageError(f"output directory {out} holds a checkpoint; pass --resume to continue it or choose another --out")
+        return True
+    foreign = [e for e in entries if e not in _BEFORE_FIRST_CHECKPOINT]
+    if foreign:
+        raise UsageError(f"output directory {out} is not empty ({foreign[0]}) and holds no geomprobe checkpoint; choose another --out")
+    for name in entries:  # a run that never finished its first checkpoint: start again
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return False
 
 
 def train(
@@ -199,9 +268,7 @@ def train(
     scheduler = build_scheduler()
     gen = torch.Generator().manual_seed(config.seed)
     start_step = 0
-    if out.exists() and any(out.iterdir()):
-        if not resume:
-            raise UsageError(f"output directory {out} is not empty; pass --resume to continue it or choose another --out")
+    if _prepare_out(out, resume):
         ckpt = load_checkpoint(out)
         saved = ckpt.info.extra.get("train_config", {})
         for key in ("dataset", "model", "image_size", "batch_size", "lr", "seed", "classes"):
@@ -236,7 +303,7 @@ def train(
         info = ModelInfo(
             preset=config.model, dataset=config.dataset, image_size=data.image_size, channels=data.channels,
             num_classes=data.num_classes, seed=config.seed, step=step,
-            extra={"train_config": asdict(config)},
+            extra={"train_config": asdict(config), TRAINING_COMPLETE: step >= config.steps},
         )
         train_state = {"step": step, "generator": generator_state_to_json(gen), "param_groups": groups}
         save_checkpoint(out, unet, scheduler, info, optimizer_state=tensors, train_state=train_state)
@@ -257,8 +324,8 @@ def train(
 
 
 def read_train_log(out: str | Path) -> list[dict]:
-    path = Path(out) / TRAIN_LOG
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    """The rows of ``out/train_log.jsonl`` ([] when absent; a partial last line is left out)."""
+    return [row for _, row in _log_rows(Path(out) / TRAIN_LOG)]
 
 
 def smoothed(values: Iterable[float], window: int = 20) -> list[float]:
