@@ -39,7 +39,7 @@ from geomprobe.fisher.rows import ConcatRows, StoreRows, gram_statistics
 from geomprobe.fisher.spectrum import mean_cosine_matrix
 from geomprobe.io import MANIFEST, atomic_path, derived_seed, parse_memory, write_json
 from geomprobe.models import checkpoint_checksum, load_model, resolve_device
-from geomprobe.probe.extract import ExtractConfig, model_dataset, extract_gradients, row_inputs, select_samples
+from geomprobe.probe.extract import ExtractConfig, extract_gradients, model_dataset, row_inputs, select_samples
 from geomprobe.probe.params import select_parameters
 from geomprobe.probe.products import ProbeBatch, mean_gradient
 from geomprobe.probe.store import GradientStore, key_for

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -113,7 +113,10 @@ def memory_option(what: str):
     from geomprobe.io import DEFAULT_MAX_MEMORY, parse_memory
 
     return typer.Option(
-        f"{DEFAULT_MAX_MEMORY // 2**30}G", "--max-memory", parser=parse_memory, metavar="SIZE",
+        f"{DEFAULT_MAX_MEMORY // 2**30}G",
+        "--max-memory",
+        parser=parse_memory,
+        metavar="SIZE",
         help=f"memory budget for {what}, e.g. 512M or 4G",
     )
 
@@ -151,12 +154,16 @@ def _apply_threads(value: int | None) -> int | None:
 def threads_option():
     """The one ``--threads`` option of every command (applied by its callback; the command ignores the value)."""
     return typer.Option(
-        None, "--threads", callback=_apply_threads, metavar="N",
+        None,
+        "--threads",
+        callback=_apply_threads,
+        metavar="N",
         help="torch/OpenMP threads (default: OMP_NUM_THREADS if set, else the usable CPU cores)",
     )
 
 
 def console(quiet: bool = False) -> Console:
+    """The stderr console (silent with ``quiet``)."""
     return Console(stderr=True, quiet=quiet)
 
 
@@ -202,7 +209,9 @@ def progress_bar(description: str, total: int, quiet: bool = False, unit: str = 
             return
         last.update(time=now, tenth=max(tenth, last["tenth"]))
         pct = f" ({100 * completed / total:.0f}%)" if total else ""
-        line = f"{description}: {completed}/{total if total else '?'}{pct}{' ' + info if info else ''}, {now - t0:.0f} s"
+        line = (
+            f"{description}: {completed}/{total if total else '?'}{pct}{' ' + info if info else ''}, {now - t0:.0f} s"
+        )
         last["line"] = line
         con.print(line, highlight=False, soft_wrap=True, markup=False)
 
@@ -231,13 +240,16 @@ def _num_train_timesteps(ckpt: Path) -> int:
     1000 (the default scheduler's) when the file is absent or unreadable; loading the model reports that.
     """
     try:
-        value = json.loads((Path(ckpt) / "scheduler" / "scheduler_config.json").read_text()).get("num_train_timesteps", 1000)
+        value = json.loads((Path(ckpt) / "scheduler" / "scheduler_config.json").read_text()).get(
+            "num_train_timesteps", 1000
+        )
     except (OSError, ValueError, AttributeError):
         return 1000
     return value if isinstance(value, int) and value > 0 else 1000
 
 
 def print_json(obj) -> None:
+    """``obj`` as indented JSON on stdout."""
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
@@ -252,9 +264,9 @@ def train(
     steps: int = typer.Option(3000, help="optimiser steps (the quick preset: 3000, about 4 minutes on 2 CPU cores)"),
     batch_size: int = typer.Option(128, help="images per step"),
     lr: float = typer.Option(1e-3, help="Adam learning rate (the paper uses 2e-4 with 200 epochs)"),
-    image_size: Optional[int] = typer.Option(None, help="digits only: 8, 16 (default) or 32"),
-    classes: Optional[str] = typer.Option(None, help="train on these classes only, e.g. '0,1' or '0..4'"),
-    data_root: Optional[Path] = typer.Option(None, help="directory with the dataset's files (all but digits)"),
+    image_size: int | None = typer.Option(None, help="digits only: 8, 16 (default) or 32"),
+    classes: str | None = typer.Option(None, help="train on these classes only, e.g. '0,1' or '0..4'"),
+    data_root: Path | None = typer.Option(None, help="directory with the dataset's files (all but digits)"),
     checkpoint_every: int = typer.Option(500, help="save a resumable checkpoint every N steps"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     seed: int = typer.Option(0, help="random seed (weights, batches, noise)"),
@@ -274,8 +286,16 @@ def train(
     from geomprobe.training import train as run_train
 
     config = TrainConfig(
-        dataset=dataset, model=model, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-        classes=classes, data_root=str(data_root) if data_root else None, checkpoint_every=checkpoint_every,
+        dataset=dataset,
+        model=model,
+        image_size=image_size,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        classes=classes,
+        data_root=str(data_root) if data_root else None,
+        checkpoint_every=checkpoint_every,
         device=device,
     )
     config.validate()
@@ -284,7 +304,13 @@ def train(
     table = Table(title=f"trained {model} on {dataset}")
     for col in ("steps", "parameters", "final loss", "seconds", "checkpoint"):
         table.add_column(col)
-    table.add_row(str(result.steps), f"{result.num_parameters:,}", f"{result.final_loss:.4f}", f"{result.seconds:.1f}", str(result.out))
+    table.add_row(
+        str(result.steps),
+        f"{result.num_parameters:,}",
+        f"{result.final_loss:.4f}",
+        f"{result.seconds:.1f}",
+        str(result.out),
+    )
     console(quiet).print(table)
 
 
@@ -292,7 +318,9 @@ def train(
 def sample(
     ckpt: Path = typer.Option(..., "--ckpt", help="geomprobe checkpoint, diffusers pipeline or UNet2DModel directory"),
     out: Path = typer.Option(..., "--out", help="PNG file to write"),
-    classes: str | None = typer.Option(None, help="class-conditional models: one grid row per class, '0..9', '0,3,7' or 'all' (default: the first 10)"),
+    classes: str | None = typer.Option(
+        None, help="class-conditional models: one grid row per class, '0..9', '0,3,7' or 'all' (default: the first 10)"
+    ),
     n: int = typer.Option(8, "--n", help="samples per row"),
     rows: int | None = typer.Option(None, "--rows", help="unconditional models: rows of --n samples (default 8)"),
     steps: int = typer.Option(50, help="DDIM steps"),
@@ -318,7 +346,9 @@ def sample(
     grid = sample_grid(ckpt, classes, n, out, steps=steps, seed=seed, device=device, scale=scale, rows=rows)
     for note in grid.notes:  # even with --quiet: the note says what was assumed
         console().print(f"note: {note}", highlight=False, soft_wrap=True)
-    what = f"{len(grid.classes)} classes x {n}" if grid.classes is not None else f"unconditional, {grid.rows} rows x {n}"
+    what = (
+        f"{len(grid.classes)} classes x {n}" if grid.classes is not None else f"unconditional, {grid.rows} rows x {n}"
+    )
     console(quiet).print(f"wrote {grid.path} ({len(grid.samples)} samples, {what})", highlight=False, soft_wrap=True)
 
 
@@ -328,21 +358,30 @@ def sample(
 @app.command()
 def grads(
     ckpt: Path = typer.Option(..., "--ckpt", help="geomprobe checkpoint, diffusers pipeline or UNet2DModel directory"),
-    t_range: str = typer.Option(..., "--t", "--t-range", help="t-spec: '100..900', '100..900:50', '100,300' or a band 'low-snr'"),
+    t_range: str = typer.Option(
+        ..., "--t", "--t-range", help="t-spec: '100..900', '100..900:50', '100,300' or a band 'low-snr'"
+    ),
     out: Path = typer.Option(..., "--out", help="gradient store directory to write (or resume)"),
     samples: int = typer.Option(1024, help="samples per timestep (the same samples at every t)"),
-    classes: Optional[str] = typer.Option(None, help="only these classes, e.g. '0,1' or '0..4'"),
+    classes: str | None = typer.Option(None, help="only these classes, e.g. '0,1' or '0..4'"),
     split: str = typer.Option("train", help="train | test"),
-    params: Optional[str] = typer.Option(None, help="regex on parameter names (default: all parameters)"),
+    params: str | None = typer.Option(None, help="regex on parameter names (default: all parameters)"),
     target: str = typer.Option("empirical", help="empirical (eps) | true (eps_theta(x_t).detach() + xi)"),
-    project: Optional[int] = typer.Option(None, help="store a seeded random projection of the rows to K dims"),
-    projection: str = typer.Option("countsketch", help="with --project: countsketch (never materialised, about the cost of writing the rows) | gaussian"),
+    project: int | None = typer.Option(None, help="store a seeded random projection of the rows to K dims"),
+    projection: str = typer.Option(
+        "countsketch",
+        help="with --project: countsketch (never materialised, about the cost of writing the rows) | gaussian",
+    ),
     dtype: str = typer.Option("float32", help="storage dtype: float32 | float16"),
     max_memory: int = memory_option("one chunk of per-sample gradients"),
     shard_rows: int = typer.Option(256, help="samples per shard (the unit of resume and of torchrun work)"),
-    dataset: str | None = typer.Option(None, help="digits | mnist | fashion-mnist | cifar10 | imagenet32 (default: the checkpoint's)"),
-    resize: bool = typer.Option(False, "--resize", help="bring the dataset's images to the model's size (bilinear) and channels"),
-    data_root: Optional[Path] = typer.Option(None, help="directory with the dataset's files (all but digits)"),
+    dataset: str | None = typer.Option(
+        None, help="digits | mnist | fashion-mnist | cifar10 | imagenet32 (default: the checkpoint's)"
+    ),
+    resize: bool = typer.Option(
+        False, "--resize", help="bring the dataset's images to the model's size (bilinear) and channels"
+    ),
+    data_root: Path | None = typer.Option(None, help="directory with the dataset's files (all but digits)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a store made by a different command"),
     seed: int = typer.Option(0, help="random seed (sample choice, noise, band timesteps, projection)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -366,18 +405,37 @@ def grads(
     from geomprobe.probe.extract import dist_info
 
     config = ExtractConfig(
-        ckpt=str(ckpt), t_range=t_range, samples=samples, classes=classes, split=split, params=params, target=target,
-        project=project, projection=projection, dtype=dtype, seed=seed, data_root=str(data_root) if data_root else None, shard_rows=shard_rows,
-        dataset=dataset, resize=resize,
+        ckpt=str(ckpt),
+        t_range=t_range,
+        samples=samples,
+        classes=classes,
+        split=split,
+        params=params,
+        target=target,
+        project=project,
+        projection=projection,
+        dtype=dtype,
+        seed=seed,
+        data_root=str(data_root) if data_root else None,
+        shard_rows=shard_rows,
+        dataset=dataset,
+        resize=resize,
     )
     config.validate()
     other_rank = dist_info()[0] != 0
     quiet = quiet or other_rank
     with progress_bar("grads", 1, quiet) as update:
         result = extract_gradients(
-            config, out, overwrite=overwrite, device=device, max_memory=max_memory, command=list(sys.argv),
+            config,
+            out,
+            overwrite=overwrite,
+            device=device,
+            max_memory=max_memory,
+            command=list(sys.argv),
             progress=lambda done, total, **f: update(done, total=total, **{k: v for k, v in f.items() if k != "key"}),
-            on_note=lambda note: console(other_rank).print(f"note: {note}", highlight=False, soft_wrap=True),  # even --quiet
+            on_note=lambda note: console(other_rank).print(
+                f"note: {note}", highlight=False, soft_wrap=True
+            ),  # even --quiet
         )
     table = Table(title=f"gradient store {result.out} ({result.n} samples, {result.num_params:,} parameters)")
     for col in ("t", "rows written", "P", "bytes", "seconds", "shards skipped"):
@@ -392,8 +450,12 @@ def grads(
 
 @app.command()
 def figures(
-    from_dirs: list[Path] = typer.Option(..., "--from", help="run directories to search for spectrum.json, metrics.jsonl, ... (repeat or list)"),
-    more_dirs: Optional[list[Path]] = typer.Argument(None, help="further run directories (so '--from a b c' works)", show_default=False),
+    from_dirs: list[Path] = typer.Option(
+        ..., "--from", help="run directories to search for spectrum.json, metrics.jsonl, ... (repeat or list)"
+    ),
+    more_dirs: list[Path] | None = typer.Argument(
+        None, help="further run directories (so '--from a b c' works)", show_default=False
+    ),
     out: Path = typer.Option(Path("figures"), "--out", help="directory for the PNG/PDF figures, captions and tables"),
     json_out: bool = typer.Option(False, "--json", help="print what was written and skipped as JSON on stdout"),
     quiet: bool = typer.Option(False, "--quiet", help="no table"),
@@ -405,8 +467,13 @@ def figures(
     run_dirs = list(from_dirs) + list(more_dirs or [])
     report = make_figures(run_dirs, out)
     if json_out:
-        print_json({"out": str(report.out_dir), "figures": {f.name: [str(p) for p in f.files] for f in report.made},
-                    "skipped": dict(report.skipped)})
+        print_json(
+            {
+                "out": str(report.out_dir),
+                "figures": {f.name: [str(p) for p in f.files] for f in report.made},
+                "skipped": dict(report.skipped),
+            }
+        )
         return
     table = Table(title=f"figures in {report.out_dir}")
     table.add_column("figure")
@@ -420,13 +487,19 @@ def figures(
 
 @app.command()
 def reproduce(
-    preset: str = typer.Option("quick", help="quick (digits, Small-3, minutes on CPU) | paper (MNIST, base + Small-1/3, GPU)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<preset>)"),
-    with_continual: bool = typer.Option(False, "--with-continual", help="also run the continual-learning comparison (Fig. 4, Tables)"),
-    data_root: Optional[Path] = typer.Option(None, help="dataset files for the paper preset (MNIST IDX files)"),
-    steps: Optional[int] = typer.Option(None, help="override the preset's training steps (quick: 3000)"),
-    samples: Optional[int] = typer.Option(None, help="override the preset's samples per timestep (quick: 1024)"),
-    models: Optional[str] = typer.Option(None, help="override the preset's UNets, e.g. small1,small3,base (Fig. 6 compares sizes)"),
+    preset: str = typer.Option(
+        "quick", help="quick (digits, Small-3, minutes on CPU) | paper (MNIST, base + Small-1/3, GPU)"
+    ),
+    out: Path | None = typer.Option(None, "--out", help="run directory (default runs/<preset>)"),
+    with_continual: bool = typer.Option(
+        False, "--with-continual", help="also run the continual-learning comparison (Fig. 4, Tables)"
+    ),
+    data_root: Path | None = typer.Option(None, help="dataset files for the paper preset (MNIST IDX files)"),
+    steps: int | None = typer.Option(None, help="override the preset's training steps (quick: 3000)"),
+    samples: int | None = typer.Option(None, help="override the preset's samples per timestep (quick: 1024)"),
+    models: str | None = typer.Option(
+        None, help="override the preset's UNets, e.g. small1,small3,base (Fig. 6 compares sizes)"
+    ),
     seed: int = typer.Option(0, help="random seed of training, probing and continual runs"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress display or table"),
@@ -452,11 +525,19 @@ def reproduce(
             get_model_preset(name)
         chosen = dataclasses.replace(chosen, models=names)
     out = out or Path("runs") / chosen.name
-    columns = [SpinnerColumn(), TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    columns = [
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console(quiet), disable=quiet) as prog:
-        tasks = {key: prog.add_task(label, total=None, info="[dim]waiting[/]", start=False)
-                 for key, label in stage_keys(chosen, with_continual)}
+        tasks = {
+            key: prog.add_task(label, total=None, info="[dim]waiting[/]", start=False)
+            for key, label in stage_keys(chosen, with_continual)
+        }
 
         class _Display:
             def start(self, stage: str, label: str, total: int) -> None:
@@ -472,16 +553,26 @@ def reproduce(
                 prog.stop_task(tasks[stage])
 
         overrides = {k: v for k, v in (("train_steps", steps), ("samples", samples)) if v is not None}
-        result = run_reproduce(chosen, out, with_continual=with_continual, seed=seed, device=device,
-                               data_root=str(data_root) if data_root else None, progress=_Display(), **overrides)
+        result = run_reproduce(
+            chosen,
+            out,
+            with_continual=with_continual,
+            seed=seed,
+            device=device,
+            data_root=str(data_root) if data_root else None,
+            progress=_Display(),
+            **overrides,
+        )
     table = Table(title=f"reproduce --preset {chosen.name}: {result.out} ({result.seconds:.0f} s)")
     for col in ("stage", "status", "seconds", "output"):
         table.add_column(col)
     for s in result.stages:
         table.add_row(s.stage, s.status, f"{s.seconds:.1f}", str(s.output))
     console(quiet).print(table)
-    console(quiet).print(f"{len(result.figures)} figure files in {out / 'figures'}"
-                         + (f"; not made: {', '.join(n for n, _ in result.skipped_figures)}" if result.skipped_figures else ""))
+    console(quiet).print(
+        f"{len(result.figures)} figure files in {out / 'figures'}"
+        + (f"; not made: {', '.join(n for n, _ in result.skipped_figures)}" if result.skipped_figures else "")
+    )
 
 
 # ---------------------------------------------------------------- continual (continual learning)
@@ -540,7 +631,7 @@ def continual(
     out: Path = typer.Option(..., "--out", help="output directory (one per strategy with --compare)"),
     dataset: str = _config_option("dataset"),
     model: str = _config_option("model"),
-    image_size: Optional[int] = _config_option("image_size"),
+    image_size: int | None = _config_option("image_size"),
     tasks: int = _config_option("tasks"),
     steps_per_task: int = _config_option("steps_per_task", "--steps"),
     batch_size: int = _config_option("batch_size"),
@@ -559,13 +650,15 @@ def continual(
     replay_batch: int = _config_option("replay_batch"),
     gd_weight: float = _config_option("gd_weight"),
     fid_features: str = _config_option("fid_features"),
-    inception_weights: Optional[str] = _config_option("inception_weights"),
+    inception_weights: str | None = _config_option("inception_weights"),
     n_generated: int = _config_option("n_generated"),
     sample_steps: int = _config_option("sample_steps"),
     classifier_steps: int = _config_option("classifier_steps"),
-    data_root: Optional[str] = _config_option("data_root"),
+    data_root: str | None = _config_option("data_root"),
     seeds: str = typer.Option("0", help="comma-separated seeds, e.g. 0,1,2 (mean ± standard error)"),
-    compare: bool = typer.Option(False, "--compare", help="finetune, diag, rank1, gd, diag+gd, rank1+gd, non-continual"),
+    compare: bool = typer.Option(
+        False, "--compare", help="finetune, diag, rank1, gd, diag+gd, rank1+gd, non-continual"
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last completed task"),
     max_memory: int = memory_option("the Fisher estimate's per-sample gradients (does not change results)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -588,21 +681,32 @@ def continual(
     with progress_bar("continual", total, quiet) as update:
         progress = lambda done, fields: update(done, **fields)  # noqa: E731
         if compare:
-            results = run_compare(config, out, seed_list, resume=resume, progress=progress, device=device,
-                                  max_memory=memory)
+            results = run_compare(
+                config, out, seed_list, resume=resume, progress=progress, device=device, max_memory=memory
+            )
         else:
-            results = [run_continual(config, out, seed_list, resume=resume, progress=progress, device=device,
-                                     max_memory=memory)]
+            results = [
+                run_continual(
+                    config, out, seed_list, resume=resume, progress=progress, device=device, max_memory=memory
+                )
+            ]
     if json_out:
         print_json([summary_dict(r) for r in results])
         return
     T = str(config.tasks)
-    table = Table(title=f"{dataset}: AFID@{T} and forgetting (↓), {len(seed_list)} seed(s), features {results[0].feature_net}")
+    table = Table(
+        title=f"{dataset}: AFID@{T} and forgetting (↓), {len(seed_list)} seed(s), features {results[0].feature_net}"
+    )
     for col in ("method", "AFID", "F", "accuracy", "seconds"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in results:
-        table.add_row(r.strategy, _fmt_ms(*r.afid[T]), _fmt_ms(*r.forgetting), _fmt_ms(100 * r.final_accuracy[0], 100 * r.final_accuracy[1]) + "%",
-                      f"{r.seconds:.0f}")
+        table.add_row(
+            r.strategy,
+            _fmt_ms(*r.afid[T]),
+            _fmt_ms(*r.forgetting),
+            _fmt_ms(100 * r.final_accuracy[0], 100 * r.final_accuracy[1]) + "%",
+            f"{r.seconds:.0f}",
+        )
     console(quiet).print(table)
     if not compare:
         res = results[0]
@@ -612,7 +716,11 @@ def continual(
             grid.add_column(str(i), justify="right")
         grid.add_column("AFID@k", justify="right")
         for k, row in sorted(res.seeds[0].fid.items()):
-            grid.add_row(str(k), *[f"{row[i]:.1f}" if i in row else "" for i in range(config.tasks)], f"{res.seeds[0].afid[str(k + 1)]:.1f}")
+            grid.add_row(
+                str(k),
+                *[f"{row[i]:.1f}" if i in row else "" for i in range(config.tasks)],
+                f"{res.seeds[0].afid[str(k + 1)]:.1f}",
+            )
         console(quiet).print(grid)
     console(quiet).print(f"wrote {out}/metrics.jsonl")
 
@@ -622,30 +730,54 @@ def continual(
 
 @app.command()
 def spectrum(
-    grads_store: Optional[Path] = typer.Option(None, "--grads", help="gradient store directory (written by `geomprobe grads`)"),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="a model instead of a store: exact Gram matrix over parameter blocks, no stored G"),
-    t_range: Optional[str] = typer.Option(None, "--t", "--t-range", help="t-spec or band (default with --grads: every key of the store)"),
+    grads_store: Path | None = typer.Option(
+        None, "--grads", help="gradient store directory (written by `geomprobe grads`)"
+    ),
+    ckpt: Path | None = typer.Option(
+        None, "--ckpt", help="a model instead of a store: exact Gram matrix over parameter blocks, no stored G"
+    ),
+    t_range: str | None = typer.Option(
+        None, "--t", "--t-range", help="t-spec or band (default with --grads: every key of the store)"
+    ),
     samples: int = typer.Option(1024, help="with --ckpt: samples per t (the rows `grads` would store)"),
-    classes: Optional[str] = typer.Option(None, help="with --ckpt: only these classes, e.g. '0,1'"),
+    classes: str | None = typer.Option(None, help="with --ckpt: only these classes, e.g. '0,1'"),
     split: str = typer.Option("train", help="with --ckpt: train | test"),
-    params: Optional[str] = typer.Option(None, help="with --ckpt: regex on parameter names (default: all)"),
+    params: str | None = typer.Option(None, help="with --ckpt: regex on parameter names (default: all)"),
     target: str = typer.Option("empirical", help="with --ckpt: empirical | true"),
     seed: int = typer.Option(0, help="with --ckpt: random seed of the rows (as for `grads`)"),
-    data_root: Optional[Path] = typer.Option(None, help="with --ckpt: directory with the dataset's files"),
+    data_root: Path | None = typer.Option(None, help="with --ckpt: directory with the dataset's files"),
     top_k: int = typer.Option(5, "--top-k", help="eigenvalues per t, and the rank of the best rank-k error"),
     as_json: bool = typer.Option(False, "--json", help="print spectrum.json to stdout instead of the table"),
     centered: bool = typer.Option(False, "--centered", help="covariance (G - 1 mu^T) instead of the second moment"),
     max_memory: int = memory_option("one t: row blocks (or one parameter block of all rows) + the n x n Gram matrix"),
-    out: Optional[Path] = typer.Option(None, "--out", help="directory for spectrum.json and cosine_maps.h5 (default: the store)"),
-    model: bool = typer.Option(True, "--model/--no-model", help="with --grads: the scaled-identity MSE from the store's checkpoint"),
-    gram_dtype: str = typer.Option("float64", help="with --grads: float64 | float32 products for the Gram matrix (float32: 2x faster, small eigenvalues less exact)"),
+    out: Path | None = typer.Option(
+        None, "--out", help="directory for spectrum.json and cosine_maps.h5 (default: the store)"
+    ),
+    model: bool = typer.Option(
+        True, "--model/--no-model", help="with --grads: the scaled-identity MSE from the store's checkpoint"
+    ),
+    gram_dtype: str = typer.Option(
+        "float64",
+        help="with --grads: float64 | float32 products for the Gram matrix (float32: 2x faster, small eigenvalues less exact)",
+    ),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
-    bootstrap: int = typer.Option(0, "--bootstrap", metavar="B", help="with --grads: 95% percentile intervals over B row resamples (e.g. 200; 0 = off)"),
+    bootstrap: int = typer.Option(
+        0,
+        "--bootstrap",
+        metavar="B",
+        help="with --grads: 95% percentile intervals over B row resamples (e.g. 200; 0 = off)",
+    ),
     bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="seed of the resamples and of the n-sweep null"),
-    n_sweep: Optional[str] = typer.Option(None, "--n-sweep", help="with --grads: statistics on the first m rows, e.g. 64,128,256,512,1024"),
-    shares: bool = typer.Option(False, "--shares", help="with --grads: shares of ||mu||^2, ||v1||^2, tr F per UNet block and tensor"),
-    from_spectra: Optional[list[Path]] = typer.Option(None, "--from", help="summarise spectrum.json of several stores (mean ± s.e.); repeat"),
+    n_sweep: str | None = typer.Option(
+        None, "--n-sweep", help="with --grads: statistics on the first m rows, e.g. 64,128,256,512,1024"
+    ),
+    shares: bool = typer.Option(
+        False, "--shares", help="with --grads: shares of ||mu||^2, ||v1||^2, tr F per UNet block and tensor"
+    ),
+    from_spectra: list[Path] | None = typer.Option(
+        None, "--from", help="summarise spectrum.json of several stores (mean ± s.e.); repeat"
+    ),
     threads: int | None = threads_option(),
 ) -> None:
     """Fisher spectra per t from a gradient store (--grads) or a model (--ckpt): gaps, errors, intervals, cosine maps."""
@@ -675,12 +807,22 @@ def spectrum(
         if ckpt is not None:
             from geomprobe.probe import ExtractConfig
 
-            config = ExtractConfig(ckpt=str(ckpt), t_range=t_range or "", samples=samples, classes=classes, split=split,
-                                   params=params, target=target, seed=seed, data_root=str(data_root) if data_root else None)
+            config = ExtractConfig(
+                ckpt=str(ckpt),
+                t_range=t_range or "",
+                samples=samples,
+                classes=classes,
+                split=split,
+                params=params,
+                target=target,
+                seed=seed,
+                data_root=str(data_root) if data_root else None,
+            )
             result = _spectrum_of_model(config, top_k, centered, max_memory, dev, update)
         else:
-            result = _spectrum_of_store(grads_store, t_range, top_k, centered, max_memory, model, dev, update,
-                                        gram_dtype, options)
+            result = _spectrum_of_store(
+                grads_store, t_range, top_k, centered, max_memory, model, dev, update, gram_dtype, options
+            )
     if rank != 0:
         return
     json_path, maps_path = write_spectrum(result, None, out)
@@ -700,7 +842,9 @@ def _spread_of_spectra(paths, out, as_json: bool, quiet: bool) -> None:
         print_json(summary)
     for row in [] if as_json else summary["rows"]:
         m, e = row["mean"].get("lambda2_over_lambda1"), row["se"].get("lambda2_over_lambda1")
-        console(quiet).print(f"t={row['t']}: λ2/λ1 = {m:.3g} ± {e if e is None else format(e, '.2g')} ({row['count']} stores)")
+        console(quiet).print(
+            f"t={row['t']}: λ2/λ1 = {m:.3g} ± {e if e is None else format(e, '.2g')} ({row['count']} stores)"
+        )
     console(quiet or as_json).print(f"wrote {path}")
 
 
@@ -718,9 +862,18 @@ def _spectrum_of_store(path, t_range, top_k, centered, max_memory, with_model, d
             finished.add(name)
         update(len(finished), total=total, key=name)
 
-    return analyze_store(store, t_range=t_range, top_k=top_k, centered=centered, max_memory=max_memory,
-                         with_model=with_model, progress=on_block, device=device, gram_dtype=gram_dtype,
-                         uncertainty=options)
+    return analyze_store(
+        store,
+        t_range=t_range,
+        top_k=top_k,
+        centered=centered,
+        max_memory=max_memory,
+        with_model=with_model,
+        progress=on_block,
+        device=device,
+        gram_dtype=gram_dtype,
+        uncertainty=options,
+    )
 
 
 def _spectrum_of_model(config, top_k, centered, max_memory, device, update):
@@ -738,7 +891,9 @@ def _spectrum_of_model(config, top_k, centered, max_memory, device, update):
             done_keys.append(key)
         update(len(done_keys) * blocks + (done if done < blocks else 0), total=None, key=key, blocks=blocks)
 
-    return analyze_model(config, top_k=top_k, centered=centered, max_memory=max_memory, progress=on_block, device=device)
+    return analyze_model(
+        config, top_k=top_k, centered=centered, max_memory=max_memory, progress=on_block, device=device
+    )
 
 
 def _print_spectrum(result, top_k: int, centered: bool, quiet: bool) -> None:
@@ -753,7 +908,20 @@ def _print_spectrum(result, top_k: int, centered: bool, quiet: bool) -> None:
     P = report["rows"][0]["P"] if report["rows"] else 0
     table = Table(title=f"{kind} spectrum of {result.store} (P={P:,})")
     k = top_k
-    for col in ("t", "SNR", "n", *[f"λ{j + 1}" for j in range(k)], "λ2/λ1", "λ1/Σλ", "err_diag", "err_rank1", f"err_rank{k}", "med |cos|", "cos(v1,μ)", "id-MSE"):
+    for col in (
+        "t",
+        "SNR",
+        "n",
+        *[f"λ{j + 1}" for j in range(k)],
+        "λ2/λ1",
+        "λ1/Σλ",
+        "err_diag",
+        "err_rank1",
+        f"err_rank{k}",
+        "med |cos|",
+        "cos(v1,μ)",
+        "id-MSE",
+    ):
         table.add_column(col, justify="right")
 
     def fmt(x, spec=".3g"):
@@ -762,10 +930,18 @@ def _print_spectrum(result, top_k: int, centered: bool, quiet: bool) -> None:
     for row in report["rows"]:
         eig = row["eigenvalues"] + [None] * (k - len(row["eigenvalues"]))
         table.add_row(
-            str(row["t"]), fmt(row["snr"]), str(row["n"]), *[fmt(e) for e in eig[:k]],
-            fmt(row["lambda2_over_lambda1"]), fmt(row["lambda1_over_trace"]), fmt(row["rel_err_diag"]),
-            fmt(row["rel_err_rank1"]), fmt(row["rel_err_rankk"][str(k)]), fmt(row["cos_to_mean"]["median"]),
-            fmt(row["cos_v1_mu"]), fmt(row["scaled_identity_mse"]),
+            str(row["t"]),
+            fmt(row["snr"]),
+            str(row["n"]),
+            *[fmt(e) for e in eig[:k]],
+            fmt(row["lambda2_over_lambda1"]),
+            fmt(row["lambda1_over_trace"]),
+            fmt(row["rel_err_diag"]),
+            fmt(row["rel_err_rank1"]),
+            fmt(row["rel_err_rankk"][str(k)]),
+            fmt(row["cos_to_mean"]["median"]),
+            fmt(row["cos_v1_mu"]),
+            fmt(row["scaled_identity_mse"]),
         )
     con.print(table)
     for title, header, lines in summary_tables(report):  # intervals, n-sweep, block shares when computed
@@ -784,18 +960,22 @@ def _print_spectrum(result, top_k: int, centered: bool, quiet: bool) -> None:
 
 @app.command()
 def audit(
-    ckpt: str = typer.Option(..., "--ckpt", help="model directory (geomprobe checkpoint, diffusers pipeline or bare UNet)"),
-    checks: str = typer.Option("1,2,3", "--checks", help="1 task dependence, 2 true vs empirical Fisher, 3 stability, 4 band EWC (trains)"),
+    ckpt: str = typer.Option(
+        ..., "--ckpt", help="model directory (geomprobe checkpoint, diffusers pipeline or bare UNet)"
+    ),
+    checks: str = typer.Option(
+        "1,2,3", "--checks", help="1 task dependence, 2 true vs empirical Fisher, 3 stability, 4 band EWC (trains)"
+    ),
     t_range: str = typer.Option("100..900", "--t", "--t-range", help="timesteps of checks 1-3 (e.g. 100..900:200)"),
     samples: int = typer.Option(256, "--samples", help="rows per store (check 1: samples // tasks per task)"),
     seeds: str = typer.Option("0,1,2", "--seeds", help="noise draws of checks 1-3 and training seeds of check 4"),
     out: Path = typer.Option(Path("audit"), "--out", help="output directory (rerun to resume)"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset (default: the checkpoint's)"),
-    data_root: Optional[str] = _config_option("data_root"),
+    dataset: str | None = typer.Option(None, "--dataset", help="dataset (default: the checkpoint's)"),
+    data_root: str | None = _config_option("data_root"),
     bootstrap: int = typer.Option(200, "--bootstrap", help="bootstrap replicates per statistic"),
     tasks: int = _config_option("tasks"),
     model: str = _config_option("model"),
-    image_size: Optional[int] = _config_option("image_size"),
+    image_size: int | None = _config_option("image_size"),
     steps_per_task: int = _config_option("steps_per_task", "--steps"),
     fisher_samples: int = _config_option("fisher_samples"),
     lam: float = _config_option("lam", "--lambda"),
@@ -817,13 +997,34 @@ def audit(
     continual_config = None
     if 4 in check_list:
         continual_config = ContinualConfig(
-            dataset=dataset or "digits", model=model, image_size=image_size, tasks=tasks, steps_per_task=steps_per_task,
-            fisher="rank1", gd=True, lam=lam, fisher_samples=fisher_samples, n_generated=n_generated,
-            replay_per_class=replay_per_class, sample_steps=sample_steps, classifier_steps=classifier_steps, data_root=data_root,
+            dataset=dataset or "digits",
+            model=model,
+            image_size=image_size,
+            tasks=tasks,
+            steps_per_task=steps_per_task,
+            fisher="rank1",
+            gd=True,
+            lam=lam,
+            fisher_samples=fisher_samples,
+            n_generated=n_generated,
+            replay_per_class=replay_per_class,
+            sample_steps=sample_steps,
+            classifier_steps=classifier_steps,
+            data_root=data_root,
         )
         continual_config.validate()
-    config = AuditConfig(ckpt=ckpt, checks=check_list, t_range=t_range, samples=samples, seeds=tuple(_parse_seeds(seeds)),
-                         dataset=dataset, data_root=data_root, tasks=tasks, bootstrap=bootstrap, continual=continual_config)
+    config = AuditConfig(
+        ckpt=ckpt,
+        checks=check_list,
+        t_range=t_range,
+        samples=samples,
+        seeds=tuple(_parse_seeds(seeds)),
+        dataset=dataset,
+        data_root=data_root,
+        tasks=tasks,
+        bootstrap=bootstrap,
+        continual=continual_config,
+    )
     con = console(quiet)
     doc = run_audit(config, out, device=device, max_memory=max_memory, progress=lambda s: None if quiet else con.log(s))
     if json_out:
@@ -846,6 +1047,7 @@ def _print_verdicts(doc: dict, con: Console) -> None:
 
 
 def main() -> None:
+    """Run the ``geomprobe`` command line."""
     app()
 
 

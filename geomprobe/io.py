@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -241,7 +242,11 @@ def resume_command(argv: list[str] | None = None, add_resume: bool = False) -> s
     head = argv[0] if argv else "geomprobe"
     if head.endswith("__main__.py") or head == "-m":
         exe = Path(sys.executable).name
-        python = exe if shutil.which(exe) and Path(shutil.which(exe)).resolve() == Path(sys.executable).resolve() else sys.executable
+        python = (
+            exe
+            if shutil.which(exe) and Path(shutil.which(exe)).resolve() == Path(sys.executable).resolve()
+            else sys.executable
+        )
         prefix = [python, "-m", "geomprobe"]
     else:
         prefix = [Path(head).name if shutil.which(Path(head).name) else head]

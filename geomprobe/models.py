@@ -57,6 +57,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def get_preset(name: str) -> Preset:
+    """The UNet preset ``name`` (small1, small3, base, cl); UsageError for another name."""
     if name not in PRESETS:
         raise UsageError(f"unknown model preset {name!r}; expected one of {', '.join(PRESETS)}")
     return PRESETS[name]
@@ -112,6 +113,7 @@ def ddim_from(scheduler: DDPMScheduler) -> DDIMScheduler:
 
 
 def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameter values of ``model``."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -225,7 +227,9 @@ def save_checkpoint(
         info.version = __version__
         (staging / CHECKPOINT_META).write_text(json.dumps(asdict(info), indent=2))
         if optimizer_state is not None:
-            save_file({k: v.contiguous().cpu() for k, v in optimizer_state.items()}, str(staging / "optimizer.safetensors"))
+            save_file(
+                {k: v.contiguous().cpu() for k, v in optimizer_state.items()}, str(staging / "optimizer.safetensors")
+            )
         if train_state is not None:
             (staging / TRAIN_STATE).write_text(json.dumps(train_state))
     except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors: make them one line like those
@@ -282,7 +286,9 @@ def model_layout(directory: str | Path) -> tuple[str, Path]:
         index = _read_json(directory / "model_index.json")
         cls = (index.get("unet") or [None, None])[-1]
         if cls not in (None, "UNet2DModel"):
-            raise DataError(f"{directory / 'model_index.json'}: the pipeline's unet is a {cls}; geomprobe reads UNet2DModel only")
+            raise DataError(
+                f"{directory / 'model_index.json'}: the pipeline's unet is a {cls}; geomprobe reads UNet2DModel only"
+            )
     elif (directory / "config.json").is_file():
         layout, unet_dir = "unet", directory
     else:
@@ -342,7 +348,9 @@ def load_scheduler(directory: str | Path) -> tuple[DDPMScheduler, str | None]:
         return build_scheduler(), f"no scheduler/scheduler_config.json in {directory}: {DEFAULT_SCHEDULER_NOTE}"
     config = _read_json(config_file)
     if "num_train_timesteps" not in config and "beta_schedule" not in config and "trained_betas" not in config:
-        raise DataError(f"{config_file} ({config.get('_class_name', 'unknown class')}) is not a discrete-time beta schedule")
+        raise DataError(
+            f"{config_file} ({config.get('_class_name', 'unknown class')}) is not a discrete-time beta schedule"
+        )
     try:
         scheduler = DDPMScheduler.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError, NotImplementedError) as exc:
@@ -367,13 +375,17 @@ def _info_from_unet(unet: UNet2DModel, layout: str) -> ModelInfo:
     if not isinstance(size, int) or size <= 0:
         raise DataError(f"the UNet config has no usable sample_size ({size!r}); set it in its config.json")
     if cfg.out_channels != cfg.in_channels:
-        raise DataError(f"the UNet has in_channels={cfg.in_channels} but out_channels={cfg.out_channels}; the DDPM loss needs them equal")
+        raise DataError(
+            f"the UNet has in_channels={cfg.in_channels} but out_channels={cfg.out_channels}; the DDPM loss needs them equal"
+        )
     num_classes = None
     if is_label_conditioned(unet):
         if not cfg.num_class_embeds:
             raise DataError(f"class_embed_type {cfg.class_embed_type!r} without num_class_embeds is not supported")
         num_classes = int(cfg.num_class_embeds)
-    return ModelInfo("external", "", int(size), int(cfg.in_channels), num_classes, seed=0, step=0, extra={"layout": layout})
+    return ModelInfo(
+        "external", "", int(size), int(cfg.in_channels), num_classes, seed=0, step=0, extra={"layout": layout}
+    )
 
 
 def _check_meta(meta_file: Path, info: ModelInfo, derived: ModelInfo) -> None:
@@ -400,9 +412,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Che
     diffusers_logging.set_verbosity_error()  # no multi-line advice about accelerate or unused config keys
     diffusers_logging.disable_progress_bar()  # nor a "Loading checkpoint shards" bar
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+        unet = UNet2DModel.from_pretrained(
+            unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
+        )
         if layout == "unet":
-            scheduler, note = build_scheduler(), f"{directory} is a bare UNet2DModel directory: {DEFAULT_SCHEDULER_NOTE}"
+            scheduler, note = (
+                build_scheduler(),
+                f"{directory} is a bare UNet2DModel directory: {DEFAULT_SCHEDULER_NOTE}",
+            )
         else:
             scheduler, note = load_scheduler(directory)
     except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
@@ -422,7 +439,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Che
         _check_meta(meta, info, derived)
     unet.to(resolve_device(device) if isinstance(device, str) else device)
     unet.eval()
-    return Checkpoint(unet=unet, scheduler=scheduler, info=info, path=directory, layout=layout, notes=[n for n in (note, training_note(info, directory)) if n])
+    return Checkpoint(
+        unet=unet,
+        scheduler=scheduler,
+        info=info,
+        path=directory,
+        layout=layout,
+        notes=[n for n in (note, training_note(info, directory)) if n],
+    )
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -431,6 +455,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
 
 
 def load_optimizer_state(directory: str | Path) -> dict[str, torch.Tensor] | None:
+    """The optimiser tensors saved with a checkpoint (``optimizer.safetensors``), or None."""
     from safetensors.torch import load_file
 
     path = Path(directory) / "optimizer.safetensors"
@@ -438,6 +463,7 @@ def load_optimizer_state(directory: str | Path) -> dict[str, torch.Tensor] | Non
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:
+    """The JSON training state (step, RNG state) saved with a checkpoint, or None."""
     path = Path(directory) / TRAIN_STATE
     return json.loads(path.read_text()) if path.is_file() else None
 

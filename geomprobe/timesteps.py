@@ -75,9 +75,7 @@ def band_timesteps(
     if alphas_cumprod is None:
         alphas_cumprod = linear_alphas_cumprod()
     if not 0 < low_threshold < high_threshold:
-        raise UsageError(
-            f"SNR thresholds must satisfy 0 < low < high, got low={low_threshold}, high={high_threshold}"
-        )
+        raise UsageError(f"SNR thresholds must satisfy 0 < low < high, got low={low_threshold}, high={high_threshold}")
     s = snr(alphas_cumprod)
     if band == "all":
         mask = np.ones_like(s, dtype=bool)
@@ -136,14 +134,10 @@ def parse_timesteps(
     elif _LIST.match(text):
         ts = tuple(sorted({int(x) for x in text.split(",")}))
     else:
-        raise UsageError(
-            f"malformed t-spec {spec!r}; use 'A..B', 'A..B:S', 'a,b,c' or one of {', '.join(BAND_NAMES)}"
-        )
+        raise UsageError(f"malformed t-spec {spec!r}; use 'A..B', 'A..B:S', 'a,b,c' or one of {', '.join(BAND_NAMES)}")
     bad = [t for t in ts if not 0 <= t < num_train_timesteps]
     if bad:
-        raise UsageError(
-            f"t-spec {spec!r}: timestep {bad[0]} is outside 0..{num_train_timesteps - 1}"
-        )
+        raise UsageError(f"t-spec {spec!r}: timestep {bad[0]} is outside 0..{num_train_timesteps - 1}")
     return TimestepSpec(text=text, timesteps=ts, band=None)
 
 

@@ -15,9 +15,9 @@ import base64
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -25,7 +25,14 @@ from diffusers import DDPMScheduler, UNet2DModel
 from geomprobe.data import DATASET_FACTS, ImageDataset, load_dataset, parse_classes
 from geomprobe.diffusion import per_sample_loss
 from geomprobe.errors import DataError, UsageError
-from geomprobe.io import CHECKPOINT_META, Interrupted, deferred_interrupts, interrupt_requested, raise_if_interrupted
+from geomprobe.io import (
+    CHECKPOINT_META,
+    Interrupted,
+    deferred_interrupts,
+    interrupt_requested,
+    raise_if_interrupted,
+    torch_generator,
+)
 from geomprobe.models import (
     STAGING,
     TRAINING_COMPLETE,
@@ -78,10 +85,12 @@ class TrainConfig:
 
 
 def generator_state_to_json(gen: torch.Generator) -> str:
+    """A CPU generator's state as base64 text (for train_state.json)."""
     return base64.b64encode(gen.get_state().numpy().tobytes()).decode()
 
 
 def generator_state_from_json(text: str) -> torch.Tensor:
+    """The uint8 state tensor from :func:`generator_state_to_json` text."""
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
@@ -96,6 +105,7 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str,
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    """Load saved optimiser tensors (``"<param id>.<name>"``) and param groups into ``optimizer``."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         pid, name = key.split(".", 1)
@@ -172,6 +182,8 @@ def training_loop(
 
 @dataclass
 class TrainResult:
+    """What ``train`` returns: output directory, steps, final loss, parameter count, seconds, log rows."""
+
     out: Path
     steps: int
     final_loss: float
@@ -233,11 +245,15 @@ def _prepare_out(out: Path, resume: bool) -> bool:
         return False
     if (out / CHECKPOINT_META).is_file():
         if not resume:
-            raise UsageError(f"output directory {out} holds a checkpoint; pass --resume to continue it or choose another --out")
+            raise UsageError(
+                f"output directory {out} holds a checkpoint; pass --resume to continue it or choose another --out"
+            )
         return True
     foreign = [e for e in entries if e not in _BEFORE_FIRST_CHECKPOINT]
     if foreign:
-        raise UsageError(f"output directory {out} is not empty ({foreign[0]}) and holds no geomprobe checkpoint; choose another --out")
+        raise UsageError(
+            f"output directory {out} is not empty ({foreign[0]}) and holds no geomprobe checkpoint; choose another --out"
+        )
     for name in entries:  # a run that never finished its first checkpoint: start again
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -266,14 +282,16 @@ def train(
     torch.manual_seed(config.seed)
     unet = build_unet(config.model, data.image_size, data.channels, data.num_classes)
     scheduler = build_scheduler()
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch_generator(config.seed)
     start_step = 0
     if _prepare_out(out, resume):
         ckpt = load_checkpoint(out)
         saved = ckpt.info.extra.get("train_config", {})
         for key in ("dataset", "model", "image_size", "batch_size", "lr", "seed", "classes"):
             if key in saved and saved[key] != getattr(config, key):
-                raise UsageError(f"--resume with {key}={getattr(config, key)!r} but {out} was trained with {saved[key]!r}")
+                raise UsageError(
+                    f"--resume with {key}={getattr(config, key)!r} but {out} was trained with {saved[key]!r}"
+                )
         unet = ckpt.unet
         state = load_train_state(out)
         if state is None:
@@ -286,7 +304,9 @@ def train(
         tensors = load_optimizer_state(out)
         if tensors is None:
             raise DataError(f"{out} has no optimizer.safetensors; it cannot be resumed")
-        restore_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, load_train_state(out)["param_groups"])
+        restore_optimizer(
+            optimizer, {k: v.to(device) for k, v in tensors.items()}, load_train_state(out)["param_groups"]
+        )
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / TRAIN_LOG
     _truncate_log(log_path, start_step)
@@ -301,8 +321,13 @@ def train(
     def on_checkpoint(step: int) -> None:
         tensors, groups = optimizer_state_tensors(optimizer)
         info = ModelInfo(
-            preset=config.model, dataset=config.dataset, image_size=data.image_size, channels=data.channels,
-            num_classes=data.num_classes, seed=config.seed, step=step,
+            preset=config.model,
+            dataset=config.dataset,
+            image_size=data.image_size,
+            channels=data.channels,
+            num_classes=data.num_classes,
+            seed=config.seed,
+            step=step,
             extra={"train_config": asdict(config), TRAINING_COMPLETE: step >= config.steps},
         )
         train_state = {"step": step, "generator": generator_state_to_json(gen), "param_groups": groups}
@@ -315,12 +340,21 @@ def train(
             on_checkpoint(0)
     else:
         final = training_loop(
-            unet, scheduler, optimizer,
+            unet,
+            scheduler,
+            optimizer,
             lambda: sample_training_batch(data, config.batch_size, scheduler.config.num_train_timesteps, gen),
-            start_step, config.steps, on_log=on_log, on_checkpoint=on_checkpoint,
-            log_every=config.log_every, checkpoint_every=config.checkpoint_every, progress=progress,
+            start_step,
+            config.steps,
+            on_log=on_log,
+            on_checkpoint=on_checkpoint,
+            log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every,
+            progress=progress,
         )
-    return TrainResult(out, config.steps, final, sum(p.numel() for p in unet.parameters()), time.time() - t0, start_step, log_rows)
+    return TrainResult(
+        out, config.steps, final, sum(p.numel() for p in unet.parameters()), time.time() - t0, start_step, log_rows
+    )
 
 
 def read_train_log(out: str | Path) -> list[dict]:
@@ -329,5 +363,6 @@ def read_train_log(out: str | Path) -> list[dict]:
 
 
 def smoothed(values: Iterable[float], window: int = 20) -> list[float]:
+    """Trailing moving average over ``window`` values (shorter at the start)."""
     vals = list(values)
     return [sum(vals[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(vals))]

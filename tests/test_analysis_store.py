@@ -31,9 +31,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
 ROW_KEYS = {
-    "t", "snr", "n", "P", "eigenvalues", "lambda2_over_lambda1", "lambda1_over_trace", "effective_rank", "trace", "frobenius",
-    "mu_norm", "c_star", "rel_err_diag", "rel_err_rank1", "rel_err_rankk", "cos_to_mean", "cos_v1_mu",
+    "t",
+    "snr",
+    "n",
+    "P",
+    "eigenvalues",
+    "lambda2_over_lambda1",
+    "lambda1_over_trace",
+    "effective_rank",
+    "trace",
+    "frobenius",
+    "mu_norm",
+    "c_star",
+    "rel_err_diag",
+    "rel_err_rank1",
+    "rel_err_rankk",
+    "cos_to_mean",
+    "cos_v1_mu",
     "scaled_identity_mse",
 }
 
@@ -144,12 +161,16 @@ def test_fisher_from_store_round_trip(tiny_store, tmp_path):
 
 def test_cli_spectrum_json_and_table(tiny_store, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, ["spectrum", "--grads", str(tiny_store), "--top-k", "3", "--json", "--no-model", "--out", str(tmp_path)])
+    res = runner.invoke(
+        app, ["spectrum", "--grads", str(tiny_store), "--top-k", "3", "--json", "--no-model", "--out", str(tmp_path)]
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert [r["t"] for r in report["rows"]] == [100, 700, 900]
     assert (tmp_path / "spectrum.json").is_file() and (tmp_path / "cosine_maps.h5").is_file()
-    res = runner.invoke(app, ["spectrum", "--grads", str(tiny_store), "--t-range", "700", "--centered", "--out", str(tmp_path)])
+    res = runner.invoke(
+        app, ["spectrum", "--grads", str(tiny_store), "--t-range", "700", "--centered", "--out", str(tmp_path)]
+    )
     assert res.exit_code == 0, res.output
     bad = runner.invoke(app, ["spectrum", "--grads", str(tiny_store), "--max-memory", "lots", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "memory" in bad.output and "Traceback" not in bad.output

@@ -17,9 +17,10 @@ Outputs, written next to the shards (or into ``out_dir``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -53,6 +54,8 @@ class SpectrumEntry:
 
 @dataclass
 class SpectrumResult:
+    """Every analysed key of one spectrum run (``store``: its source), the mu cosine matrix, notes and extras."""
+
     store: str
     centered: bool
     top_k: int
@@ -134,7 +137,9 @@ def select_entries(store: Any, t_range: str | None) -> list[tuple[int | str, lis
             return [(band_key, [band_key])]
         inside = [k for k in keys if k.startswith("t") and int(k[1:]) in set(spec.timesteps)]
         if not inside:
-            raise UsageError(f"store {store.path} has no rows in band {spec.band!r} (it has {', '.join(map(str, store.timesteps))})")
+            raise UsageError(
+                f"store {store.path} has no rows in band {spec.band!r} (it has {', '.join(map(str, store.timesteps))})"
+            )
         return [(int(k[1:]), [k]) for k in inside] + ([(band_key, inside)] if len(inside) > 1 else [])
     missing = [t for t in spec.timesteps if f"t{t}" not in keys]
     if missing:
@@ -216,8 +221,14 @@ def analyze_store(
         means.add(spectrum.mu)
         spectrum.mu = None  # held by ``means`` within the budget
         mse = _store_identity_mse(checkpoint, store, keys) if checkpoint is not None else None
-        rows = {name: torch.cat([getter(k) for k in keys]).numpy()
-                for name, getter in (("labels", store.labels), ("sample_index", store.sample_index), ("t", store.row_timesteps))}
+        rows = {
+            name: torch.cat([getter(k) for k in keys]).numpy()
+            for name, getter in (
+                ("labels", store.labels),
+                ("sample_index", store.sample_index),
+                ("t", store.row_timesteps),
+            )
+        }
         snr = float(np.mean([float(store.meta(k)["snr"]) for k in keys]))
         result.entries.append(SpectrumEntry(label, snr, keys, spectrum, mse, rows=rows, extras=extras))
     result.mu_cosine = means.cosine_matrix()
@@ -230,7 +241,9 @@ def _store_identity_mse(checkpoint: Any, store: Any, keys: list[str]) -> float:
     sq_sum, count = 0.0, 0
     for k in keys:
         batch = store.inputs(k)
-        value = scaled_identity_mse(checkpoint.unet, batch.x0, batch.noise, batch.t, batch.y, checkpoint.scheduler.alphas_cumprod)
+        value = scaled_identity_mse(
+            checkpoint.unet, batch.x0, batch.noise, batch.t, batch.y, checkpoint.scheduler.alphas_cumprod
+        )
         sq_sum += value * len(batch)
         count += len(batch)
     return sq_sum / count

@@ -34,7 +34,6 @@ from geomprobe.fisher.rows import GRAM_SLAB, GramStatistics, gram_product
 from geomprobe.io import DEFAULT_MAX_MEMORY
 
 
-
 @dataclass(frozen=True)
 class ParameterBlock:
     """Columns of the flat parameter vector: ``pieces`` = [(name, start, stop)] flat ranges within each tensor.
@@ -116,8 +115,11 @@ def block_rows(
 def accumulate_block(
     G_b: torch.Tensor, K: np.ndarray, column_sum: np.ndarray, column_sumsq: np.ndarray, columns: tuple[int, int]
 ) -> None:
-    """K += G_b G_b^T (:func:`~geomprobe.fisher.rows.gram_product`: float32 slabs, float64 sums); the
-    block's column sums and sums of squares (float64)."""
+    """K += G_b G_b^T and the block's column sums and sums of squares.
+
+    The product is :func:`~geomprobe.fisher.rows.gram_product` (float32 slabs, float64 sums); the
+    column statistics are float64.
+    """
     a, _ = columns
     K += gram_product(G_b, G_b)
     for c in range(0, G_b.shape[1], GRAM_SLAB):  # float64 per slab: exact squares, a small copy
