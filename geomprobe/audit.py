@@ -37,7 +37,7 @@ from geomprobe.errors import UsageError
 from geomprobe.fisher import audit_math as am
 from geomprobe.fisher.rows import ConcatRows, StoreRows, gram_statistics
 from geomprobe.fisher.spectrum import mean_cosine_matrix
-from geomprobe.io import MANIFEST, atomic_path, derived_seed, parse_memory, write_json
+from geomprobe.io import AUDIT_JSON, MANIFEST, atomic_path, derived_seed, parse_memory, write_json
 from geomprobe.models import checkpoint_checksum, load_model, resolve_device
 from geomprobe.probe.extract import ExtractConfig, extract_gradients, model_dataset, row_inputs, select_samples
 from geomprobe.probe.params import select_parameters
@@ -46,7 +46,6 @@ from geomprobe.probe.store import GradientStore, key_for
 from geomprobe.timesteps import HIGH_SNR_THRESHOLD, LOW_SNR_THRESHOLD, parse_timesteps, snr
 
 CHECKS = (1, 2, 3, 4)
-AUDIT_JSON = "audit.json"
 CHECK_NAMES = {1: "task_dependence", 2: "true_vs_empirical", 3: "stability", 4: "band_ewc"}
 BANDS = ("high-snr", "mid-snr", "low-snr", "all")
 

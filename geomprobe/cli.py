@@ -660,7 +660,9 @@ def continual(
         False, "--compare", help="finetune, diag, rank1, gd, diag+gd, rank1+gd, non-continual"
     ),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last completed task"),
-    max_memory: int = memory_option("the Fisher estimate's per-sample gradients (does not change results)"),
+    max_memory: int = memory_option(
+        "the Fisher estimate's per-sample gradients (not part of the run's identity; may change float rounding)"
+    ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
     quiet: bool = typer.Option(False, "--quiet"),

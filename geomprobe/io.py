@@ -35,6 +35,7 @@ TIMINGS = "timings.jsonl"
 SAMPLES = "samples.h5"
 CHECKPOINT_META = "geomprobe.json"
 TRAIN_STATE = "train_state.json"
+AUDIT_JSON = "audit.json"
 TMP_SUFFIX = ".tmp"
 
 

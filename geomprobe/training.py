@@ -27,6 +27,7 @@ from geomprobe.diffusion import per_sample_loss
 from geomprobe.errors import DataError, UsageError
 from geomprobe.io import (
     CHECKPOINT_META,
+    TRAIN_LOG,
     Interrupted,
     deferred_interrupts,
     interrupt_requested,
@@ -47,8 +48,6 @@ from geomprobe.models import (
     resolve_device,
     save_checkpoint,
 )
-
-TRAIN_LOG = "train_log.jsonl"
 
 
 @dataclass

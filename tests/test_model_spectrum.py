@@ -101,10 +101,10 @@ def test_block_gram_statistics_equal_the_dense_gram_matrix():
     G = rng.standard_normal((9, sum(sizes))).astype(np.float32)
     starts = dict(zip(names, np.cumsum([0, *sizes[:-1]]), strict=True))
 
-    def gradients(block_names, out):
-        out[:] = torch.from_numpy(
-            np.concatenate([G[:, starts[n] : starts[n] + sizes[names.index(n)]] for n in block_names], 1)
-        )
+    def gradients(block_names):  # two chunks of rows, like a model's probe batches
+        rows = np.concatenate([G[:, starts[n] : starts[n] + sizes[names.index(n)]] for n in block_names], 1)
+        yield 0, torch.from_numpy(rows[:5])
+        yield 5, torch.from_numpy(rows[5:])
 
     blocks = parameter_blocks(names, sizes, width=3)
     assert any(isinstance(b, ParameterBlock) and len(b.pieces) > 1 for b in blocks)

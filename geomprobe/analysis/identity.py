@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from geomprobe.diffusion import add_noise, alpha_bar
+from geomprobe.diffusion import add_noise, alpha_bar, predict_noise
 
 
 @torch.no_grad()
@@ -36,13 +36,12 @@ def scaled_identity_mse(
     """
     device = next(unet.parameters()).device
     ac = alphas_cumprod.to(device)
-    has_labels = bool(getattr(unet.config, "num_class_embeds", None))
     total, count = 0.0, 0
     for a in range(0, x0.shape[0], batch_size):
         bx0, bnoise = x0[a : a + batch_size].to(device), noise[a : a + batch_size].to(device)
         bt, by = t[a : a + batch_size].to(device), y[a : a + batch_size].to(device)
         x_t = add_noise(bx0, bnoise, bt, ac)
-        eps_hat = unet(x_t, bt, **({"class_labels": by} if has_labels else {})).sample
+        eps_hat = predict_noise(unet, x_t, bt, by)
         x_hat = (1.0 - alpha_bar(ac, bt)).sqrt() * eps_hat
         total += float((x_t - x_hat).double().pow(2).sum())
         count += x_t.numel()

@@ -278,7 +278,7 @@ def run_continual(
     """Run one strategy for several seeds; write ``out/metrics.jsonl`` and ``out/summary.json``.
 
     ``max_memory``: bytes for the Fisher estimate's per-sample gradients (default 2 GiB);
-    it does not change results, so it is not part of the config a resume compares.
+    it changes at most the float rounding of the Fisher estimate, so it is not part of the config a resume compares.
     """
     config.validate()
     seeds = list(seeds)

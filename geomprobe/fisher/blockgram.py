@@ -12,7 +12,7 @@ Under ``torchrun`` each rank adds a disjoint share of the blocks and :func:`all_
 sums them, so K ranks make about 1/K of the passes each.
 
 Memory: the (n, P_b) float32 block, K (n x n float64) and three (P,) float64 vectors fit in
-``max_memory``. Passes over the data (one forward + backward of the n rows each) = number of
+``max_memory`` (one chunk of per-sample gradients, sized by the same budget, comes on top). Passes over the data (one forward + backward of the n rows each) = number of
 blocks = ceil(P / P_b) with
 
     P_b = (max_memory - 8 n^2 - 24 P) / (4 n)       (about max_memory / (4 n) values)
@@ -23,7 +23,7 @@ recomputed once per range).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,24 +92,30 @@ def parameter_blocks(names: Sequence[str], sizes: Sequence[int], width: int) -> 
     return blocks
 
 
-def block_rows(
-    block: ParameterBlock,
-    gradients: Callable[[list[str], torch.Tensor], None],
-    layout_sizes: dict[str, int],
-    n: int,
-) -> torch.Tensor:
-    """G_b: (n, P_b) float32, filled by ``gradients(names, out)`` with the rows of the block's whole tensors."""
-    names = block.names
+GradientChunks = Callable[[list[str]], Iterator[tuple[int, torch.Tensor]]]
+"""``gradients(names)`` yields (first row, (b, sum of the tensors' sizes) float32 per-sample gradients)."""
+
+
+def block_rows(block: ParameterBlock, gradients: GradientChunks, layout_sizes: dict[str, int], n: int) -> torch.Tensor:
+    """G_b: (n, P_b) float32, the block's columns copied out of each chunk of per-sample gradients.
+
+    Only the block and one chunk are held (no (n, whole tensors) buffer when a tensor is split).
+    """
     offsets, start = {}, 0
-    for name in names:
+    for name in block.names:
         offsets[name] = start
         start += layout_sizes[name]
-    whole = torch.empty(n, start, dtype=torch.float32)
-    gradients(names, whole)
-    if len(block.pieces) == len(names) and all(a == 0 and b == layout_sizes[name] for name, a, b in block.pieces):
-        return whole
-    columns = torch.cat([torch.arange(offsets[name] + a, offsets[name] + b) for name, a, b in block.pieces])
-    return whole[:, columns]
+    out = torch.empty(n, block.size, dtype=torch.float32)
+    filled = 0
+    for first, rows in gradients(block.names):
+        column = 0
+        for name, a, b in block.pieces:
+            out[first : first + rows.shape[0], column : column + b - a] = rows[:, offsets[name] + a : offsets[name] + b]
+            column += b - a
+        filled += rows.shape[0]
+    if filled != n:
+        raise UsageError(f"the per-sample gradients cover {filled} rows, expected {n}")
+    return out
 
 
 def accumulate_block(
@@ -129,7 +135,7 @@ def accumulate_block(
 
 
 def block_gram_statistics(
-    gradients: Callable[[list[str], torch.Tensor], None],
+    gradients: GradientChunks,
     names: Sequence[str],
     sizes: Sequence[int],
     n: int,
@@ -140,8 +146,8 @@ def block_gram_statistics(
     """K = G G^T / n, G^T 1 and column sums of G^2 of n rows, accumulated over parameter blocks.
 
     Args:
-        gradients: ``gradients(block_names, out)`` writes the (n, sum of their sizes) float32
-            per-sample gradients of the parameters ``block_names`` (in that order) into ``out``.
+        gradients: ``gradients(block_names)`` yields (first row, (b, sum of their sizes) float32
+            per-sample gradients of the parameters ``block_names``, in that order), covering rows 0..n-1.
         names: the selected parameters in layout order.
         sizes: the number of values of each parameter in ``names`` (same length and order).
         n: rows.
@@ -169,22 +175,20 @@ def block_gram_statistics(
 
 def model_gradients(
     unet: torch.nn.Module, batches: Sequence, alphas_cumprod: torch.Tensor, max_memory: int = DEFAULT_MAX_MEMORY
-) -> Callable[[list[str], torch.Tensor], None]:
+) -> GradientChunks:
     """The ``gradients`` callback of :func:`block_gram_statistics` for a UNet on probe batches (rows in order)."""
     from geomprobe.probe import per_sample_grads
 
-    def fill(names: list[str], out: torch.Tensor) -> None:
-        a = 0
+    def chunks(names: list[str]) -> Iterator[tuple[int, torch.Tensor]]:
+        first = 0
         for b in batches:
             rows = per_sample_grads(
                 unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, b.target, max_memory=max_memory
             )
-            out[a : a + len(b)] = rows.cpu()
-            a += len(b)
-        if a != out.shape[0]:
-            raise UsageError(f"probe batches hold {a} rows, expected {out.shape[0]}")
+            yield first, rows.cpu()
+            first += len(b)
 
-    return fill
+    return chunks
 
 
 def all_reduce_statistics(stats: GramStatistics) -> GramStatistics:
