@@ -20,3 +20,12 @@ def tiny_unet():
 
     torch.manual_seed(0)
     return build_unet("small1", 8, 1, 10)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (two OpenMP threads spin against other jobs on a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -34,12 +34,7 @@ unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_chann
 """
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ from tests.test_fisher import check_against_dense
 PARAM_REGEX = r"^conv_out\."
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def probe(conditional: bool):

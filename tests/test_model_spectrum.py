@@ -23,12 +23,7 @@ from geomprobe.fisher.spectrum import mean_cosine_matrix
 PARAM_REGEX = r"^(conv_in|conv_out|class_embedding)|norm"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
