@@ -604,8 +604,25 @@ def _check_band_ewc(ctx: _Ctx) -> list[dict]:
 
 def verdicts(doc: dict[str, Any]) -> list[dict[str, str]]:
     """One verdict per claim from the rows of ``doc`` (thresholds stated in each measurement)."""
-    out = []
-    td = (doc.get("task_dependence") or {}).get("rows") or []
+
+    def rows(check: str) -> list[dict]:
+        return (doc.get(check) or {}).get("rows") or []
+
+    out: list[dict[str, str]] = []
+    for check, judge in (
+        ("task_dependence", _task_dependence_verdict),
+        ("true_vs_empirical", _true_vs_empirical_verdict),
+        ("stability", _stability_verdicts),
+        ("band_ewc", _band_ewc_verdict),
+    ):
+        if rows(check):
+            out.extend(judge(rows(check)))
+    return out
+
+
+def _task_dependence_verdict(td: list[dict]) -> list[dict[str, str]]:
+    """§2: the lowest-SNR row's inter-task cosine against the shuffled control and the noise direction."""
+    found = []
     low = [r for r in td if r["snr"] < 0.01] or td[-1:]
     if low:
         r = min(low, key=lambda r: r["snr"])
@@ -613,7 +630,7 @@ def verdicts(doc: dict[str, Any]) -> list[dict[str, str]]:
         ctrl = r["shuffled_control"]["interval"]
         indist = hi >= ctrl[0]
         supports = "critique" if indist or r["cos_to_noise_direction"] > 0.9 else "paper"
-        out.append(
+        found.append(
             {
                 "claim": "§2 the low-SNR rank-1 direction carries task information",
                 "measurement": f"t={r['t']} (SNR {r['snr']:.2g}): mean inter-task cos(mu) {r['mean_inter_task_cos']:.3f} "
@@ -623,78 +640,90 @@ def verdicts(doc: dict[str, Any]) -> list[dict[str, str]]:
                 "supports": supports,
             }
         )
-    tv = (doc.get("true_vs_empirical") or {}).get("rows") or []
-    if tv:
-        ratios = [r["true"]["effective_rank"] / r["empirical"]["effective_rank"] for r in tv]
-        e1 = [r["empirical"]["lambda1_over_trace"] for r in tv]
-        t1 = [r["true"]["lambda1_over_trace"] for r in tv]
-        cv = [r["cos_v1"] for r in tv]
-        # isotropic in the critique's sense: the top direction of the true Fisher explains almost nothing
-        # (<= 5 %) or is unrelated to the empirical one (|cos| < 0.5) at most t
-        iso = np.mean([(x <= 0.05) or (c < 0.5) for x, c in zip(t1, cv, strict=True)])
-        kept = np.mean([(x >= 0.2) and (c >= 0.7) for x, c in zip(t1, cv, strict=True)])
-        supports = "critique" if iso > 0.5 else ("paper" if kept > 0.5 else "neither")
-        out.append(
-            {
-                "claim": "§5 the rank-1 structure is a property of the Fisher, not of the empirical Fisher",
-                "measurement": f"lambda1/trace empirical {min(e1):.2f}..{max(e1):.2f}, true {min(t1):.2f}..{max(t1):.2f}; "
-                f"|cos(v1_true, v1_emp)| {min(cv):.2f}..{max(cv):.2f}; effective rank true/empirical "
-                f"{min(ratios):.2g}..{max(ratios):.2g} over t (critique if the true lambda1/trace <= 0.05 or |cos| < 0.5 "
-                "at most t; paper if lambda1/trace >= 0.2 and |cos| >= 0.7 at most t)",
-                "supports": supports,
-            }
-        )
-    st = (doc.get("stability") or {}).get("rows") or []
-    if st:
-        vac = sum(r["vacuous"] for r in st)
-        sins = [r["measured_sin"] for r in st]
-        rb = [r["residual_bound"] for r in st]
-        supports = "paper" if max(rb) < 0.5 else ("critique" if min(sins) > 0.5 else "neither")
-        certified = [r["t"] for r in st if r["residual_bound"] < 0.5]
-        out.append(
-            {
-                "claim": "§4 v1 is close to mu, certified by a perturbation bound",
-                "measurement": f"Davis-Kahan vacuous at {vac}/{len(st)} t; residual bound ||R v1||/lambda1 "
-                f"{min(rb):.3f}..{max(rb):.3f}; measured sin {min(sins):.3f}..{max(sins):.3f}"
-                f"; bound < 0.5 (v1 within 30 degrees of mu, certified) at t = {certified} "
-                "(paper if certified at every t; critique if the measured sin > 0.5 at every t)",
-                "supports": supports,
-            }
-        )
-        lr = [r["linear_map_residual"] for r in st]
-        idd = [r["identity_distance"] for r in st]
-        supports = (
-            "paper"
-            if max(lr) < 0.1 and max(idd) < 0.5
-            else ("critique" if max(idd) >= 0.5 or max(lr) >= 0.3 else "neither")
-        )
-        out.append(
-            {
-                "claim": "§4 Assumption 1: eps_theta(x_t) is approximately linear (a scaled identity) in x_t",
-                "measurement": f"relative least-squares residual {min(lr):.3f}..{max(lr):.3f}; ||A - aI||_F/||A||_F "
-                f"{min(idd):.3f}..{max(idd):.3f} over t, n={st[0]['n_linear']}; residual < 0.1 at t = "
-                f"{[r['t'] for r in st if r['linear_map_residual'] < 0.1]} "
-                "(paper if residual < 0.1 and distance < 0.5 everywhere)",
-                "supports": supports,
-            }
-        )
-    be = (doc.get("band_ewc") or {}).get("rows") or []
-    if be:
-        by = {r["band"]: r for r in be}
-        best = min((r for r in be if r["band"] != "all"), key=lambda r: r["afid"])
-        a = by["all"]
-        se = math.hypot(best["afid_se"] or 0.0, a["afid_se"] or 0.0)
-        diff = a["afid"] - best["afid"]
-        supports = "critique" if diff > 2 * se and se > 0 else ("paper" if diff <= 2 * se else "neither")
-        out.append(
-            {
-                "claim": "§3 averaging the Fisher over all t is as good as the theorem's low-SNR regime",
-                "measurement": f"AFID@T all-t {a['afid']:.2f} ± {a['afid_se'] or 0:.2f}, best band {best['band']} "
-                f"{best['afid']:.2f} ± {best['afid_se'] or 0:.2f} (critique if a band beats all-t by > 2 SE)",
-                "supports": supports,
-            }
-        )
-    return out
+    return found
+
+
+def _true_vs_empirical_verdict(tv: list[dict]) -> list[dict[str, str]]:
+    """§5: is the true Fisher's top direction strong and the empirical one's?"""
+    found = []
+    ratios = [r["true"]["effective_rank"] / r["empirical"]["effective_rank"] for r in tv]
+    e1 = [r["empirical"]["lambda1_over_trace"] for r in tv]
+    t1 = [r["true"]["lambda1_over_trace"] for r in tv]
+    cv = [r["cos_v1"] for r in tv]
+    # isotropic in the critique's sense: the top direction of the true Fisher explains almost nothing
+    # (<= 5 %) or is unrelated to the empirical one (|cos| < 0.5) at most t
+    iso = np.mean([(x <= 0.05) or (c < 0.5) for x, c in zip(t1, cv, strict=True)])
+    kept = np.mean([(x >= 0.2) and (c >= 0.7) for x, c in zip(t1, cv, strict=True)])
+    supports = "critique" if iso > 0.5 else ("paper" if kept > 0.5 else "neither")
+    found.append(
+        {
+            "claim": "§5 the rank-1 structure is a property of the Fisher, not of the empirical Fisher",
+            "measurement": f"lambda1/trace empirical {min(e1):.2f}..{max(e1):.2f}, true {min(t1):.2f}..{max(t1):.2f}; "
+            f"|cos(v1_true, v1_emp)| {min(cv):.2f}..{max(cv):.2f}; effective rank true/empirical "
+            f"{min(ratios):.2g}..{max(ratios):.2g} over t (critique if the true lambda1/trace <= 0.05 or |cos| < 0.5 "
+            "at most t; paper if lambda1/trace >= 0.2 and |cos| >= 0.7 at most t)",
+            "supports": supports,
+        }
+    )
+    return found
+
+
+def _stability_verdicts(st: list[dict]) -> list[dict[str, str]]:
+    """§4: the residual bound on sin(v1, mu), and Assumption 1 (a linear, scaled-identity denoiser)."""
+    found = []
+    vac = sum(r["vacuous"] for r in st)
+    sins = [r["measured_sin"] for r in st]
+    rb = [r["residual_bound"] for r in st]
+    supports = "paper" if max(rb) < 0.5 else ("critique" if min(sins) > 0.5 else "neither")
+    certified = [r["t"] for r in st if r["residual_bound"] < 0.5]
+    found.append(
+        {
+            "claim": "§4 v1 is close to mu, certified by a perturbation bound",
+            "measurement": f"Davis-Kahan vacuous at {vac}/{len(st)} t; residual bound ||R v1||/lambda1 "
+            f"{min(rb):.3f}..{max(rb):.3f}; measured sin {min(sins):.3f}..{max(sins):.3f}"
+            f"; bound < 0.5 (v1 within 30 degrees of mu, certified) at t = {certified} "
+            "(paper if certified at every t; critique if the measured sin > 0.5 at every t)",
+            "supports": supports,
+        }
+    )
+    lr = [r["linear_map_residual"] for r in st]
+    idd = [r["identity_distance"] for r in st]
+    supports = (
+        "paper"
+        if max(lr) < 0.1 and max(idd) < 0.5
+        else ("critique" if max(idd) >= 0.5 or max(lr) >= 0.3 else "neither")
+    )
+    found.append(
+        {
+            "claim": "§4 Assumption 1: eps_theta(x_t) is approximately linear (a scaled identity) in x_t",
+            "measurement": f"relative least-squares residual {min(lr):.3f}..{max(lr):.3f}; ||A - aI||_F/||A||_F "
+            f"{min(idd):.3f}..{max(idd):.3f} over t, n={st[0]['n_linear']}; residual < 0.1 at t = "
+            f"{[r['t'] for r in st if r['linear_map_residual'] < 0.1]} "
+            "(paper if residual < 0.1 and distance < 0.5 everywhere)",
+            "supports": supports,
+        }
+    )
+    return found
+
+
+def _band_ewc_verdict(be: list[dict]) -> list[dict[str, str]]:
+    """§3: does a single SNR band beat the all-t Fisher by more than 2 standard errors?"""
+    found = []
+    by = {r["band"]: r for r in be}
+    best = min((r for r in be if r["band"] != "all"), key=lambda r: r["afid"])
+    a = by["all"]
+    se = math.hypot(best["afid_se"] or 0.0, a["afid_se"] or 0.0)
+    diff = a["afid"] - best["afid"]
+    supports = "critique" if diff > 2 * se and se > 0 else ("paper" if diff <= 2 * se else "neither")
+    found.append(
+        {
+            "claim": "§3 averaging the Fisher over all t is as good as the theorem's low-SNR regime",
+            "measurement": f"AFID@T all-t {a['afid']:.2f} ± {a['afid_se'] or 0:.2f}, best band {best['band']} "
+            f"{best['afid']:.2f} ± {best['afid_se'] or 0:.2f} (critique if a band beats all-t by > 2 SE)",
+            "supports": supports,
+        }
+    )
+    return found
 
 
 UNIT_INTERVAL_STATS = ("measured_sin", "lambda1_over_trace", "lambda2_over_lambda1")

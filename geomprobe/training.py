@@ -284,19 +284,7 @@ def train(
     gen = torch_generator(config.seed)
     start_step = 0
     if _prepare_out(out, resume):
-        ckpt = load_checkpoint(out)
-        saved = ckpt.info.extra.get("train_config", {})
-        for key in ("dataset", "model", "image_size", "batch_size", "lr", "seed", "classes"):
-            if key in saved and saved[key] != getattr(config, key):
-                raise UsageError(
-                    f"--resume with {key}={getattr(config, key)!r} but {out} was trained with {saved[key]!r}"
-                )
-        unet = ckpt.unet
-        state = load_train_state(out)
-        if state is None:
-            raise DataError(f"{out} has no train_state.json; it cannot be resumed")
-        start_step = int(state["step"])
-        gen.set_state(generator_state_from_json(state["generator"]))
+        unet, start_step = _resume_state(config, out, gen)
     unet.to(device)
     optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
     if start_step > 0:
@@ -317,21 +305,7 @@ def train(
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def on_checkpoint(step: int) -> None:
-        tensors, groups = optimizer_state_tensors(optimizer)
-        info = ModelInfo(
-            preset=config.model,
-            dataset=config.dataset,
-            image_size=data.image_size,
-            channels=data.channels,
-            num_classes=data.num_classes,
-            seed=config.seed,
-            step=step,
-            extra={"train_config": asdict(config), TRAINING_COMPLETE: step >= config.steps},
-        )
-        train_state = {"step": step, "generator": generator_state_to_json(gen), "param_groups": groups}
-        save_checkpoint(out, unet, scheduler, info, optimizer_state=tensors, train_state=train_state)
-
+    on_checkpoint = _checkpoint_writer(config, data, out, unet, scheduler, optimizer, gen)
     t0 = time.time()
     if start_step >= config.steps:
         final = float("nan")
@@ -354,6 +328,41 @@ def train(
     return TrainResult(
         out, config.steps, final, sum(p.numel() for p in unet.parameters()), time.time() - t0, start_step, log_rows
     )
+
+
+def _checkpoint_writer(config: TrainConfig, data, out: Path, unet, scheduler, optimizer, gen: torch.Generator):
+    """``on_checkpoint(step)``: save the model, scheduler, optimizer state and generator state into ``out``."""
+
+    def on_checkpoint(step: int) -> None:
+        tensors, groups = optimizer_state_tensors(optimizer)
+        info = ModelInfo(
+            preset=config.model,
+            dataset=config.dataset,
+            image_size=data.image_size,
+            channels=data.channels,
+            num_classes=data.num_classes,
+            seed=config.seed,
+            step=step,
+            extra={"train_config": asdict(config), TRAINING_COMPLETE: step >= config.steps},
+        )
+        train_state = {"step": step, "generator": generator_state_to_json(gen), "param_groups": groups}
+        save_checkpoint(out, unet, scheduler, info, optimizer_state=tensors, train_state=train_state)
+
+    return on_checkpoint
+
+
+def _resume_state(config: TrainConfig, out: Path, gen: torch.Generator) -> tuple[UNet2DModel, int]:
+    """The checkpoint's UNet and step; ``gen`` set to its saved state; a changed config is refused."""
+    ckpt = load_checkpoint(out)
+    saved = ckpt.info.extra.get("train_config", {})
+    for key in ("dataset", "model", "image_size", "batch_size", "lr", "seed", "classes"):
+        if key in saved and saved[key] != getattr(config, key):
+            raise UsageError(f"--resume with {key}={getattr(config, key)!r} but {out} was trained with {saved[key]!r}")
+    state = load_train_state(out)
+    if state is None:
+        raise DataError(f"{out} has no train_state.json; it cannot be resumed")
+    gen.set_state(generator_state_from_json(state["generator"]))
+    return ckpt.unet, int(state["step"])
 
 
 def read_train_log(out: str | Path) -> list[dict]:
