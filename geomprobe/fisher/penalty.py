@@ -75,8 +75,8 @@ class _Stack:
         self.add_task(*self.task_arguments(fisher), anchor)
 
     def task_arguments(self, fisher) -> tuple:
-        """What ``add_task`` takes of a Fisher, before the anchor."""
-        raise NotImplementedError
+        """What ``add_task`` takes of a Fisher, before the anchor (each representation's stack says)."""
+        raise TypeError(f"{type(self).__name__} has no task arguments; add Fisher objects to a StackedPenalty")
 
     def value(self, *tensors: torch.Tensor) -> torch.Tensor:
         """The penalty at theta = cat(tensors) (each flattened): a 0-dim tensor, differentiable."""
