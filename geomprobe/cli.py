@@ -748,6 +748,10 @@ def spectrum(
     target: str = typer.Option("empirical", help="with --ckpt: empirical | true"),
     seed: int = typer.Option(0, help="with --ckpt: random seed of the rows (as for `grads`)"),
     data_root: Path | None = typer.Option(None, help="with --ckpt: directory with the dataset's files"),
+    dataset: str | None = typer.Option(None, help="with --ckpt: the images to probe with (default: the checkpoint's)"),
+    resize: bool = typer.Option(
+        False, "--resize", help="with --ckpt: bring the dataset's images to the model's size and channels"
+    ),
     top_k: int = typer.Option(5, "--top-k", help="eigenvalues per t, and the rank of the best rank-k error"),
     as_json: bool = typer.Option(False, "--json", help="print spectrum.json to stdout instead of the table"),
     centered: bool = typer.Option(False, "--centered", help="covariance (G - 1 mu^T) instead of the second moment"),
@@ -819,6 +823,8 @@ def spectrum(
                 target=target,
                 seed=seed,
                 data_root=str(data_root) if data_root else None,
+                dataset=dataset,
+                resize=resize,
             )
             result = _spectrum_of_model(config, top_k, centered, max_memory, dev, update)
         else:
@@ -891,7 +897,7 @@ def _spectrum_of_model(config, top_k, centered, max_memory, device, update):
     def on_block(key: str, done: int, blocks: int) -> None:
         if done == blocks:
             done_keys.append(key)
-        update(len(done_keys) * blocks + (done if done < blocks else 0), total=None, key=key, blocks=blocks)
+        update(len(done_keys), total=len(done_keys) + (0 if done == blocks else 1), key=key, blocks=f"{done}/{blocks}")
 
     return analyze_model(
         config, top_k=top_k, centered=centered, max_memory=max_memory, progress=on_block, device=device

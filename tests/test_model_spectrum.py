@@ -179,3 +179,28 @@ def test_torchrun_two_ranks_share_the_blocks_and_equal_one_process(ckpt_and_stor
         for key in ("trace", "frobenius", "c_star", "rel_err_diag", "rel_err_rank1", "lambda2_over_lambda1"):
             assert b[key] == pytest.approx(a[key], rel=1e-12), key
         np.testing.assert_allclose(b["eigenvalues"], a["eigenvalues"], rtol=1e-12)
+
+
+def test_spectrum_of_an_unconditional_attention_pipeline(tmp_path):
+    """spectrum --ckpt on a diffusers pipeline directory (attention, unconditional, RGB 8 px, --resize)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    args = ["--ckpt", str(tmp_path / "pipe"), "--dataset", "digits", "--resize", "--t", "100,800", "--samples", "12"]
+    out = _spectrum([*args, "--max-memory", "64M"], tmp_path, "spec")
+    assert [r["t"] for r in out["rows"]] == [100, 800]
+    assert all(
+        r["P"] == sum(p.numel() for p in unet.parameters()) and 0 < r["lambda1_over_trace"] <= 1 for r in out["rows"]
+    )

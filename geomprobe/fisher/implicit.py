@@ -198,9 +198,9 @@ class ImplicitFisher(FisherMatrix):
         self.info.centered, self.info.n = self.centered, self.info.n or gradients.n
         self.products = 0
         self._mu: torch.Tensor | None = None
+        # the same Fisher with its rows computed chunk by chunk: exact trace, diag, K and frobenius
         blocks = IterableRows(lambda: gradients.row_blocks(self.max_memory), n=gradients.n, P=gradients.P)
         self.rows = GramFisher(blocks, centered=self.centered, max_memory=self.max_memory)
-        """The same Fisher with its rows computed chunk by chunk: exact trace, diag, K and frobenius."""
 
     @classmethod
     def from_model(
