@@ -153,9 +153,18 @@ def _context(config: AuditConfig, out: Path, device: str, max_memory: int, progr
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / MANIFEST
     if manifest.exists():
-        old = json.loads(manifest.read_text()).get("identity")
-        if old != identity:
-            diff = sorted(k for k in set(old or {}) | set(identity) if (old or {}).get(k) != identity.get(k))
+        stored = json.loads(manifest.read_text())
+        old = dict(stored.get("identity") or {})
+        if old.get("continual") is None and identity.get("continual") is not None:
+            # checks 1-3 ran without check 4's training options: check 4 may join the same audit
+            old["continual"] = identity["continual"]
+            write_json(manifest, {**stored, "identity": old})
+        if old != identity and not (
+            identity.get("continual") is None
+            and old.get("continual") is not None
+            and {**old, "continual": None} == identity
+        ):
+            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
             raise UsageError(
                 f"{out} holds an audit of another configuration (differs in {', '.join(diff)}); choose another --out"
             )
