@@ -274,7 +274,10 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
     threads: int | None = threads_option(),
 ) -> None:
-    """Train a label-conditioned UNet2DModel with the DDPM loss."""
+    """Train a label-conditioned UNet2DModel with the DDPM loss.
+
+    Under ``torchrun --nproc-per-node K`` with DistributedDataParallel (K must divide --batch-size).
+    """
     from geomprobe.io import check_count, check_output, check_seed
 
     check_seed(seed)
@@ -282,6 +285,7 @@ def train(
     check_count(steps, "--steps", 0, 2**40)
     check_output(out, "dir")
 
+    from geomprobe.distributed import dist_info
     from geomprobe.training import TrainConfig
     from geomprobe.training import train as run_train
 
@@ -299,6 +303,7 @@ def train(
         device=device,
     )
     config.validate()
+    quiet = quiet or dist_info()[0] != 0  # under torchrun rank 0 alone prints
     with progress_bar("train", steps, quiet) as update:
         result = run_train(config, out, resume=resume, progress=lambda s, loss: update(s, loss=loss))
     table = Table(title=f"trained {model} on {dataset}")
@@ -401,8 +406,8 @@ def grads(
         parse_timesteps(t_range, _num_train_timesteps(ckpt))  # the model's schedule, read as JSON: no torch yet
     check_output(out, "dir")
 
+    from geomprobe.distributed import dist_info
     from geomprobe.probe import ExtractConfig, extract_gradients
-    from geomprobe.probe.extract import dist_info
 
     config = ExtractConfig(
         ckpt=str(ckpt),
