@@ -53,13 +53,20 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
+def _reduce_device() -> torch.device:
+    """Where small all-reduced tensors live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_ok(world: int, ok: bool) -> bool:
     """True on every rank iff ``ok`` on every rank (so one rank's error stops all without a hang)."""
     if world <= 1:
         return ok
     import torch.distributed as dist
 
-    flag = torch.tensor([0 if ok else 1])
+    flag = torch.tensor([0 if ok else 1], device=_reduce_device())
     dist.all_reduce(flag)
     return int(flag.item()) == 0
 
@@ -92,9 +99,9 @@ def mean_over_ranks(world: int, values: dict[str, float]) -> dict[str, float]:
         return values
     import torch.distributed as dist
 
-    flat = torch.tensor(list(values.values()), dtype=torch.float64)
+    flat = torch.tensor(list(values.values()), dtype=torch.float64, device=_reduce_device())
     dist.all_reduce(flat)
-    return dict(zip(values, (flat / world).tolist(), strict=True))
+    return dict(zip(values, (flat / world).cpu().tolist(), strict=True))
 
 
 def rank_slice(batch: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[torch.Tensor, ...]:
