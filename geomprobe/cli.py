@@ -680,6 +680,11 @@ def continual(
 
     options = locals()
     config = ContinualConfig(**{f.name: options[f.name] for f in fields(ContinualConfig)})
+    from geomprobe.distributed import dist_info
+    from geomprobe.errors import UsageError
+
+    if dist_info()[1] > 1:  # each rank would run the whole sequence into the same --out
+        raise UsageError("continual does not run under torchrun yet (only train does); run it as one process")
     memory = max_memory
     seed_list = _parse_seeds(seeds)
     if not compare:

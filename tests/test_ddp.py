@@ -130,3 +130,14 @@ def test_batch_not_divisible_by_the_processes(tmp_path, monkeypatch):
         train(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     assert torch.distributed.is_available()
+
+
+def test_continual_under_torchrun_is_refused(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from geomprobe.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["continual", "--out", str(tmp_path / "cl"), "--quiet"])
+    assert result.exit_code != 0 and "does not run under torchrun" in result.output, result.output
+    assert not (tmp_path / "cl").exists()
