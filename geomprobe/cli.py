@@ -54,8 +54,10 @@ class _GeomprobeGroup(TyperGroup):
         except GeomprobeError as exc:
             Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt as exc:
-            Console(stderr=True).print(_interrupt_message(ctx, exc), highlight=False, soft_wrap=True)
+        except KeyboardInterrupt as exc:  # under torchrun every rank stops; rank 0 alone says so
+            Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0").print(
+                _interrupt_message(ctx, exc), highlight=False, soft_wrap=True
+            )
             raise typer.Exit(130) from None
         except OSError as exc:  # a full disk, a read-only or vanished directory: the system's one line
             where = f": {exc.filename}" if exc.filename else ""

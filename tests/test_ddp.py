@@ -141,3 +141,45 @@ def test_continual_under_torchrun_is_refused(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["continual", "--out", str(tmp_path / "cl"), "--quiet"])
     assert result.exit_code != 0 and "does not run under torchrun" in result.output, result.output
     assert not (tmp_path / "cl").exists()
+
+
+def test_ctrl_c_under_torchrun_saves_the_step_and_resumes(tmp_path):
+    """SIGINT to torchrun (what Ctrl-C in a terminal does): torchrun passes it to the ranks, which
+    agree on the step, save it once, print one resume line (rank 0) and exit; the printed torchrun
+    command finishes the run."""
+    steps, out = 4000, tmp_path / "run"
+    proc = subprocess.Popen(_two(out, steps, 50), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "train_state.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1, err[-3000:]
+    step = json.loads((out / "train_state.json").read_text())["step"]
+    assert f"interrupted at step {step} (checkpoint saved); resume with: " in lines[0]
+    assert 50 <= step < steps
+    resume = shlex.split(lines[0].split(" with: ", 1)[1])
+    assert Path(resume[0]).name == "torchrun" and resume[1:3] == ["--nproc-per-node", "2"] and resume[-1] == "--resume"
+    resume[3:3] = ["--master-port", str(29500 + (os.getpid() + 7) % 1000)]
+    resume[resume.index("--steps") + 1] = str(step + 20)  # finish soon: --steps may change on resume
+    _run(resume)
+    assert json.loads((out / "train_state.json").read_text())["step"] == step + 20
+
+
+def test_resume_command_of_a_torchrun_rank(monkeypatch):
+    from geomprobe.io import resume_command
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    cmd = shlex.split(resume_command(["/x/geomprobe/__main__.py", "train", "--out", "a"], add_resume=True))
+    assert Path(cmd[0]).name == "torchrun" and cmd[1:] == [
+        "--nproc-per-node",
+        "4",
+        "-m",
+        "geomprobe",
+        "train",
+        "--out",
+        "a",
+        "--resume",
+    ]
