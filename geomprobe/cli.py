@@ -274,6 +274,7 @@ def train(
     seed: int = typer.Option(0, help="random seed (weights, batches, noise)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (bf16 autocast of the forward; weights stay float32)"),
     threads: int | None = threads_option(),
 ) -> None:
     """Train a label-conditioned UNet2DModel with the DDPM loss.
@@ -303,6 +304,7 @@ def train(
         data_root=str(data_root) if data_root else None,
         checkpoint_every=checkpoint_every,
         device=device,
+        precision=precision,
     )
     config.validate()
     quiet = quiet or dist_info()[0] != 0  # under torchrun rank 0 alone prints

@@ -83,6 +83,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     device: str = "auto"
+    precision: str = (
+        "fp32"  # fp32 | bf16: bf16 autocast of the UNet's forward (weights, Adam and the loss stay float32)
+    )
 
     def __post_init__(self) -> None:
         if self.image_size is None and self.dataset in DATASET_FACTS:
@@ -98,6 +101,12 @@ class TrainConfig:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.checkpoint_every <= 0 or self.log_every <= 0:
             raise UsageError("--checkpoint-every and --log-every must be positive")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+"""``--precision`` -> the autocast dtype of the training forward (None: no autocast)."""
 
 
 def generator_state_to_json(gen: torch.Generator) -> str:
@@ -157,6 +166,7 @@ def training_loop(
     checkpoint_every: int = 500,
     progress: Callable[[int, float], None] | None = None,
     stop_requested: Callable[[], bool] = lambda: interrupt_requested(),
+    autocast: torch.dtype | None = None,
 ) -> float:
     """Run steps ``start_step+1 .. end_step``; return the last step's total loss.
 
@@ -168,6 +178,8 @@ def training_loop(
     :class:`geomprobe.io.Interrupted` is raised with that step (None without ``on_checkpoint``).
     Under torchrun ``unet`` is the DistributedDataParallel wrapper, ``next_batch`` gives this rank's
     rows and ``stop_requested`` is the Ctrl-C flag agreed by all ranks, so every rank stops at the same step.
+    ``autocast`` (e.g. ``torch.bfloat16``): the denoising forward runs under ``torch.autocast``; its
+    loss is taken in float32, and the extra terms (EWC penalties: the Fisher stays float32) are outside.
     """
     device = next(unet.parameters()).device
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
@@ -177,7 +189,9 @@ def training_loop(
     with deferred_interrupts():
         for step in range(start_step + 1, end_step + 1):
             x0, y, t, noise = (v.to(device) for v in next_batch())
-            terms = {"denoise": per_sample_loss(unet, x0, noise, t, y, alphas_cumprod).mean()}
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                denoise = per_sample_loss(unet, x0, noise, t, y, alphas_cumprod)
+            terms = {"denoise": denoise.float().mean()}
             if extra_loss is not None:
                 terms.update(extra_loss(unet, step))
             loss = sum(terms.values())
@@ -383,6 +397,7 @@ def _train(config, out: Path, resume: bool, progress, rank: int, world: int, dev
             checkpoint_every=config.checkpoint_every,
             progress=progress,
             stop_requested=lambda: any_rank(world, interrupt_requested()),
+            autocast=PRECISIONS[config.precision],
         )
         if world > 1:  # the last step's loss over the global batch (the last log row is that step)
             final = log_rows[-1]["loss"]
