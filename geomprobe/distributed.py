@@ -93,15 +93,30 @@ def on_every_rank(world: int, step: Callable[[], Any], other_failed: str) -> Any
     return value
 
 
+def group_world() -> int:
+    """The world size of the initialised torch.distributed process group; 1 without one."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the ranks of the process group, in float64, on the CPU (``x`` itself without one)."""
+    if group_world() <= 1:
+        return x.double().cpu()
+    import torch.distributed as dist
+
+    total = x.detach().to(_reduce_device(), torch.float64)
+    dist.all_reduce(total)
+    return total.cpu()
+
+
 def mean_over_ranks(world: int, values: dict[str, float]) -> dict[str, float]:
     """Each value averaged over the ranks (in float64; ``values`` itself in a world of 1)."""
     if world <= 1:
         return values
-    import torch.distributed as dist
-
-    flat = torch.tensor(list(values.values()), dtype=torch.float64, device=_reduce_device())
-    dist.all_reduce(flat)
-    return dict(zip(values, (flat / world).cpu().tolist(), strict=True))
+    flat = sum_over_ranks(torch.tensor(list(values.values()), dtype=torch.float64))
+    return dict(zip(values, (flat / world).tolist(), strict=True))
 
 
 def rank_slice(batch: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[torch.Tensor, ...]:

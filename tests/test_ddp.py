@@ -202,3 +202,18 @@ def test_bf16_autocast_trains_float32_weights_close_to_fp32(tmp_path):
     assert all(p.dtype == torch.float32 for p in load_checkpoint(tmp_path / "bf16").unet.parameters())
     with pytest.raises(UsageError, match="--precision"):
         TrainConfig(precision="fp16").validate()
+
+
+def test_task_fisher_sharded_over_two_processes_equals_one(tmp_path):
+    """diag and rank-1 task Fisher (continual/estimate.py) with the probe rows shared by 2 gloo
+    ranks vs one process, 20 probe samples: measured relative differences diag 8.5e-17, mu 3.6e-7,
+    c* 5.2e-8; allowed 1e-5."""
+    worker = ROOT / "tests" / "ddp_fisher_worker.py"
+    port = str(29500 + (os.getpid() + 11) % 1000)
+    _run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", port, str(worker), str(tmp_path / "two.pt")])
+    _run([sys.executable, str(worker), str(tmp_path / "one.pt")])
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["diag"]["n"] == two["diag"]["n"] == two["rank1"]["n"] == 20
+    for a, b in ((one["diag"]["d"], two["diag"]["d"]), (one["rank1"]["mu"], two["rank1"]["mu"])):
+        assert a.dtype == b.dtype and (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert two["rank1"]["c"] == pytest.approx(one["rank1"]["c"], rel=1e-5)
