@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py: the diag and rank-1 task Fisher of a micro UNet, under torchrun or alone.
+"""Run by tests/test_ddp.py: the diag and rank-1 task Fisher of a tiny UNet, under torchrun or alone.
 
 [torchrun --nproc-per-node K] tests/ddp_fisher_worker.py OUT.pt
 """
@@ -6,12 +6,11 @@
 import sys
 
 import torch
-from diffusers import UNet2DModel
 
 from geomprobe.continual.estimate import estimate_task_fisher
 from geomprobe.data import load_dataset
 from geomprobe.distributed import dist_info, init_dist
-from geomprobe.models import build_scheduler
+from geomprobe.models import build_scheduler, build_unet
 from geomprobe.probe.grads import select_parameters
 from geomprobe.timesteps import parse_timesteps
 
@@ -20,18 +19,7 @@ def main(out: str) -> None:
     rank, world = dist_info()
     init_dist(world, torch.device("cpu"))
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        add_attention=False,
-        num_class_embeds=10,
-    )
+    unet = build_unet("small1", 8, 1, 10)  # the tiny_unet of conftest.py
     data = load_dataset("digits", "train", 8).subset([0, 1])
     ac, names, spec = build_scheduler().alphas_cumprod, select_parameters(unet), parse_timesteps("all")
     result = {}
