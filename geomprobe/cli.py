@@ -54,8 +54,10 @@ class _GeomprobeGroup(TyperGroup):
         except GeomprobeError as exc:
             Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt as exc:
-            Console(stderr=True).print(_interrupt_message(ctx, exc), highlight=False, soft_wrap=True)
+        except KeyboardInterrupt as exc:  # under torchrun every rank stops; rank 0 alone says so
+            Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0").print(
+                _interrupt_message(ctx, exc), highlight=False, soft_wrap=True
+            )
             raise typer.Exit(130) from None
         except OSError as exc:  # a full disk, a read-only or vanished directory: the system's one line
             where = f": {exc.filename}" if exc.filename else ""
@@ -272,9 +274,13 @@ def train(
     seed: int = typer.Option(0, help="random seed (weights, batches, noise)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or table"),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (bf16 autocast of the forward; weights stay float32)"),
     threads: int | None = threads_option(),
 ) -> None:
-    """Train a label-conditioned UNet2DModel with the DDPM loss."""
+    """Train a label-conditioned UNet2DModel with the DDPM loss.
+
+    Under ``torchrun --nproc-per-node K`` with DistributedDataParallel (K must divide --batch-size).
+    """
     from geomprobe.io import check_count, check_output, check_seed
 
     check_seed(seed)
@@ -282,6 +288,7 @@ def train(
     check_count(steps, "--steps", 0, 2**40)
     check_output(out, "dir")
 
+    from geomprobe.distributed import dist_info
     from geomprobe.training import TrainConfig
     from geomprobe.training import train as run_train
 
@@ -297,8 +304,10 @@ def train(
         data_root=str(data_root) if data_root else None,
         checkpoint_every=checkpoint_every,
         device=device,
+        precision=precision,
     )
     config.validate()
+    quiet = quiet or dist_info()[0] != 0  # under torchrun rank 0 alone prints
     with progress_bar("train", steps, quiet) as update:
         result = run_train(config, out, resume=resume, progress=lambda s, loss: update(s, loss=loss))
     table = Table(title=f"trained {model} on {dataset}")
@@ -401,8 +410,8 @@ def grads(
         parse_timesteps(t_range, _num_train_timesteps(ckpt))  # the model's schedule, read as JSON: no torch yet
     check_output(out, "dir")
 
+    from geomprobe.distributed import dist_info
     from geomprobe.probe import ExtractConfig, extract_gradients
-    from geomprobe.probe.extract import dist_info
 
     config = ExtractConfig(
         ckpt=str(ckpt),
@@ -675,6 +684,11 @@ def continual(
 
     options = locals()
     config = ContinualConfig(**{f.name: options[f.name] for f in fields(ContinualConfig)})
+    from geomprobe.distributed import dist_info
+    from geomprobe.errors import UsageError
+
+    if dist_info()[1] > 1:  # each rank would run the whole sequence into the same --out
+        raise UsageError("continual does not run under torchrun yet (only train does); run it as one process")
     memory = max_memory
     seed_list = _parse_seeds(seeds)
     if not compare:

@@ -26,9 +26,10 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cum
 def is_label_conditioned(unet: torch.nn.Module) -> bool:
     """True when the UNet takes class labels (``num_class_embeds`` or a class embedding in its config).
 
-    The one conditioning check: an unconditional model ignores labels everywhere.
+    The one conditioning check: an unconditional model ignores labels everywhere. A
+    DistributedDataParallel wrapper (``train`` under torchrun) is looked through to its module.
     """
-    config = getattr(unet, "config", None)
+    config = getattr(getattr(unet, "module", unet), "config", None)
     return bool(getattr(config, "num_class_embeds", None)) or getattr(config, "class_embed_type", None) is not None
 
 

@@ -232,8 +232,9 @@ def deferred_interrupts() -> Iterator[None]:
 def resume_command(argv: list[str] | None = None, add_resume: bool = False) -> str:
     """The command line that reruns this process (``argv``, default ``sys.argv``), shell-quoted.
 
-    ``python -m geomprobe`` when it ran as ``__main__.py``; ``--resume`` appended when ``add_resume`` and
-    absent. Printed on interrupts so that the user can copy it.
+    ``python -m geomprobe`` when it ran as ``__main__.py`` (``torchrun --nproc-per-node K -m geomprobe``
+    for a rank of a torchrun run on one machine); ``--resume`` appended when ``add_resume`` and absent.
+    Printed on interrupts so that the user can copy it.
     """
     import shlex
     import shutil
@@ -249,6 +250,9 @@ def resume_command(argv: list[str] | None = None, add_resume: bool = False) -> s
             else sys.executable
         )
         prefix = [python, "-m", "geomprobe"]
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank under torchrun: torchrun is next to python
+            torchrun = Path(python).with_name("torchrun") if os.sep in python else Path("torchrun")
+            prefix = [str(torchrun), "--nproc-per-node", os.environ.get("LOCAL_WORLD_SIZE", "1"), "-m", "geomprobe"]
     else:
         prefix = [Path(head).name if shutil.which(Path(head).name) else head]
     rest = argv[1:]

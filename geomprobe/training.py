@@ -7,6 +7,13 @@ through ``extra_loss``.
 Reproducibility: one CPU ``torch.Generator`` draws batch indices, timesteps and noise, so a run
 is the same on CPU and CUDA up to kernel differences, and its state is saved with every
 checkpoint; ``--resume`` continues bit-for-bit where the last checkpoint stopped (on CPU).
+
+Under ``torchrun --nproc-per-node K`` (geomprobe/distributed.py) ``train`` wraps the UNet in
+DistributedDataParallel: every rank draws the same global batch from that generator and trains on
+its rows ``[rank::K]``; DDP averages the gradients, so with the per-sample-mean loss a step equals
+the single-process step up to the order of float sums. The generator state in a checkpoint is the
+global one, so a run resumes with any number of processes dividing ``--batch-size``. Rank 0 alone
+writes checkpoints and the log; the other ranks wait at a barrier.
 """
 
 from __future__ import annotations
@@ -24,6 +31,16 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from geomprobe.data import DATASET_FACTS, ImageDataset, load_dataset, parse_classes
 from geomprobe.diffusion import per_sample_loss
+from geomprobe.distributed import (
+    any_rank,
+    barrier,
+    dist_info,
+    init_dist,
+    local_device,
+    mean_over_ranks,
+    on_every_rank,
+    rank_slice,
+)
 from geomprobe.errors import DataError, UsageError
 from geomprobe.io import (
     CHECKPOINT_META,
@@ -66,6 +83,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     device: str = "auto"
+    precision: str = (
+        "fp32"  # fp32 | bf16: bf16 autocast of the UNet's forward (weights, Adam and the loss stay float32)
+    )
 
     def __post_init__(self) -> None:
         if self.image_size is None and self.dataset in DATASET_FACTS:
@@ -81,6 +101,12 @@ class TrainConfig:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.checkpoint_every <= 0 or self.log_every <= 0:
             raise UsageError("--checkpoint-every and --log-every must be positive")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+"""``--precision`` -> the autocast dtype of the training forward (None: no autocast)."""
 
 
 def generator_state_to_json(gen: torch.Generator) -> str:
@@ -139,6 +165,8 @@ def training_loop(
     log_every: int = 10,
     checkpoint_every: int = 500,
     progress: Callable[[int, float], None] | None = None,
+    stop_requested: Callable[[], bool] = lambda: interrupt_requested(),
+    autocast: torch.dtype | None = None,
 ) -> float:
     """Run steps ``start_step+1 .. end_step``; return the last step's total loss.
 
@@ -148,6 +176,10 @@ def training_loop(
     Ctrl-C under the CLI's handler (geomprobe/io.py, "interrupts") stops the loop at the end of the
     current step: ``on_checkpoint(step)`` is called (unless that step was just saved) and
     :class:`geomprobe.io.Interrupted` is raised with that step (None without ``on_checkpoint``).
+    Under torchrun ``unet`` is the DistributedDataParallel wrapper, ``next_batch`` gives this rank's
+    rows and ``stop_requested`` is the Ctrl-C flag agreed by all ranks, so every rank stops at the same step.
+    ``autocast`` (e.g. ``torch.bfloat16``): the denoising forward runs under ``torch.autocast``; its
+    loss is taken in float32, and the extra terms (EWC penalties: the Fisher stays float32) are outside.
     """
     device = next(unet.parameters()).device
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
@@ -157,7 +189,9 @@ def training_loop(
     with deferred_interrupts():
         for step in range(start_step + 1, end_step + 1):
             x0, y, t, noise = (v.to(device) for v in next_batch())
-            terms = {"denoise": per_sample_loss(unet, x0, noise, t, y, alphas_cumprod).mean()}
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                denoise = per_sample_loss(unet, x0, noise, t, y, alphas_cumprod)
+            terms = {"denoise": denoise.float().mean()}
             if extra_loss is not None:
                 terms.update(extra_loss(unet, step))
             loss = sum(terms.values())
@@ -172,7 +206,7 @@ def training_loop(
             saved = on_checkpoint is not None and (step % checkpoint_every == 0 or step == end_step)
             if saved:
                 on_checkpoint(step)
-            if interrupt_requested():
+            if stop_requested():
                 if on_checkpoint is not None and not saved:
                     on_checkpoint(step)
                 raise Interrupted(step if on_checkpoint is not None else None)
@@ -265,12 +299,29 @@ def train(
     resume: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume) a UNet on ``config.dataset``; the checkpoint directory is ``out``."""
+    """Train (or resume) a UNet on ``config.dataset``; the checkpoint directory is ``out``.
+
+    Under torchrun: DistributedDataParallel over the ranks (module docstring); the process group is
+    created here when it does not exist yet, and destroyed at the end if it was.
+    """
+    config.validate()
+    rank, world = dist_info()
+    if config.batch_size % world:
+        raise UsageError(f"--batch-size {config.batch_size} is not divisible by the {world} torchrun processes")
+    device = resolve_device(config.device)
+    started = init_dist(world, device)
+    try:
+        return _train(config, Path(out), resume, progress, rank, world, local_device(device, world))
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(config, out: Path, resume: bool, progress, rank: int, world: int, device: torch.device) -> TrainResult:
     import time
 
-    config.validate()
-    out = Path(out)
-    device = resolve_device(config.device)
     data = load_dataset(config.dataset, "train", config.image_size, config.data_root)
     classes = parse_classes(config.classes, data.num_classes)
     if classes is not None:
@@ -283,7 +334,13 @@ def train(
     scheduler = build_scheduler()
     gen = torch_generator(config.seed)
     start_step = 0
-    if _prepare_out(out, resume):
+    # rank 0 alone clears or refuses --out; the others see its decision (or its error) after it
+    has_checkpoint = on_every_rank(
+        world, lambda: _prepare_out(out, resume) if rank == 0 else None, f"rank 0 could not use --out {out}"
+    )
+    if rank != 0:
+        has_checkpoint = (out / CHECKPOINT_META).is_file()
+    if has_checkpoint:
         unet, start_step = _resume_state(config, out, gen)
     unet.to(device)
     optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
@@ -294,18 +351,33 @@ def train(
         restore_optimizer(
             optimizer, {k: v.to(device) for k, v in tensors.items()}, load_train_state(out)["param_groups"]
         )
-    out.mkdir(parents=True, exist_ok=True)
     log_path = out / TRAIN_LOG
-    _truncate_log(log_path, start_step)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, start_step)
+    barrier(world)
     log_rows: list[dict] = []
 
     def on_log(step: int, values: dict[str, float]) -> None:
-        row = {"step": step, **values}
+        row = {"step": step, **mean_over_ranks(world, values)}
         log_rows.append(row)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
-    on_checkpoint = _checkpoint_writer(config, data, out, unet, scheduler, optimizer, gen)
+    write_checkpoint = _checkpoint_writer(config, data, out, unet, scheduler, optimizer, gen)
+
+    def on_checkpoint(step: int) -> None:
+        if rank == 0:
+            write_checkpoint(step)
+        barrier(world)
+
+    model = unet
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
+    timesteps = scheduler.config.num_train_timesteps
     t0 = time.time()
     if start_step >= config.steps:
         final = float("nan")
@@ -313,10 +385,10 @@ def train(
             on_checkpoint(0)
     else:
         final = training_loop(
-            unet,
+            model,
             scheduler,
             optimizer,
-            lambda: sample_training_batch(data, config.batch_size, scheduler.config.num_train_timesteps, gen),
+            lambda: rank_slice(sample_training_batch(data, config.batch_size, timesteps, gen), rank, world),
             start_step,
             config.steps,
             on_log=on_log,
@@ -324,7 +396,11 @@ def train(
             log_every=config.log_every,
             checkpoint_every=config.checkpoint_every,
             progress=progress,
+            stop_requested=lambda: any_rank(world, interrupt_requested()),
+            autocast=PRECISIONS[config.precision],
         )
+        if world > 1:  # the last step's loss over the global batch (the last log row is that step)
+            final = log_rows[-1]["loss"]
     return TrainResult(
         out, config.steps, final, sum(p.numel() for p in unet.parameters()), time.time() - t0, start_step, log_rows
     )

@@ -9,6 +9,11 @@ The kinds map to the fisher package's builders:
     rankk  power_iteration_from_model stochastic power iteration on fresh minibatches (App. E.4.1),
            or lowrank_from_model      Lanczos on the n fixed samples (``method="lanczos"``)
     full   GramFisher(G)              the n x P per-sample gradients (exact empirical Fisher)
+
+Under an initialised torch.distributed process group (torchrun), diag and rank1 are sharded: every
+rank draws the same probe batches and takes rows [rank::world] of each; the sums (n mu, column sums
+of g^2, sum of (mu^T g_i)^2) are all-reduced in float64, so the Fisher equals one process's up to
+the order of float sums. rankk and full are computed whole on every rank (not sharded yet).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from geomprobe.data import ImageDataset
+from geomprobe.distributed import group_world, sum_over_ranks
 from geomprobe.errors import UsageError
 from geomprobe.fisher.kinds import canonical_kind
 from geomprobe.io import DEFAULT_MAX_MEMORY
@@ -25,6 +31,7 @@ from geomprobe.timesteps import TimestepSpec
 
 RANKK_METHODS = ("power", "lanczos")
 ESTIMATED_KINDS = ("diagonal", "rank1", "lowrank", "gram")  # the kinds of --fisher diag | rank1 | rankk | full
+SHARDED_KINDS = ("diagonal", "rank1")  # shared among torchrun ranks (module docstring)
 
 
 def probe_batches(
@@ -79,6 +86,8 @@ def estimate_task_fisher(
     unet.eval()  # no dropout in these UNets, but keep the estimate independent of the mode
     try:
         batches = probe_batches(data, n, timesteps, generator, batch_size)
+        if kind in SHARDED_KINDS and group_world() > 1:
+            return _sharded(kind, unet, names, batches, alphas_cumprod, timesteps, max_memory)
         if kind == "lowrank" and method == "power":
             return _power_iteration(
                 unet, names, data, alphas_cumprod, timesteps, generator, rank, batch_size, power_iterations
@@ -117,6 +126,34 @@ def _from_batches(kind, unet, names, batches, alphas_cumprod, timesteps: Timeste
     return GramFisher(
         G, info=ImplicitFisher.from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text).info
     )
+
+
+def _sharded(kind, unet, names, batches, alphas_cumprod, timesteps: TimestepSpec, max_memory):
+    """The diag or rank1 Fisher from this rank's rows [rank::world] of every probe batch, sums all-reduced (float64)."""
+    import torch.distributed as dist
+
+    from geomprobe.fisher import DiagonalFisher, ImplicitFisher, Rank1Fisher
+    from geomprobe.fisher.spectrum import rank1_scale
+    from geomprobe.probe import ProbeBatch
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = sum(len(b) for b in batches)
+    if n < world:
+        raise UsageError(f"--fisher-samples {n} is fewer than the {world} torchrun processes")
+    mine = [ProbeBatch(b.x0[rank::world], b.noise[rank::world], b.t[rank::world], b.y[rank::world]) for b in batches]
+    local = ImplicitFisher.from_model(
+        unet, names, [b for b in mine if len(b)], alphas_cumprod, max_memory=max_memory, t_range=timesteps.text
+    )
+    info = local._derived_info()
+    info.n = n
+    if kind == "diagonal":
+        d = local.diag().cpu()
+        return DiagonalFisher((sum_over_ranks(d * local.n) / n).to(d.dtype), info)
+    mu_local = local.mean().cpu()
+    mu = (sum_over_ranks(mu_local * local.n) / n).to(mu_local.dtype)
+    dots_sq = float(sum_over_ranks(local.gradients.jvp(mu).double().pow(2).sum()))
+    c_star = rank1_scale(dots_sq / n, float(mu.double().pow(2).sum()))
+    return Rank1Fisher(mu, c_star, info)
 
 
 def _power_iteration(

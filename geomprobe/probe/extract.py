@@ -18,7 +18,6 @@ Shards, resume and torchrun
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from geomprobe.data import DIGITS_IMAGE_SIZES, ResizedDataset, fit_to_model, load_dataset, parse_classes
+from geomprobe.distributed import barrier, dist_info, init_dist, on_every_rank
 from geomprobe.errors import DataError, UsageError
 from geomprobe.io import derived_seed, numpy_generator, parse_memory, torch_generator
 from geomprobe.models import ModelInfo, checkpoint_checksum, load_model, resolve_device
@@ -156,63 +156,6 @@ class ExtractResult:
     shards_written: int = 0
     shards_skipped: int = 0
     seconds: float = 0.0
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; (0, 1) for a plain process."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _init_dist(world: int, device: torch.device) -> bool:
-    """Initialise the process group under torchrun (gloo on CPU, NCCL on CUDA); True if we did."""
-    if world <= 1:
-        return False
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return True
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _on_every_rank(world: int, step: Callable[[], Any], other_failed: str) -> Any:
-    """``step()`` on this rank; if it fails here or on another rank, raise on every rank.
-
-    So one rank's error stops all without a hang: each rank raises its own error, or a
-    :class:`DataError` ``other_failed``.
-    """
-    error: Exception | None = None
-    value = None
-    try:
-        value = step()
-    except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
-        error = exc
-    if not _all_ok(world, error is None):
-        raise error if error is not None else DataError(other_failed)
-    return value
-
-
-def _all_ok(world: int, ok: bool) -> bool:
-    """True on every rank iff ``ok`` on every rank (so one rank's error stops all without a hang)."""
-    if world <= 1:
-        return ok
-    import torch.distributed as dist
-
-    flag = torch.tensor([0 if ok else 1])
-    dist.all_reduce(flag)
-    return int(flag.item()) == 0
 
 
 # --------------------------------------------------------------------------- rows
@@ -343,14 +286,14 @@ def extract_gradients(
         out=plan.out, n=plan.n, P=plan.P, num_params=plan.layout.P, rank=plan.rank, world_size=plan.world
     )
     summaries = {k: KeySummary(k, plan.key_info[k]["t"], 0, plan.P) for k in plan.keys}
-    _on_every_rank(
+    on_every_rank(
         plan.world,
         lambda: _extract_shards(plan, _file_attrs(plan, manifest), old_sums, result, summaries, progress),
         "another torchrun rank failed; rerun the same command to resume",
     )
     if plan.rank == 0:
         _finish_manifest(plan, manifest)
-    _barrier(plan.world)
+    barrier(plan.world)
     result.keys = list(summaries.values())
     result.seconds = time.perf_counter() - t_start
     return result
@@ -412,7 +355,7 @@ def plan_probe(config: ExtractConfig, out: Path, device: str, max_memory: int | 
     config.validate()
     dev = resolve_device(device)
     rank, world = dist_info()
-    _init_dist(world, dev)
+    init_dist(world, dev)
     budget = parse_memory(max_memory)
     ckpt = load_model(config.ckpt, dev)
     unet, info = ckpt.unet, ckpt.info
@@ -550,7 +493,7 @@ def _open_store(plan: _Plan, manifest: dict[str, Any], overwrite: bool) -> dict[
 
     Returns the old shards' checksums {file: sha256} when resuming, else {}.
     """
-    old = _on_every_rank(
+    old = on_every_rank(
         plan.world,
         lambda: _prepare_out(plan.out, manifest["identity"], overwrite, plan.rank),
         f"another rank could not prepare {plan.out}",
@@ -559,7 +502,7 @@ def _open_store(plan: _Plan, manifest: dict[str, Any], overwrite: bool) -> dict[
         if old is not None:
             manifest["created"] = old.get("created", manifest["created"])
         write_manifest(plan.out, manifest)
-    _barrier(plan.world)
+    barrier(plan.world)
     return {s["file"]: s.get("sha256") for s in old.get("shards", [])} if old else {}
 
 

@@ -1,0 +1,130 @@
+"""torch.distributed under torchrun: the process group, rank slices of a batch, and rank agreement.
+
+Every multi-process command (``grads``, ``spectrum --ckpt``, ``train``) runs under PyTorch's own
+launcher, ``torchrun --nproc-per-node K -m geomprobe ...``; geomprobe has no launcher of its own.
+The process group is gloo on CPU and NCCL on CUDA. A plain process is rank 0 of a world of 1, and
+every helper here is then a no-op, so the single-process path runs exactly as without torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from geomprobe.errors import DataError
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_dist(world: int, device: torch.device) -> bool:
+    """Initialise the process group under torchrun (gloo on CPU, NCCL on CUDA); True if we did."""
+    if world <= 1:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return True
+
+
+def local_device(device: torch.device, world: int) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` for CUDA under torchrun (made current), else ``device``."""
+    if world <= 1 or device.type != "cuda":
+        return device
+    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(local)
+    return local
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank (nothing in a world of 1)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _reduce_device() -> torch.device:
+    """Where small all-reduced tensors live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_ok(world: int, ok: bool) -> bool:
+    """True on every rank iff ``ok`` on every rank (so one rank's error stops all without a hang)."""
+    if world <= 1:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if ok else 1], device=_reduce_device())
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def any_rank(world: int, flag: bool) -> bool:
+    """True on every rank iff ``flag`` on some rank (e.g. a Ctrl-C that reached one rank first)."""
+    return not all_ok(world, not flag)
+
+
+def on_every_rank(world: int, step: Callable[[], Any], other_failed: str) -> Any:
+    """``step()`` on this rank; if it fails here or on another rank, raise on every rank.
+
+    So one rank's error stops all without a hang: each rank raises its own error, or a
+    :class:`DataError` ``other_failed``.
+    """
+    error: Exception | None = None
+    value = None
+    try:
+        value = step()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        error = exc
+    if not all_ok(world, error is None):
+        raise error if error is not None else DataError(other_failed)
+    return value
+
+
+def group_world() -> int:
+    """The world size of the initialised torch.distributed process group; 1 without one."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the ranks of the process group, in float64, on the CPU (``x`` itself without one)."""
+    if group_world() <= 1:
+        return x.double().cpu()
+    import torch.distributed as dist
+
+    total = x.detach().to(_reduce_device(), torch.float64)
+    dist.all_reduce(total)
+    return total.cpu()
+
+
+def mean_over_ranks(world: int, values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks (in float64; ``values`` itself in a world of 1)."""
+    if world <= 1:
+        return values
+    flat = sum_over_ranks(torch.tensor(list(values.values()), dtype=torch.float64))
+    return dict(zip(values, (flat / world).tolist(), strict=True))
+
+
+def rank_slice(batch: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    """This rank's rows ``[rank::world]`` of a global batch (the batch itself in a world of 1).
+
+    Every rank draws the same global batch from the same seeded generator and keeps its slice, so
+    the data order (and the generator state a checkpoint saves) does not depend on the world size.
+    """
+    if world <= 1:
+        return batch
+    return tuple(v[rank::world] for v in batch)
