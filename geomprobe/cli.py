@@ -352,6 +352,76 @@ def sample(
     console(quiet).print(f"wrote {grid.path} ({len(grid.samples)} samples, {what})", highlight=False, soft_wrap=True)
 
 
+# ---------------------------------------------------------------- energy (which samples are forgotten)
+
+
+@app.command()
+def energy(
+    ckpt: Path = typer.Option(..., "--ckpt", help="geomprobe checkpoint, diffusers pipeline or UNet2DModel directory"),
+    out: Path = typer.Option(..., "--out", help="HDF5 file to write (sample index, label, energy, per-t losses)"),
+    dataset: str | None = typer.Option(None, help="digits | mnist | ... (default: the checkpoint's)"),
+    split: str = typer.Option("train", help="train | test"),
+    classes: str | None = typer.Option(None, help="only these classes, e.g. '0,1' or '0..4' (default: all)"),
+    t: str = typer.Option(
+        "50,150,250,350,450,550,650,750,850,950", "--t", help="comma-separated timesteps of the energy"
+    ),
+    draws: int = typer.Option(4, help="noise draws per sample and timestep"),
+    data_root: Path | None = typer.Option(None, help="directory with the dataset's files (all but digits)"),
+    seed: int = typer.Option(0, help="seed of the noise draws"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="print the per-class summary as JSON on stdout"),
+    quiet: bool = typer.Option(False, "--quiet"),
+    threads: int | None = threads_option(),
+) -> None:
+    """Per-sample energy (denoising loss averaged over fixed timesteps and seeded noise draws; seed 004)."""
+    from geomprobe.errors import UsageError
+    from geomprobe.io import check_count, check_output, check_seed
+
+    check_seed(seed)
+    check_count(draws, "--draws", 1, 10_000)
+    check_output(out, "file")
+    try:
+        timesteps = [int(v) for v in t.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"--t {t!r}: give comma-separated integer timesteps, e.g. 50,150,250") from None
+    if not timesteps:
+        raise UsageError("--t is empty")
+    limit = _num_train_timesteps(ckpt)
+    bad = [v for v in timesteps if not 0 <= v < limit]
+    if bad:
+        raise UsageError(f"--t {bad[0]} is outside 0..{limit - 1}")
+
+    from geomprobe.energy import compute_energies, write_energy
+
+    with progress_bar("energy", 0, quiet, unit="images") as update:
+        result = compute_energies(
+            ckpt,
+            dataset,
+            split,
+            classes,
+            timesteps,
+            draws,
+            seed,
+            data_root=str(data_root) if data_root else None,
+            device=device,
+            progress=lambda done, total: update(done, total=total),
+        )
+    write_energy(out, result)
+    summary = result.class_summary()
+    if json_out:
+        print_json({"out": str(out), "timesteps": timesteps, "draws": draws, "classes": summary})
+        return
+    table = Table(title=f"energy per class ({result.attrs['dataset']} {split}, {len(result.energy)} images)")
+    for col in ("class", "n", "mean", "median", "std", "min", "max"):
+        table.add_column(col, justify="right")
+    for row in summary:
+        table.add_row(
+            str(row["label"]), str(row["n"]), *[f"{row[k]:.2f}" for k in ("mean", "median", "std", "min", "max")]
+        )
+    console(quiet).print(table)
+    console(quiet).print(f"wrote {out}", highlight=False, soft_wrap=True)
+
+
 # ---------------------------------------------------------------- grads (probe engine)
 
 
