@@ -717,6 +717,7 @@ def continual(
     t_range: str = _config_option("t_range", "--t", "--t-range"),
     replay: str = _config_option("replay"),
     replay_per_class: int = _config_option("replay_per_class"),
+    replay_select: str = _config_option("replay_select"),
     replay_batch: int = _config_option("replay_batch"),
     gd_weight: float = _config_option("gd_weight"),
     fid_features: str = _config_option("fid_features"),

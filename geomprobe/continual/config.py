@@ -17,6 +17,7 @@ from geomprobe.errors import DataError, UsageError
 
 FISHER_CHOICES = ("none", "diag", "rank1", "rankk", "full")
 REPLAY_CHOICES = ("auto", "none", "generative", "real")
+SELECT_CHOICES = ("random", "high-energy", "low-energy", "stratified", "similarity")
 FEATURE_CHOICES = ("classifier", "inception")
 
 # --compare: the paper's Table 1 rows (+ fine-tuning, App. E.4.2); name -> config overrides
@@ -83,6 +84,11 @@ class ContinualConfig:
     t_range: str = _opt("all", "timesteps of the Fisher estimate: all | low-snr | mid-snr | high-snr | 100..900 ...")
     replay: str = _opt("auto", "replay images: generative | real | none (auto: generative with --gd)")
     replay_per_class: int = _opt(64, "replay images per earlier class (paper: 5000)")
+    replay_select: str = _opt(
+        "random",
+        "--replay real: which exemplars of each earlier class: random | high-energy | low-energy | stratified "
+        "(energy quantiles) | similarity (nearest the class mean); energies from the previous task's model",
+    )
     replay_batch: int = _opt(64, "replay images per step")
     gd_weight: float = _opt(1.0, "weight of the distillation loss")
     fid_features: str = _opt("classifier", "classifier (cached small CNN) | inception")
@@ -121,6 +127,8 @@ class ContinualConfig:
             parts.append("gd")
         elif self.replay_source != "none":
             parts.append(f"replay-{self.replay_source}")
+            if self.replay_select != "random":
+                parts[-1] += f"-{self.replay_select}"
         return "+".join(parts) if parts else "finetune"
 
     def validate(self) -> None:
@@ -143,6 +151,7 @@ class ContinualConfig:
             "fid_features": (FEATURE_CHOICES, "unknown --fid-features"),
             "rankk_method": (("power", "lanczos"), "unknown --rankk-method"),
             "lambda_units": (("paper", "raw"), "unknown --lambda-units"),
+            "replay_select": (SELECT_CHOICES, "unknown --replay-select"),
         }
         for name, (allowed, message) in choices.items():
             if getattr(self, name) not in allowed:
@@ -179,6 +188,8 @@ class ContinualConfig:
             raise UsageError("--non-continual trains on all tasks seen so far; it takes no --fisher, --gd or --replay")
         if self.gd and self.replay_source == "none":
             raise UsageError("--gd needs replay images: --replay generative or real")
+        if self.replay_select != "random" and self.replay_source != "real":
+            raise UsageError(f"--replay-select {self.replay_select} chooses real exemplars: it needs --replay real")
         if self.replay_source != "none" and self.replay_per_class == 0:
             raise UsageError("--replay needs --replay-per-class > 0")
 
