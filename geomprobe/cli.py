@@ -718,6 +718,8 @@ def continual(
     replay: str = _config_option("replay"),
     replay_per_class: int = _config_option("replay_per_class"),
     replay_select: str = _config_option("replay_select"),
+    replay_code: str = _config_option("replay_code", "--code"),
+    budget_bytes: int = _config_option("budget_bytes"),
     replay_batch: int = _config_option("replay_batch"),
     gd_weight: float = _config_option("gd_weight"),
     fid_features: str = _config_option("fid_features"),

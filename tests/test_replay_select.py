@@ -108,3 +108,62 @@ def test_real_pool_random_unchanged_and_high_energy_uses_the_model(tiny_unet, on
     assert y.tolist() == [0, 0, 0, 2, 2, 2]
     with pytest.raises(UsageError, match="previous task's model"):
         replay_pool_real(train, [0], 3, torch.Generator(), "low-energy")
+
+
+# ---------------------------------------------------------------- compact replay (PCA codes)
+
+
+def test_pca_code_round_trip_is_the_projection_and_bytes_are_counted():
+    from geomprobe.continual.compact import PCACode, compact_pool
+
+    g = torch.Generator().manual_seed(2)
+    fit = torch.rand(40, 1, 4, 4, generator=g) * 2 - 1
+    x = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1
+    pool = compact_pool(fit, x, torch.arange(6), budget_bytes=22)  # k = 22 // 4 = 5
+    code = pool.code
+    assert code.k == 5 and code.code_bytes == 20
+    # reference: projection onto the top-5 right singular vectors of the centred fit data (numpy, float64)
+    import numpy as np
+
+    f = fit.flatten(1).double().numpy()
+    mu = f.mean(0)
+    v = np.linalg.svd(f - mu, full_matrices=False)[2][:5]
+    proj = mu + ((x.flatten(1).double().numpy() - mu) @ v.T) @ v
+    np.testing.assert_allclose(code.decode(code.encode(x)).flatten(1).numpy(), proj, atol=1e-5)
+    # memory accounting = the bytes actually stored
+    assert pool.codes.shape == (6, 5) and pool.codes.dtype == torch.float32
+    assert pool.stored_bytes == 6 * code.code_bytes == pool.codes.untyped_storage().nbytes()
+    assert code.basis_bytes == code.mean.untyped_storage().nbytes() + code.components.untyped_storage().nbytes()
+    assert pool.images().min() >= -1 and pool.images().max() <= 1
+    full = PCACode.fit(fit, 16)  # k = D: lossless
+    torch.testing.assert_close(full.decode(full.encode(x)), x, atol=1e-5, rtol=0)
+
+
+def test_compact_bad_input_and_config():
+    from geomprobe.continual.compact import compact_pool
+
+    x = torch.zeros(4, 1, 2, 2)
+    with pytest.raises(UsageError, match="smaller than one code"):
+        compact_pool(x, x, torch.zeros(4), budget_bytes=3)
+    with pytest.raises(UsageError, match="unknown --code"):
+        compact_pool(x, x, torch.zeros(4), budget_bytes=8, code="jpeg")
+    with pytest.raises(UsageError, match="smaller than one code"):
+        ContinualConfig(replay="compact").validate()
+    with pytest.raises(UsageError, match="unknown --code"):
+        ContinualConfig(replay="compact", budget_bytes=64, replay_code="vae").validate()
+    cfg = ContinualConfig(replay="compact", budget_bytes=64)
+    cfg.validate()
+    assert cfg.strategy == "replay-compact-pca64B"
+
+
+def test_compact_replay_pool(tiny_unet):
+    from geomprobe.continual.compact import compact_pool
+    from geomprobe.continual.replay import replay_pool
+
+    train = _dataset()
+    cfg = ContinualConfig(replay="compact", budget_bytes=12, replay_per_class=2, image_size=8)
+    x, y = replay_pool(cfg, train, tiny_unet, build_scheduler(), [0, 1], torch.Generator().manual_seed(4))
+    ex, ey = replay_pool_real(train, [0, 1], 2, torch.Generator().manual_seed(4))
+    fit = train.batch(torch.nonzero(train.labels < 2).flatten())[0]
+    assert torch.equal(y, ey)
+    torch.testing.assert_close(x, compact_pool(fit, ex, ey, 12).images())

@@ -131,6 +131,12 @@ def replay_pool(
         return None
     if config.replay_source == "real":
         return replay_pool_real(train, earlier, config.replay_per_class, gen, config.replay_select, unet, scheduler)
+    if config.replay_source == "compact":
+        from geomprobe.continual.compact import compact_pool
+
+        x, y = replay_pool_real(train, earlier, config.replay_per_class, gen, config.replay_select, unet, scheduler)
+        fit, _ = train.batch(torch.nonzero(torch.isin(train.labels, torch.tensor(earlier))).flatten())
+        return compact_pool(fit, x, y, config.budget_bytes, config.replay_code).images(), y
     return replay_pool_generated(unet, scheduler, earlier, config.replay_per_class, config.sample_steps, gen)
 
 
