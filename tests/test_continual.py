@@ -433,3 +433,13 @@ def test_paper_lambda_units_keep_the_penalty_to_loss_balance():
             + (D / 2) * grad_loss_mean
         )
         torch.testing.assert_close(g_ours, (D / 2) * g_paper, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"replay": "real", "replay_select": "stratified"}, {"replay": "compact", "budget_bytes": 16}]
+)
+def test_tiny_run_with_selected_or_compact_replay(tmp_path, kw):
+    cfg = _tiny(steps_per_task=2, batch_size=8, n_generated=4, replay_per_class=3, replay_batch=4, **kw)
+    cfg.validate()
+    res = run_continual(cfg, tmp_path / "run", seeds=[0], cache_dir=tmp_path / "cache")
+    assert res.strategy == cfg.strategy and "2" in res.afid

@@ -167,27 +167,3 @@ def test_compact_replay_pool(tiny_unet):
     fit = train.batch(torch.nonzero(train.labels < 2).flatten())[0]
     assert torch.equal(y, ey)
     torch.testing.assert_close(x, compact_pool(fit, ex, ey, 12).images())
-
-
-@pytest.mark.parametrize(
-    "kw", [{"replay": "real", "replay_select": "stratified"}, {"replay": "compact", "budget_bytes": 16}]
-)
-def test_tiny_continual_run_with_selected_or_compact_replay(tmp_path, kw, one_thread):
-    from geomprobe.continual.runner import run_continual
-
-    cfg = ContinualConfig(
-        model="small1",
-        image_size=8,
-        tasks=2,
-        steps_per_task=2,
-        batch_size=8,
-        n_generated=4,
-        sample_steps=2,
-        replay_per_class=3,
-        replay_batch=4,
-        classifier_steps=5,
-        **kw,
-    )
-    cfg.validate()
-    res = run_continual(cfg, tmp_path / "run", seeds=[0], cache_dir=tmp_path / "cache")
-    assert res.strategy == cfg.strategy and "2" in res.afid
