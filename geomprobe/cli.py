@@ -721,6 +721,7 @@ def continual(
     replay_code: str = _config_option("replay_code", "--code"),
     budget_bytes: int = _config_option("budget_bytes"),
     replay_batch: int = _config_option("replay_batch"),
+    energy_records: bool = _config_option("energy_records", "--energy-records/--no-energy-records"),
     gd_weight: float = _config_option("gd_weight"),
     fid_features: str = _config_option("fid_features"),
     inception_weights: str | None = _config_option("inception_weights"),

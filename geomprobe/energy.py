@@ -296,3 +296,33 @@ def compute_energies(
             "seed": int(seed),
         },
     )
+
+
+def energy_change_summary(
+    before: np.ndarray, after: np.ndarray, replicates: int = 1000, seed: int = 0, quantiles: int = 4
+) -> dict:
+    """Intrinsic forgetting of one task change (seed 004): how the energies of earlier samples rose.
+
+    Returns ``{"n", "mean_before", "mean_increase", "spearman", "spearman_ci": [lo, hi], "level",
+    "replicates", "increase_by_quantile": [mean increase of each energy-before quantile bin, low to high]}``;
+    ``spearman`` is Spearman's rho of (energy before, increase) with a 95% percentile bootstrap interval.
+    """
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    rise = after - before
+    rho, lo, hi = spearman_interval(before, rise, replicates=replicates, seed=seed)
+    order = np.argsort(before, kind="stable")
+    bins = [b for b in np.array_split(order, quantiles) if len(b)]
+
+    def num(v: float) -> float | None:
+        return None if not np.isfinite(v) else float(v)
+
+    return {
+        "n": int(len(before)),
+        "mean_before": num(before.mean()) if len(before) else None,
+        "mean_increase": num(rise.mean()) if len(rise) else None,
+        "spearman": num(rho),
+        "spearman_ci": [num(lo), num(hi)],
+        "level": 0.95,
+        "replicates": int(replicates),
+        "increase_by_quantile": [float(rise[b].mean()) for b in bins],
+    }

@@ -98,6 +98,11 @@ class ContinualConfig:
     )
     budget_bytes: int = _opt(0, "--replay compact: bytes per stored exemplar (pca: k = N // 4 float32 coefficients)")
     replay_batch: int = _opt(64, "replay images per step")
+    energy_records: bool = _opt(
+        False,
+        "after each task change, every earlier-task training image's energy before and after "
+        "(energy-task{k}.h5, intrinsic_forgetting.jsonl; seed 004's intrinsic forgetting)",
+    )
     gd_weight: float = _opt(1.0, "weight of the distillation loss")
     fid_features: str = _opt("classifier", "classifier (cached small CNN) | inception")
     inception_weights: str | None = _opt(None, "local Inception weights for --fid-features inception")
