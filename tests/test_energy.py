@@ -184,3 +184,23 @@ def test_energy_cli(tmp_path, tiny_unet, one_thread):
     np.testing.assert_allclose(back.energy, back.per_t.mean(1), rtol=1e-6)
     bad = CliRunner().invoke(app, ["energy", "--ckpt", str(ck), "--t", "5000", "--out", str(out)])
     assert bad.exit_code != 0 and "outside" in bad.output and "Traceback" not in bad.output
+
+
+def test_forgetting_figures(tmp_path):
+    import h5py
+
+    from geomprobe.figures import make_figures
+    from geomprobe.io import write_jsonl
+
+    seed_dir = tmp_path / "run" / "seed-0"
+    seed_dir.mkdir(parents=True)
+    kind, before, after = _hopfield_task_change()
+    with h5py.File(seed_dir / "energy-task1.h5", "w") as f:
+        f["energy_before"], f["energy_after"], f["labels"] = before, after, kind
+    rho, lo, hi = spearman_interval(before, after - before, replicates=50)
+    row = {"seed": 0, "strategy": "replay-real", "after_task": 1, "spearman": rho, "spearman_ci": [lo, hi]}
+    write_jsonl(seed_dir / "intrinsic_forgetting.jsonl", [row])
+    report = make_figures([tmp_path / "run"], tmp_path / "fig")
+    made = {f.name for f in report.made}
+    assert {"fig_energy_correlation", "fig_energy_forgetting"} <= made
+    assert (tmp_path / "fig" / "fig_energy_forgetting.png").is_file()
