@@ -366,6 +366,9 @@ def energy(
         "50,150,250,350,450,550,650,750,850,950", "--t", help="comma-separated timesteps of the energy"
     ),
     draws: int = typer.Option(4, help="noise draws per sample and timestep"),
+    alignment_t: str | None = typer.Option(
+        None, "--alignment-t", help="also |cos(g_i, mu_t)| at these timesteps, e.g. 100,500,900 (per-sample gradients)"
+    ),
     data_root: Path | None = typer.Option(None, help="directory with the dataset's files (all but digits)"),
     seed: int = typer.Option(0, help="seed of the noise draws"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -374,22 +377,13 @@ def energy(
     threads: int | None = threads_option(),
 ) -> None:
     """Per-sample energy (denoising loss averaged over fixed timesteps and seeded noise draws; seed 004)."""
-    from geomprobe.errors import UsageError
     from geomprobe.io import check_count, check_output, check_seed
 
     check_seed(seed)
     check_count(draws, "--draws", 1, 10_000)
     check_output(out, "file")
-    try:
-        timesteps = [int(v) for v in t.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise UsageError(f"--t {t!r}: give comma-separated integer timesteps, e.g. 50,150,250") from None
-    if not timesteps:
-        raise UsageError("--t is empty")
-    limit = _num_train_timesteps(ckpt)
-    bad = [v for v in timesteps if not 0 <= v < limit]
-    if bad:
-        raise UsageError(f"--t {bad[0]} is outside 0..{limit - 1}")
+    timesteps = _timestep_list(t, "--t", ckpt)
+    aligned = _timestep_list(alignment_t, "--alignment-t", ckpt) if alignment_t else []
 
     from geomprobe.energy import compute_energies, write_energy
 
@@ -405,11 +399,14 @@ def energy(
             data_root=str(data_root) if data_root else None,
             device=device,
             progress=lambda done, total: update(done, total=total),
+            alignment_t=aligned,
         )
     write_energy(out, result)
-    summary = result.class_summary()
+    summary, alignment = result.class_summary(), result.alignment_summary()
     if json_out:
-        print_json({"out": str(out), "timesteps": timesteps, "draws": draws, "classes": summary})
+        print_json(
+            {"out": str(out), "timesteps": timesteps, "draws": draws, "classes": summary, "alignment": alignment}
+        )
         return
     table = Table(title=f"energy per class ({result.attrs['dataset']} {split}, {len(result.energy)} images)")
     for col in ("class", "n", "mean", "median", "std", "min", "max"):
@@ -419,7 +416,30 @@ def energy(
             str(row["label"]), str(row["n"]), *[f"{row[k]:.2f}" for k in ("mean", "median", "std", "min", "max")]
         )
     console(quiet).print(table)
+    for row in alignment:
+        lo, hi = row["ci"]
+        console(quiet).print(
+            f"t={row['t']}: Spearman(energy, |cos(g_i, mu)|) = {row['spearman']:.3f} [{lo:.3f}, {hi:.3f}]",
+            highlight=False,
+        )
     console(quiet).print(f"wrote {out}", highlight=False, soft_wrap=True)
+
+
+def _timestep_list(text: str, option: str, ckpt: Path) -> list[int]:
+    """Comma-separated timesteps in 0..N-1 of the model's schedule (one-line UsageError otherwise)."""
+    from geomprobe.errors import UsageError
+
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give comma-separated integer timesteps, e.g. 50,150,250") from None
+    if not values:
+        raise UsageError(f"{option} is empty")
+    limit = _num_train_timesteps(ckpt)
+    bad = [v for v in values if not 0 <= v < limit]
+    if bad:
+        raise UsageError(f"{option} {bad[0]} is outside 0..{limit - 1}")
+    return values
 
 
 # ---------------------------------------------------------------- grads (probe engine)

@@ -164,6 +164,15 @@ class EnergyResult:
     per_t: np.ndarray
     timesteps: np.ndarray
     attrs: dict = field(default_factory=dict)
+    alignment: dict[int, np.ndarray] = field(default_factory=dict)  # t -> |cos(g_i, mu_t)| (n,)
+
+    def alignment_summary(self, replicates: int = 1000, seed: int = 0) -> list[dict]:
+        """Per alignment t: Spearman's rho of (energy, |cos(g_i, mu_t)|) with its 95% bootstrap interval."""
+        rows = []
+        for t, cos in sorted(self.alignment.items()):
+            rho, lo, hi = spearman_interval(self.energy, cos, replicates=replicates, seed=seed)
+            rows.append({"t": int(t), "spearman": rho, "ci": [lo, hi], "median_abs_cos": float(np.median(cos))})
+        return rows
 
     def class_summary(self) -> list[dict]:
         """Per class: count, mean, median, std, min and max energy (classes in increasing order)."""
@@ -200,6 +209,8 @@ def write_energy(path: str | Path, result: EnergyResult) -> Path:
         )
         for key, value in result.attrs.items():
             f.attrs[key] = "" if value is None else value
+        for t, cos in result.alignment.items():
+            f.create_dataset(f"abs_cos_mu/t{int(t)}", data=np.asarray(cos, dtype=np.float64))
     return path
 
 
@@ -217,6 +228,7 @@ def read_energy(path: str | Path, checksum: str | None = None) -> EnergyResult:
                 per_t=f["per_t"][()],
                 timesteps=f["t"][()],
                 attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()},
+                alignment={int(k[1:]): f["abs_cos_mu"][k][()] for k in f.get("abs_cos_mu", {})},
             )
     except (OSError, KeyError) as exc:
         raise DataError(f"{path} is not an energy file: {str(exc).splitlines()[0]}") from None
@@ -238,10 +250,13 @@ def compute_energies(
     device: str = "cpu",
     batch_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    alignment_t: Sequence[int] = (),
 ) -> EnergyResult:
     """Energies of every image of ``split`` (of ``classes``, default all) under the model in ``ckpt``.
 
     ``progress(done, total)`` after each batch. The model's dataset is used when ``dataset`` is None.
+    ``alignment_t``: also |cos(g_i, mu_t)| at these t (:func:`gradient_alignment`; one per-sample gradient
+    of every image per t, so mind the number of images).
     """
     from geomprobe.data import DIGITS_IMAGE_SIZES, fit_to_model, load_dataset, parse_classes
     from geomprobe.models import checkpoint_checksum, load_model, resolve_device
@@ -281,7 +296,13 @@ def compute_energies(
         batch_size=batch_size,
         progress=None if progress is None else (lambda done: progress(done, len(rows))),
     )
+    alignment = {}
+    if alignment_t:
+        alignment = gradient_alignment(
+            model.unet, x0, y, model.scheduler.alphas_cumprod, timesteps=alignment_t, seed=seed, sample_index=rows
+        )
     return EnergyResult(
+        alignment=alignment,
         sample_index=rows.astype(np.int64),
         labels=y.numpy().astype(np.int64),
         energy=energy.numpy(),
@@ -326,3 +347,52 @@ def energy_change_summary(
         "replicates": int(replicates),
         "increase_by_quantile": [float(rise[b].mean()) for b in bins],
     }
+
+
+ALIGNMENT_T: tuple[int, ...] = (100, 500, 900)
+"""Default timesteps of :func:`gradient_alignment`."""
+
+
+def gradient_alignment(
+    unet: torch.nn.Module,
+    x0: torch.Tensor,
+    y: torch.Tensor | None,
+    alphas_cumprod: torch.Tensor,
+    *,
+    timesteps: Sequence[int] = ALIGNMENT_T,
+    seed: int = 0,
+    sample_index: np.ndarray | Sequence[int] | None = None,
+    max_memory: int | None = None,
+) -> dict[int, np.ndarray]:
+    """|cos(g_i, mu_t)| of each sample at each t: g_i its per-sample loss gradient (all parameters), mu_t their mean.
+
+    One noise draw per (sample, t), from ``derived_seed(seed, 0xC05, i, t)`` (i: ``sample_index``).
+    Returns ``{t: (n,) float64}``; compare with the energies through :func:`spearman_interval`.
+    """
+    from geomprobe.probe import per_sample_grads
+
+    n = len(x0)
+    index = np.arange(n) if sample_index is None else np.asarray(sample_index, dtype=np.int64)
+    names = [name for name, p in unet.named_parameters() if p.requires_grad]
+    device = next(unet.parameters()).device
+    shape = tuple(x0.shape[1:])
+    out = {}
+    for t in timesteps:
+        noise = torch.stack(
+            [torch.randn(shape, generator=torch_generator(derived_seed(seed, 0xC05, int(i), int(t)))) for i in index]
+        )
+        tt = torch.full((n,), int(t), dtype=torch.long)
+        g = per_sample_grads(
+            unet,
+            names,
+            x0.to(device),
+            noise.to(device),
+            tt.to(device),
+            None if y is None else y.to(device),
+            alphas_cumprod,
+            max_memory=max_memory,
+        ).double()
+        mu = g.mean(0)
+        cos = (g @ mu).abs() / (g.norm(dim=1) * mu.norm()).clamp_min(1e-300)
+        out[int(t)] = cos.cpu().numpy()
+    return out

@@ -6,6 +6,8 @@ References: the closed-form loss of a linear denoiser eps_hat = x_t / sqrt(1 - a
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -177,9 +179,12 @@ def test_energy_cli(tmp_path, tiny_unet, one_thread):
     save_checkpoint(ck, tiny_unet, build_scheduler(), ModelInfo("small1", "digits", 8, 1, 10, seed=0, step=1))
     out = tmp_path / "energy.h5"
     args = ["energy", "--ckpt", str(ck), "--classes", "0,1", "--t", "100,500", "--draws", "1", "--out", str(out)]
-    res = CliRunner().invoke(app, [*args, "--device", "cpu", "--quiet", "--json"])
+    res = CliRunner().invoke(app, [*args, "--alignment-t", "300", "--device", "cpu", "--json"])
     assert res.exit_code == 0, res.output
     back = read_energy(out, checksum=checkpoint_checksum(ck))
+    doc = json.loads(res.stdout)
+    assert sorted(back.alignment) == [300] and doc["alignment"][0]["t"] == 300
+    assert doc["alignment"][0]["spearman"] == pytest.approx(spearman(back.energy, back.alignment[300]), abs=1e-12)
     assert set(back.labels.tolist()) == {0, 1} and back.per_t.shape == (len(back.energy), 2)
     np.testing.assert_allclose(back.energy, back.per_t.mean(1), rtol=1e-6)
     bad = CliRunner().invoke(app, ["energy", "--ckpt", str(ck), "--t", "5000", "--out", str(out)])
@@ -204,3 +209,28 @@ def test_forgetting_figures(tmp_path):
     made = {f.name for f in report.made}
     assert {"fig_energy_correlation", "fig_energy_forgetting"} <= made
     assert (tmp_path / "fig" / "fig_energy_forgetting.png").is_file()
+
+
+def test_gradient_alignment_matches_autograd_loop(tiny_unet, one_thread):
+    from geomprobe.diffusion import per_sample_loss
+    from geomprobe.energy import gradient_alignment
+    from geomprobe.io import derived_seed, torch_generator
+
+    sched = build_scheduler()
+    x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = torch.tensor([0, 1, 2, 3])
+    cos = gradient_alignment(
+        tiny_unet, x0, y, sched.alphas_cumprod, timesteps=[300], seed=5, sample_index=[7, 8, 9, 10]
+    )
+    grads = []
+    for i, row in enumerate([7, 8, 9, 10]):  # reference: one backward per sample, float64 cosine
+        noise = torch.randn((1, 8, 8), generator=torch_generator(derived_seed(5, 0xC05, row, 300)))[None]
+        tiny_unet.zero_grad()
+        per_sample_loss(
+            tiny_unet, x0[i : i + 1], noise, torch.tensor([300]), y[i : i + 1], sched.alphas_cumprod
+        ).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in tiny_unet.parameters()]).double())
+    g = torch.stack(grads)
+    mu = g.mean(0)
+    expected = ((g @ mu).abs() / (g.norm(dim=1) * mu.norm())).numpy()
+    np.testing.assert_allclose(cos[300], expected, rtol=1e-4)
