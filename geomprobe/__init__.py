@@ -27,6 +27,7 @@ _EXPORTS = {
     "save_checkpoint": "geomprobe.models",
     "per_sample_loss": "geomprobe.diffusion",
     "ddim_sample": "geomprobe.diffusion",
+    "sample_energy": "geomprobe.energy",
     "TrainConfig": "geomprobe.training",
     "train": "geomprobe.training",
     # probe engine (geomprobe/probe)

@@ -361,6 +361,96 @@ def sample(
     console(quiet).print(f"wrote {grid.path} ({len(grid.samples)} samples, {what})", highlight=False, soft_wrap=True)
 
 
+# ---------------------------------------------------------------- energy (which samples are forgotten)
+
+
+@app.command()
+def energy(
+    ckpt: Path = typer.Option(..., "--ckpt", help="geomprobe checkpoint, diffusers pipeline or UNet2DModel directory"),
+    out: Path = typer.Option(..., "--out", help="HDF5 file to write (sample index, label, energy, per-t losses)"),
+    dataset: str | None = typer.Option(None, help="digits | mnist | ... (default: the checkpoint's)"),
+    split: str = typer.Option("train", help="train | test"),
+    classes: str | None = typer.Option(None, help="only these classes, e.g. '0,1' or '0..4' (default: all)"),
+    t: str = typer.Option(
+        "50,150,250,350,450,550,650,750,850,950", "--t", help="comma-separated timesteps of the energy"
+    ),
+    draws: int = typer.Option(4, help="noise draws per sample and timestep"),
+    alignment_t: str | None = typer.Option(
+        None, "--alignment-t", help="also |cos(g_i, mu_t)| at these timesteps, e.g. 100,500,900 (per-sample gradients)"
+    ),
+    data_root: Path | None = typer.Option(None, help="directory with the dataset's files (all but digits)"),
+    seed: int = typer.Option(0, help="seed of the noise draws"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="print the per-class summary as JSON on stdout"),
+    quiet: bool = typer.Option(False, "--quiet"),
+    threads: int | None = threads_option(),
+) -> None:
+    """Per-sample energy (denoising loss averaged over fixed timesteps and seeded noise draws; seed 004)."""
+    from geomprobe.io import check_count, check_output, check_seed
+
+    check_seed(seed)
+    check_count(draws, "--draws", 1, 10_000)
+    check_output(out, "file")
+    timesteps = _timestep_list(t, "--t", ckpt)
+    aligned = _timestep_list(alignment_t, "--alignment-t", ckpt) if alignment_t else []
+
+    from geomprobe.energy import compute_energies, write_energy
+
+    with progress_bar("energy", 0, quiet, unit="images") as update:
+        result = compute_energies(
+            ckpt,
+            dataset,
+            split,
+            classes,
+            timesteps,
+            draws,
+            seed,
+            data_root=str(data_root) if data_root else None,
+            device=device,
+            progress=lambda done, total: update(done, total=total),
+            alignment_t=aligned,
+        )
+    write_energy(out, result)
+    summary, alignment = result.class_summary(), result.alignment_summary()
+    if json_out:
+        print_json(
+            {"out": str(out), "timesteps": timesteps, "draws": draws, "classes": summary, "alignment": alignment}
+        )
+        return
+    table = Table(title=f"energy per class ({result.attrs['dataset']} {split}, {len(result.energy)} images)")
+    for col in ("class", "n", "mean", "median", "std", "min", "max"):
+        table.add_column(col, justify="right")
+    for row in summary:
+        table.add_row(
+            str(row["label"]), str(row["n"]), *[f"{row[k]:.2f}" for k in ("mean", "median", "std", "min", "max")]
+        )
+    console(quiet).print(table)
+    for row in alignment:
+        lo, hi = row["ci"]
+        console(quiet).print(
+            f"t={row['t']}: Spearman(energy, |cos(g_i, mu)|) = {row['spearman']:.3f} [{lo:.3f}, {hi:.3f}]",
+            highlight=False,
+        )
+    console(quiet).print(f"wrote {out}", highlight=False, soft_wrap=True)
+
+
+def _timestep_list(text: str, option: str, ckpt: Path) -> list[int]:
+    """Comma-separated timesteps in 0..N-1 of the model's schedule (one-line UsageError otherwise)."""
+    from geomprobe.errors import UsageError
+
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give comma-separated integer timesteps, e.g. 50,150,250") from None
+    if not values:
+        raise UsageError(f"{option} is empty")
+    limit = _num_train_timesteps(ckpt)
+    bad = [v for v in values if not 0 <= v < limit]
+    if bad:
+        raise UsageError(f"{option} {bad[0]} is outside 0..{limit - 1}")
+    return values
+
+
 # ---------------------------------------------------------------- grads (probe engine)
 
 
@@ -656,7 +746,11 @@ def continual(
     t_range: str = _config_option("t_range", "--t", "--t-range"),
     replay: str = _config_option("replay"),
     replay_per_class: int = _config_option("replay_per_class"),
+    replay_select: str = _config_option("replay_select"),
+    replay_code: str = _config_option("replay_code", "--code"),
+    budget_bytes: int = _config_option("budget_bytes"),
     replay_batch: int = _config_option("replay_batch"),
+    energy_records: bool = _config_option("energy_records", "--energy-records/--no-energy-records"),
     gd_weight: float = _config_option("gd_weight"),
     fid_features: str = _config_option("fid_features"),
     inception_weights: str | None = _config_option("inception_weights"),

@@ -433,3 +433,32 @@ def test_paper_lambda_units_keep_the_penalty_to_loss_balance():
             + (D / 2) * grad_loss_mean
         )
         torch.testing.assert_close(g_ours, (D / 2) * g_paper, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"replay": "real", "replay_select": "stratified"}, {"replay": "compact", "budget_bytes": 16}]
+)
+def test_tiny_run_with_selected_or_compact_replay(tmp_path, kw):
+    cfg = _tiny(steps_per_task=2, batch_size=8, n_generated=4, replay_per_class=3, replay_batch=4, **kw)
+    cfg.validate()
+    res = run_continual(cfg, tmp_path / "run", seeds=[0], cache_dir=tmp_path / "cache")
+    assert res.strategy == cfg.strategy and "2" in res.afid
+
+
+def test_tiny_run_energy_records(tmp_path):
+    import h5py
+    from scipy.stats import spearmanr
+
+    cfg = _tiny(steps_per_task=2, batch_size=8, n_generated=4, replay="real", energy_records=True)
+    res = run_continual(cfg, tmp_path / "run", seeds=[0], cache_dir=tmp_path / "cache")
+    seed_dir = tmp_path / "run" / "seed-0"
+    (line,) = [json.loads(x) for x in (seed_dir / "intrinsic_forgetting.jsonl").read_text().splitlines()]
+    with h5py.File(seed_dir / "energy-task1.h5", "r") as f:
+        before, after, labels = f["energy_before"][()], f["energy_after"][()], f["labels"][()]
+    assert set(labels.tolist()) == set(task_splits(10, 2)[0]) and line["n"] == len(before)
+    assert line["after_task"] == 1 and line["strategy"] == res.strategy
+    assert line["spearman"] == pytest.approx(spearmanr(before, after - before).statistic, abs=1e-9)
+    lo, hi = line["spearman_ci"]
+    assert lo <= line["spearman"] <= hi
+    assert line["mean_increase"] == pytest.approx(float(np.mean(after.astype(np.float64) - before)), rel=1e-6)
+    assert len(line["increase_by_quantile"]) == 4

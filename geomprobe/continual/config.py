@@ -16,7 +16,9 @@ from pathlib import Path
 from geomprobe.errors import DataError, UsageError
 
 FISHER_CHOICES = ("none", "diag", "rank1", "rankk", "full")
-REPLAY_CHOICES = ("auto", "none", "generative", "real")
+REPLAY_CHOICES = ("auto", "none", "generative", "real", "compact")
+CODE_CHOICES = ("pca",)
+SELECT_CHOICES = ("random", "high-energy", "low-energy", "stratified", "similarity")
 FEATURE_CHOICES = ("classifier", "inception")
 
 # --compare: the paper's Table 1 rows (+ fine-tuning, App. E.4.2); name -> config overrides
@@ -81,9 +83,26 @@ class ContinualConfig:
     rankk_method: str = _opt("power", "rank-k estimate: power (stochastic power iteration) | lanczos")
     fisher_samples: int = _opt(256, "probe samples per task for the Fisher estimate")
     t_range: str = _opt("all", "timesteps of the Fisher estimate: all | low-snr | mid-snr | high-snr | 100..900 ...")
-    replay: str = _opt("auto", "replay images: generative | real | none (auto: generative with --gd)")
+    replay: str = _opt(
+        "auto",
+        "replay images: generative | real | compact (real exemplars stored as codes) | none (auto: generative with --gd)",
+    )
     replay_per_class: int = _opt(64, "replay images per earlier class (paper: 5000)")
+    replay_select: str = _opt(
+        "random",
+        "--replay real: which exemplars of each earlier class: random | high-energy | low-energy | stratified "
+        "(energy quantiles) | similarity (nearest the class mean); energies from the previous task's model",
+    )
+    replay_code: str = _opt(
+        "pca", "--replay compact: the code, pca (coefficients on the earlier tasks' top-k components)"
+    )
+    budget_bytes: int = _opt(0, "--replay compact: bytes per stored exemplar (pca: k = N // 4 float32 coefficients)")
     replay_batch: int = _opt(64, "replay images per step")
+    energy_records: bool = _opt(
+        False,
+        "after each task change, every earlier-task training image's energy before and after "
+        "(energy-task{k}.h5, intrinsic_forgetting.jsonl; seed 004's intrinsic forgetting)",
+    )
     gd_weight: float = _opt(1.0, "weight of the distillation loss")
     fid_features: str = _opt("classifier", "classifier (cached small CNN) | inception")
     inception_weights: str | None = _opt(None, "local Inception weights for --fid-features inception")
@@ -104,7 +123,7 @@ class ContinualConfig:
 
     @property
     def replay_source(self) -> str:
-        """None | generative | real, with ``auto`` resolved (generative with --gd, else none)."""
+        """None | generative | real | compact, with ``auto`` resolved (generative with --gd, else none)."""
         if self.replay == "auto":
             return "generative" if self.gd else "none"
         return self.replay
@@ -121,6 +140,10 @@ class ContinualConfig:
             parts.append("gd")
         elif self.replay_source != "none":
             parts.append(f"replay-{self.replay_source}")
+            if self.replay_select != "random":
+                parts[-1] += f"-{self.replay_select}"
+            if self.replay_source == "compact":
+                parts[-1] += f"-{self.replay_code}{self.budget_bytes}B"
         return "+".join(parts) if parts else "finetune"
 
     def validate(self) -> None:
@@ -143,6 +166,8 @@ class ContinualConfig:
             "fid_features": (FEATURE_CHOICES, "unknown --fid-features"),
             "rankk_method": (("power", "lanczos"), "unknown --rankk-method"),
             "lambda_units": (("paper", "raw"), "unknown --lambda-units"),
+            "replay_select": (SELECT_CHOICES, "unknown --replay-select"),
+            "replay_code": (CODE_CHOICES, "unknown --code"),
         }
         for name, (allowed, message) in choices.items():
             if getattr(self, name) not in allowed:
@@ -179,6 +204,12 @@ class ContinualConfig:
             raise UsageError("--non-continual trains on all tasks seen so far; it takes no --fisher, --gd or --replay")
         if self.gd and self.replay_source == "none":
             raise UsageError("--gd needs replay images: --replay generative or real")
+        if self.replay_select != "random" and self.replay_source not in ("real", "compact"):
+            raise UsageError(f"--replay-select {self.replay_select} chooses real exemplars: it needs --replay real")
+        if self.replay_source == "compact" and self.budget_bytes < 4:
+            raise UsageError(
+                f"--budget-bytes {self.budget_bytes} is smaller than one code (pca: one float32 coefficient, 4 bytes)"
+            )
         if self.replay_source != "none" and self.replay_per_class == 0:
             raise UsageError("--replay needs --replay-per-class > 0")
 

@@ -78,6 +78,7 @@ def run_task(run: SeedRun, k: int) -> None:
     replay = replay_pool(
         run.config, run.train, run.unet, run.scheduler, earlier, torch_generator(task_seed(run.seed, k, 1))
     )
+    before = earlier_energies(run, earlier, k) if run.config.energy_records and earlier else None
     terms = task_terms(run, replay, gen)
     clock["replay_s"] = time.time() - start
     start = time.time()
@@ -96,8 +97,62 @@ def run_task(run: SeedRun, k: int) -> None:
     start = time.time()
     rows = evaluate_after_task(run, k)
     clock["eval_s"] = time.time() - start
+    if before is not None:
+        start = time.time()
+        write_energy_records(run, k, before, earlier_energies(run, earlier, k))
+        clock["energy_s"] = time.time() - start
     append_task_records(run, k, log_rows, clock, rows)
     run.unet.train()
+
+
+INTRINSIC_FORGETTING = "intrinsic_forgetting.jsonl"
+
+
+def earlier_energies(run: SeedRun, earlier: list[int], k: int) -> tuple:
+    """(rows, labels, energy) of every training image of the classes ``earlier`` under ``run.unet``.
+
+    The noise seed is ``derived_seed(seed, 0xE4E, k)``: the before and after energies of task change k
+    use the same draws, so their difference is the model's change alone.
+    """
+    from geomprobe.energy import ENERGY_STREAM, sample_energy
+    from geomprobe.io import derived_seed
+
+    rows = torch.nonzero(torch.isin(run.train.labels, torch.tensor(earlier))).flatten()
+    x, y = run.train.batch(rows)
+    energy, _ = sample_energy(
+        run.unet,
+        x,
+        y,
+        run.scheduler.alphas_cumprod,
+        seed=derived_seed(run.seed, ENERGY_STREAM, k),
+        sample_index=rows.numpy(),
+    )
+    return rows.numpy(), y.numpy(), energy.numpy()
+
+
+def write_energy_records(run: SeedRun, k: int, before: tuple, after: tuple) -> None:
+    """The records of task change k: ``energy-task{k}.h5`` and a line of ``intrinsic_forgetting.jsonl``.
+
+    The file holds sample_index, labels, energy_before, energy_after; the line is
+    :func:`geomprobe.energy.energy_change_summary` of them.
+    """
+    import h5py
+
+    from geomprobe.energy import energy_change_summary
+    from geomprobe.io import atomic_path, derived_seed
+
+    rows, labels, e0 = before
+    e1 = after[2]
+    with atomic_path(run.out / f"energy-task{k}.h5") as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("sample_index", data=rows)
+        f.create_dataset("labels", data=labels)
+        f.create_dataset("energy_before", data=e0)
+        f.create_dataset("energy_after", data=e1)
+        f.attrs["description"] = f"energies of tasks 0..{k - 1}'s training images under m_{k - 1} and m_{k}"
+    summary = energy_change_summary(e0, e1, seed=derived_seed(run.seed, 0x5BE, k))
+    line = {"seed": run.seed, "strategy": run.config.strategy, "after_task": k, **summary}
+    with open(run.out / INTRINSIC_FORGETTING, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def task_data(run: SeedRun, k: int) -> ImageDataset:

@@ -186,6 +186,23 @@ def _audit_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attempts) 
             attempt(name + suffix, lambda p=path, n=name, x=suffix: AUDIT_FIGURE_MAKERS[n](p, out_dir, n + x))
 
 
+def _forgetting_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attempts) -> None:
+    """The intrinsic-forgetting figures of every seed run with ``--energy-records``; nothing without one."""
+    from geomprobe.figures.forgetting import INTRINSIC_FORGETTING, fig_energy_correlation, fig_energy_scatter
+    from geomprobe.figures.results import find_files
+
+    paths = find_files(run_dirs, INTRINSIC_FORGETTING)
+    if not paths:
+        return
+    attempt("fig_energy_correlation", lambda: fig_energy_correlation(paths, out_dir))
+    for path in paths:
+        suffix = "" if len(paths) == 1 else f"_{path.parent.parent.name}_{path.parent.name}"
+        attempt(
+            "fig_energy_forgetting" + suffix,
+            lambda p=path, x=suffix: fig_energy_scatter(p, out_dir, "fig_energy_forgetting" + x),
+        )
+
+
 def make_figures(
     run_dirs: Iterable[str | Path],
     out_dir: str | Path,
@@ -205,6 +222,7 @@ def make_figures(
     _continual_figures(run_dirs, out_dir, attempt)
     attempt("fig5", lambda: fig5_samples_across_tasks(find_sample_grids(run_dirs), out_dir))
     _audit_figures(run_dirs, out_dir, attempt)
+    _forgetting_figures(run_dirs, out_dir, attempt)
     if not report.made:
         reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped[:2])
         raise DataError(f"no figure could be made from {', '.join(map(str, run_dirs))} ({reasons})")

@@ -1,0 +1,169 @@
+"""Replay selection rules (issue 13): each rule picks what it says on constructed data.
+
+References: hand-chosen energies/features whose answers are written out; the pre-``--replay-select``
+replay code (one randperm per class), copied here, for the default rule.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from geomprobe.continual.config import ContinualConfig
+from geomprobe.continual.replay import replay_pool_real, select_exemplars
+from geomprobe.data import ImageDataset
+from geomprobe.energy import sample_energy
+from geomprobe.errors import UsageError
+from geomprobe.models import build_scheduler
+
+# class 0: rows 0..5, class 1: rows 6..9 (interleaved below to check row bookkeeping)
+LABELS = torch.tensor([0, 1, 0, 0, 1, 0, 1, 0, 1, 0])
+ENERGY = torch.tensor([5.0, 1.0, 3.0, 9.0, 4.0, 1.0, 2.0, 7.0, 8.0, 0.5])
+# class 0 rows and energies: 0:5, 2:3, 3:9, 5:1, 7:7, 9:0.5 -> ascending 9, 5, 2, 0, 7, 3
+# class 1 rows and energies: 1:1, 4:4, 6:2, 8:8 -> ascending 1, 6, 4, 8
+
+
+def test_energy_rules_pick_by_energy():
+    pick = lambda rule, k: select_exemplars(rule, LABELS, [0, 1], k, energy=ENERGY).tolist()  # noqa: E731
+    assert pick("high-energy", 2) == [3, 7, 8, 4]
+    assert pick("low-energy", 2) == [9, 5, 1, 6]
+    # stratified: the middle row of each of k equal energy-quantile bins
+    assert pick("stratified", 3) == [5, 0, 3, 1, 4, 8]  # class 0 sorted positions 1, 3, 5; class 1: 0, 2, 3
+    assert pick("stratified", 2) == [5, 7, 6, 8]  # positions 1, 4 of 6; 1, 3 of 4
+    assert pick("high-energy", 10) == [3, 7, 0, 2, 5, 9, 8, 4, 6, 1]  # budget above the class: all rows
+    assert select_exemplars("high-energy", LABELS, [1], 1, energy=ENERGY).tolist() == [8]
+
+
+def test_stratified_spreads_over_quantiles():
+    labels = torch.zeros(100, dtype=torch.long)
+    energy = torch.randperm(100, generator=torch.Generator().manual_seed(0)).double()
+    rows = select_exemplars("stratified", labels, [0], 5, energy=energy)
+    assert sorted(energy[rows].tolist()) == [10.0, 30.0, 50.0, 70.0, 90.0]  # one per quintile, at its middle
+
+
+def test_similarity_picks_nearest_to_class_mean():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    feats = torch.tensor([[0.0, 0.0], [4.0, 0.0], [1.0, 1.0], [3.0, -1.0], [10.0, 10.0], [12.0, 10.0], [20.0, 10.0]])
+    # class 0 mean (2, 0): distances^2 4, 4, 2, 2 -> rows 2, 3 (ties by row); class 1 mean (14, 10): row 5
+    assert select_exemplars("similarity", labels, [0, 1], 2, features=feats).tolist() == [2, 3, 5, 4]
+    assert select_exemplars("similarity", labels, [1], 1, features=feats).tolist() == [5]
+
+
+def test_random_rule_is_the_old_replay_draw_for_draw():
+    labels = torch.randint(0, 4, (200,), generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(11)
+    old = torch.cat(
+        [
+            torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=gen)[:7]]
+            for c in (1, 3)
+        ]
+    )
+    new = select_exemplars("random", labels, [1, 3], 7, torch.Generator().manual_seed(11))
+    assert torch.equal(old, new)
+
+
+def test_selection_bad_input():
+    with pytest.raises(UsageError, match="unknown --replay-select 'newest'"):
+        select_exemplars("newest", LABELS, [0], 2, energy=ENERGY)
+    with pytest.raises(UsageError, match="needs energies"):
+        select_exemplars("high-energy", LABELS, [0], 2)
+    with pytest.raises(UsageError, match="needs features"):
+        select_exemplars("similarity", LABELS, [0], 2)
+    with pytest.raises(UsageError, match="another dataset"):
+        select_exemplars("low-energy", LABELS, [0], 2, energy=ENERGY[:5])
+
+
+def test_config_replay_select():
+    assert ContinualConfig().replay_select == "random"
+    with pytest.raises(UsageError, match="unknown --replay-select"):
+        ContinualConfig(replay="real", replay_select="oldest").validate()
+    with pytest.raises(UsageError, match="needs --replay real"):
+        ContinualConfig(replay="generative", replay_select="high-energy").validate()
+    assert ContinualConfig(replay="real").strategy == "replay-real"
+    assert ContinualConfig(replay="real", replay_select="high-energy").strategy == "replay-real-high-energy"
+
+
+def _dataset(n=24):
+    g = torch.Generator().manual_seed(5)
+    return ImageDataset("toy", "train", torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.arange(n) % 3, 3)
+
+
+def test_real_pool_random_unchanged_and_high_energy_uses_the_model(tiny_unet, one_thread):
+    train = _dataset()
+    x, y = replay_pool_real(train, [0, 2], 3, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    ref = [
+        train.batch(torch.nonzero(train.labels == c).flatten()[torch.randperm(8, generator=gen)[:3]]) for c in (0, 2)
+    ]
+    assert torch.equal(x, torch.cat([r[0] for r in ref])) and torch.equal(y, torch.cat([r[1] for r in ref]))
+
+    sched = build_scheduler()
+    x, y = replay_pool_real(train, [0, 2], 3, torch.Generator().manual_seed(1), "high-energy", tiny_unet, sched)
+    rows = torch.nonzero(torch.isin(train.labels, torch.tensor([0, 2]))).flatten()
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(1)))
+    xa, ya = train.batch(rows)
+    energy, _ = sample_energy(tiny_unet, xa, ya, sched.alphas_cumprod, seed=seed, sample_index=rows.numpy())
+    expected = [rows[ya == c][torch.argsort(energy[ya == c], descending=True)[:3]] for c in (0, 2)]
+    assert torch.equal(x, train.batch(torch.cat(expected))[0])
+    assert y.tolist() == [0, 0, 0, 2, 2, 2]
+    with pytest.raises(UsageError, match="previous task's model"):
+        replay_pool_real(train, [0], 3, torch.Generator(), "low-energy")
+
+
+# ---------------------------------------------------------------- compact replay (PCA codes)
+
+
+def test_pca_code_round_trip_is_the_projection_and_bytes_are_counted():
+    from geomprobe.continual.compact import PCACode, compact_pool
+
+    g = torch.Generator().manual_seed(2)
+    fit = torch.rand(40, 1, 4, 4, generator=g) * 2 - 1
+    x = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1
+    pool = compact_pool(fit, x, torch.arange(6), budget_bytes=22)  # k = 22 // 4 = 5
+    code = pool.code
+    assert code.k == 5 and code.code_bytes == 20
+    # reference: projection onto the top-5 right singular vectors of the centred fit data (numpy, float64)
+    import numpy as np
+
+    f = fit.flatten(1).double().numpy()
+    mu = f.mean(0)
+    v = np.linalg.svd(f - mu, full_matrices=False)[2][:5]
+    proj = mu + ((x.flatten(1).double().numpy() - mu) @ v.T) @ v
+    np.testing.assert_allclose(code.decode(code.encode(x)).flatten(1).numpy(), proj, atol=1e-5)
+    # memory accounting = the bytes actually stored
+    assert pool.codes.shape == (6, 5) and pool.codes.dtype == torch.float32
+    assert pool.stored_bytes == 6 * code.code_bytes == pool.codes.untyped_storage().nbytes()
+    assert code.basis_bytes == code.mean.untyped_storage().nbytes() + code.components.untyped_storage().nbytes()
+    assert pool.images().min() >= -1 and pool.images().max() <= 1
+    full = PCACode.fit(fit, 16)  # k = D: lossless
+    torch.testing.assert_close(full.decode(full.encode(x)), x, atol=1e-5, rtol=0)
+
+
+def test_compact_bad_input_and_config():
+    from geomprobe.continual.compact import compact_pool
+
+    x = torch.zeros(4, 1, 2, 2)
+    with pytest.raises(UsageError, match="smaller than one code"):
+        compact_pool(x, x, torch.zeros(4), budget_bytes=3)
+    with pytest.raises(UsageError, match="unknown --code"):
+        compact_pool(x, x, torch.zeros(4), budget_bytes=8, code="jpeg")
+    with pytest.raises(UsageError, match="smaller than one code"):
+        ContinualConfig(replay="compact").validate()
+    with pytest.raises(UsageError, match="unknown --code"):
+        ContinualConfig(replay="compact", budget_bytes=64, replay_code="vae").validate()
+    cfg = ContinualConfig(replay="compact", budget_bytes=64)
+    cfg.validate()
+    assert cfg.strategy == "replay-compact-pca64B"
+
+
+def test_compact_replay_pool(tiny_unet):
+    from geomprobe.continual.compact import compact_pool
+    from geomprobe.continual.replay import replay_pool
+
+    train = _dataset()
+    cfg = ContinualConfig(replay="compact", budget_bytes=12, replay_per_class=2, image_size=8)
+    x, y = replay_pool(cfg, train, tiny_unet, build_scheduler(), [0, 1], torch.Generator().manual_seed(4))
+    ex, ey = replay_pool_real(train, [0, 1], 2, torch.Generator().manual_seed(4))
+    fit = train.batch(torch.nonzero(train.labels < 2).flatten())[0]
+    assert torch.equal(y, ey)
+    torch.testing.assert_close(x, compact_pool(fit, ex, ey, 12).images())
