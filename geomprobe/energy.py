@@ -238,31 +238,10 @@ def read_energy(path: str | Path, checksum: str | None = None) -> EnergyResult:
     return result
 
 
-def compute_energies(
-    ckpt: str | Path,
-    dataset: str | None = None,
-    split: str = "train",
-    classes: str | None = None,
-    timesteps: Sequence[int] = DEFAULT_ENERGY_T,
-    draws: int = DEFAULT_ENERGY_DRAWS,
-    seed: int = 0,
-    data_root: str | None = None,
-    device: str = "cpu",
-    batch_size: int = 256,
-    progress: Callable[[int, int], None] | None = None,
-    alignment_t: Sequence[int] = (),
-) -> EnergyResult:
-    """Energies of every image of ``split`` (of ``classes``, default all) under the model in ``ckpt``.
-
-    ``progress(done, total)`` after each batch. The model's dataset is used when ``dataset`` is None.
-    ``alignment_t``: also |cos(g_i, mu_t)| at these t (:func:`gradient_alignment`; one per-sample gradient
-    of every image per t, so mind the number of images).
-    """
+def _scored_images(info, ckpt, dataset: str | None, split: str, classes: str | None, data_root: str | None):
+    """(dataset name, the dataset brought to the model, row indices (m,) of ``classes``) to score."""
     from geomprobe.data import DIGITS_IMAGE_SIZES, fit_to_model, load_dataset, parse_classes
-    from geomprobe.models import checkpoint_checksum, load_model, resolve_device
 
-    model = load_model(ckpt, resolve_device(device))
-    info = model.info
     name = dataset or info.dataset
     if not name:
         raise UsageError(f"{ckpt} does not record its dataset: pass --dataset")
@@ -283,6 +262,33 @@ def compute_energies(
         raise UsageError(
             f"the model embeds {info.num_classes} classes; the data has label {int(data.labels[rows].max())}"
         )
+    return name, data, rows
+
+
+def compute_energies(
+    ckpt: str | Path,
+    dataset: str | None = None,
+    split: str = "train",
+    classes: str | None = None,
+    timesteps: Sequence[int] = DEFAULT_ENERGY_T,
+    draws: int = DEFAULT_ENERGY_DRAWS,
+    seed: int = 0,
+    data_root: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+    alignment_t: Sequence[int] = (),
+) -> EnergyResult:
+    """Energies of every image of ``split`` (of ``classes``, default all) under the model in ``ckpt``.
+
+    ``progress(done, total)`` after each batch. The model's dataset is used when ``dataset`` is None.
+    ``alignment_t``: also |cos(g_i, mu_t)| at these t (:func:`gradient_alignment`; one per-sample gradient
+    of every image per t, so mind the number of images).
+    """
+    from geomprobe.models import checkpoint_checksum, load_model, resolve_device
+
+    model = load_model(ckpt, resolve_device(device))
+    name, data, rows = _scored_images(model.info, ckpt, dataset, split, classes, data_root)
     x0, y = data.batch(torch.as_tensor(rows))
     energy, per_t = sample_energy(
         model.unet,

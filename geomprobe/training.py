@@ -322,35 +322,9 @@ def train(
 def _train(config, out: Path, resume: bool, progress, rank: int, world: int, device: torch.device) -> TrainResult:
     import time
 
-    data = load_dataset(config.dataset, "train", config.image_size, config.data_root)
-    classes = parse_classes(config.classes, data.num_classes)
-    if classes is not None:
-        data = data.subset(classes)
-    if len(data) == 0:
-        raise DataError("no training images selected")
-
-    torch.manual_seed(config.seed)
-    unet = build_unet(config.model, data.image_size, data.channels, data.num_classes)
-    scheduler = build_scheduler()
+    data = _training_data(config)
     gen = torch_generator(config.seed)
-    start_step = 0
-    # rank 0 alone clears or refuses --out; the others see its decision (or its error) after it
-    has_checkpoint = on_every_rank(
-        world, lambda: _prepare_out(out, resume) if rank == 0 else None, f"rank 0 could not use --out {out}"
-    )
-    if rank != 0:
-        has_checkpoint = (out / CHECKPOINT_META).is_file()
-    if has_checkpoint:
-        unet, start_step = _resume_state(config, out, gen)
-    unet.to(device)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
-    if start_step > 0:
-        tensors = load_optimizer_state(out)
-        if tensors is None:
-            raise DataError(f"{out} has no optimizer.safetensors; it cannot be resumed")
-        restore_optimizer(
-            optimizer, {k: v.to(device) for k, v in tensors.items()}, load_train_state(out)["param_groups"]
-        )
+    unet, scheduler, optimizer, start_step = _model_and_optimizer(config, data, out, resume, rank, world, device, gen)
     log_path = out / TRAIN_LOG
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -404,6 +378,44 @@ def _train(config, out: Path, resume: bool, progress, rank: int, world: int, dev
     return TrainResult(
         out, config.steps, final, sum(p.numel() for p in unet.parameters()), time.time() - t0, start_step, log_rows
     )
+
+
+def _training_data(config: TrainConfig):
+    """The training split of ``config.dataset`` (restricted to ``config.classes``); DataError when empty."""
+    data = load_dataset(config.dataset, "train", config.image_size, config.data_root)
+    classes = parse_classes(config.classes, data.num_classes)
+    if classes is not None:
+        data = data.subset(classes)
+    if len(data) == 0:
+        raise DataError("no training images selected")
+    return data
+
+
+def _model_and_optimizer(config: TrainConfig, data, out: Path, resume: bool, rank: int, world: int, device, gen):
+    """(unet, scheduler, Adam, start step): fresh and seeded, or the checkpoint's state when resuming.
+
+    Rank 0 alone clears or refuses ``out``; the other ranks see its decision (or its error).
+    """
+    torch.manual_seed(config.seed)
+    unet = build_unet(config.model, data.image_size, data.channels, data.num_classes)
+    scheduler = build_scheduler()
+    start_step = 0
+    has_checkpoint = on_every_rank(
+        world, lambda: _prepare_out(out, resume) if rank == 0 else None, f"rank 0 could not use --out {out}"
+    )
+    if rank != 0:
+        has_checkpoint = (out / CHECKPOINT_META).is_file()
+    if has_checkpoint:
+        unet, start_step = _resume_state(config, out, gen)
+    unet.to(device)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
+    if start_step > 0:
+        tensors = load_optimizer_state(out)
+        if tensors is None:
+            raise DataError(f"{out} has no optimizer.safetensors; it cannot be resumed")
+        groups = load_train_state(out)["param_groups"]
+        restore_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, groups)
+    return unet, scheduler, optimizer, start_step
 
 
 def _checkpoint_writer(config: TrainConfig, data, out: Path, unet, scheduler, optimizer, gen: torch.Generator):
