@@ -1023,7 +1023,7 @@ def _print_spectrum(result, top_k: int, centered: bool, quiet: bool) -> None:
     kind = "covariance" if centered else "empirical Fisher"
     P = report["rows"][0]["P"] if report["rows"] else 0
     table = Table(title=f"{kind} spectrum of {result.store} (P={P:,})")
-    k = top_k
+    k = min(top_k, max((len(row["eigenvalues"]) for row in report["rows"]), default=top_k))  # at most n exist
     for col in (
         "t",
         "SNR",
@@ -1054,7 +1054,7 @@ def _print_spectrum(result, top_k: int, centered: bool, quiet: bool) -> None:
             fmt(row["lambda1_over_trace"]),
             fmt(row["rel_err_diag"]),
             fmt(row["rel_err_rank1"]),
-            fmt(row["rel_err_rankk"][str(k)]),
+            fmt(next(iter(row["rel_err_rankk"].values()), None)),
             fmt(row["cos_to_mean"]["median"]),
             fmt(row["cos_v1_mu"]),
             fmt(row["scaled_identity_mse"]),

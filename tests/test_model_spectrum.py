@@ -204,3 +204,15 @@ def test_spectrum_of_an_unconditional_attention_pipeline(tmp_path):
     assert all(
         r["P"] == sum(p.numel() for p in unet.parameters()) and 0 < r["lambda1_over_trace"] <= 1 for r in out["rows"]
     )
+
+
+def test_top_k_beyond_n_reports_the_n_eigenvalues_that_exist(ckpt_and_store, tmp_path):
+    """--top-k 100 on 24 rows: 24 eigenvalues, the best rank-24 error (0), no column for a rank that does not exist."""
+    _, store = ckpt_and_store
+    res = CliRunner().invoke(
+        app, ["spectrum", "--grads", str(store), "--no-model", "--top-k", "100", "--out", str(tmp_path)]
+    )
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "spectrum.json").read_text())["rows"][0]
+    assert len(row["eigenvalues"]) == row["n"] == 24
+    assert list(row["rel_err_rankk"]) == ["24"] and row["rel_err_rankk"]["24"] < 1e-6

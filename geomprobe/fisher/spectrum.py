@@ -250,7 +250,8 @@ def spectrum_from_gram(
         c_star=c_star,
         rel_err_diag=relative_error(frob_sq - diag_sq, frob_sq) if math.isfinite(diag_sq) else float("nan"),
         rel_err_rank1=relative_error(frob_sq - rank1_captured, frob_sq),
-        rel_err_rankk={str(top_k): relative_error(frob_sq - float(np.sum(eigenvalues[:top_k] ** 2)), frob_sq)},
+        # the best rank-k error for the k actually available: at most n eigenvalues exist
+        rel_err_rankk={str(min(top_k, n)): relative_error(frob_sq - float(np.sum(eigenvalues[:top_k] ** 2)), frob_sq)},
         cos_to_mean=_cosines(K_raw, G_mu, mu_norm_sq),
         cos_v1_mu=_cos_v1_mu(U, eigenvalues, Gc_mu, n, mu_norm_sq),
         mu=mu if mu is not None else np.zeros(0),
