@@ -40,6 +40,10 @@ class _GeomprobeGroup(TyperGroup):
         try:
             return super().main(*args, **kwargs)
         finally:
+            if "torch.distributed" in sys.modules:  # never import torch just to exit
+                from geomprobe.distributed import close_dist
+
+                close_dist()  # grads / spectrum --ckpt under torchrun keep the group to the command's end
             if installed:
                 signal.signal(signal.SIGINT, previous)
 

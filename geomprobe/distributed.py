@@ -36,6 +36,14 @@ def init_dist(world: int, device: torch.device) -> bool:
     return True
 
 
+def close_dist() -> None:
+    """Destroy the process group if one exists (its gloo threads abort the process when left at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def local_device(device: torch.device, world: int) -> torch.device:
     """This rank's device: ``cuda:LOCAL_RANK`` for CUDA under torchrun (made current), else ``device``."""
     if world <= 1 or device.type != "cuda":

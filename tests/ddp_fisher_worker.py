@@ -9,7 +9,7 @@ import torch
 
 from geomprobe.continual.estimate import estimate_task_fisher
 from geomprobe.data import load_dataset
-from geomprobe.distributed import dist_info, init_dist
+from geomprobe.distributed import close_dist, dist_info, init_dist
 from geomprobe.models import build_scheduler, build_unet
 from geomprobe.probe.grads import select_parameters
 from geomprobe.timesteps import parse_timesteps
@@ -33,6 +33,7 @@ def main(out: str) -> None:
         }
     if rank == 0:
         torch.save(result, out)
+    close_dist()
 
 
 if __name__ == "__main__":
