@@ -84,20 +84,57 @@ def ddim_sample(
 
     Initial noise comes from ``generator`` on the CPU, so samples are the same on CPU and CUDA.
     """
-    device = next(unet.parameters()).device
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    was_training = unet.training
-    unet.eval()
     out = []
     for start in range(0, len(labels), batch_size):
-        y = labels[start : start + batch_size].to(device)
-        x = torch.randn(len(y), cfg.in_channels, size, size, generator=generator).to(device)
-        ddim = ddim_from(scheduler)
-        ddim.set_timesteps(num_inference_steps)
-        for t in ddim.timesteps:
-            eps = predict_noise(unet, x, t.to(device).expand(len(y)), y)
-            x = ddim.step(eps, t, x, eta=0.0).prev_sample
-        out.append(x.clamp(-1, 1).cpu())
-    unet.train(was_training)
+        y = labels[start : start + batch_size]
+        x = torch.randn(len(y), cfg.in_channels, size, size, generator=generator)
+        out.append(_ddim_denoise(unet, scheduler, x, y, num_inference_steps, None))
     return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def ddim_refine(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    t_start: int,
+    num_inference_steps: int = 50,
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """SDEdit: images ``x0`` (B, C, H, W) in [-1, 1] noised to a timestep and denoised by DDIM (eta = 0).
+
+    The DDIM schedule of ``num_inference_steps`` steps is cut to its timesteps <= ``t_start``; x0 is
+    noised to the first of them, t0, as x_t0 = sqrt(abar_t0) x0 + sqrt(1 - abar_t0) eps with eps from
+    ``generator`` (CPU), and the model denoises from there with labels ``labels`` (B,). Returns
+    (B, C, H, W) float32 in [-1, 1] on CPU: the model's reading of x0 (detail from its learned prior).
+    """
+    out = []
+    for start in range(0, len(labels), batch_size):
+        x, y = x0[start : start + batch_size].float().cpu(), labels[start : start + batch_size]
+        eps = torch.randn(x.shape, generator=generator)
+        out.append(_ddim_denoise(unet, scheduler, (x, eps), y, num_inference_steps, t_start))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _ddim_denoise(unet, scheduler, x, labels: torch.Tensor, steps: int, t_start: int | None) -> torch.Tensor:
+    """The DDIM loop from pure noise ``x`` (t_start None) or from ``x = (x0, eps)`` noised to the first t <= t_start."""
+    device = next(unet.parameters()).device
+    ddim = ddim_from(scheduler)
+    ddim.set_timesteps(steps)
+    timesteps = ddim.timesteps if t_start is None else ddim.timesteps[ddim.timesteps <= t_start]
+    if t_start is not None:
+        if len(timesteps) == 0:
+            raise ValueError(f"no DDIM timestep <= {t_start} with {steps} steps")
+        x = add_noise(x[0], x[1], timesteps[:1].expand(len(x[0])), scheduler.alphas_cumprod)
+    was_training = unet.training
+    unet.eval()
+    x, y = x.to(device), labels.to(device)
+    for t in timesteps:
+        eps = predict_noise(unet, x, t.to(device).expand(len(y)), y)
+        x = ddim.step(eps, t, x, eta=0.0).prev_sample
+    unet.train(was_training)
+    return x.clamp(-1, 1).cpu()

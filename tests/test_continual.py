@@ -436,7 +436,12 @@ def test_paper_lambda_units_keep_the_penalty_to_loss_balance():
 
 
 @pytest.mark.parametrize(
-    "kw", [{"replay": "real", "replay_select": "stratified"}, {"replay": "compact", "budget_bytes": 16}]
+    "kw",
+    [
+        {"replay": "real", "replay_select": "stratified"},
+        {"replay": "compact", "budget_bytes": 16},
+        {"replay": "compact", "replay_code": "lowres-unet", "budget_bytes": 16},
+    ],
 )
 def test_tiny_run_with_selected_or_compact_replay(tmp_path, kw):
     cfg = _tiny(steps_per_task=2, batch_size=8, n_generated=4, replay_per_class=3, replay_batch=4, **kw)

@@ -6,6 +6,8 @@ replay code (one randperm per class), copied here, for the default rule.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -167,3 +169,78 @@ def test_compact_replay_pool(tiny_unet):
     fit = train.batch(torch.nonzero(train.labels < 2).flatten())[0]
     assert torch.equal(y, ey)
     torch.testing.assert_close(x, compact_pool(fit, ex, ey, 12).images())
+
+
+# ---------------------------------------------------------------- compact replay (thumbnails, UNet decoder)
+
+
+def test_lowres_code_is_the_block_mean_quantised_and_bytes_are_counted():
+    import numpy as np
+
+    from geomprobe.continual.compact import LowResCode, compact_pool
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(5, 2, 8, 8, generator=g) * 2 - 1
+    pool = compact_pool(x[:0], x, torch.arange(5), budget_bytes=40, code="lowres")  # r = isqrt(40 // 2) = 4
+    code = pool.code
+    assert code.side == 4 and code.code_bytes == 2 * 16 and code.basis_bytes == 0
+    # reference: numpy mean over 2x2 blocks, mapped to 0..255 and rounded
+    blocks = x.double().numpy().reshape(5, 2, 4, 2, 4, 2).mean(axis=(3, 5))
+    np.testing.assert_array_equal(pool.codes.numpy(), np.round((blocks + 1) * 127.5).astype(np.uint8))
+    assert pool.codes.dtype == torch.uint8 and pool.stored_bytes == 5 * code.code_bytes
+    assert pool.stored_bytes == pool.codes.untyped_storage().nbytes()
+    # a full-size thumbnail decodes to the image, up to the uint8 step (1/127.5)
+    full = LowResCode.for_budget(10**6, (2, 8, 8))
+    assert full.side == 8
+    torch.testing.assert_close(full.decode(full.encode(x)), x, atol=0.5 / 127.5 + 1e-6, rtol=0)
+    with pytest.raises(UsageError, match="smaller than one code"):
+        compact_pool(x, x, torch.zeros(5), budget_bytes=1, code="lowres")
+    with pytest.raises(UsageError, match=r"smaller than one code \(lowres-unet: 3 bytes"):
+        ContinualConfig(dataset="cifar10", replay="compact", replay_code="lowres-unet", budget_bytes=2).validate()
+
+
+class _PointMassDenoiser(torch.nn.Module):
+    """The exact noise predictor when all data is the one image ``a``: eps = (x_t - sqrt(abar) a) / sqrt(1 - abar)."""
+
+    def __init__(self, a: torch.Tensor, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.a, self.ac = a, alphas_cumprod
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = types.SimpleNamespace(sample_size=a.shape[-1], in_channels=a.shape[0], num_class_embeds=None)
+
+    def forward(self, x_t, t, **_):
+        abar = self.ac[t].view(-1, 1, 1, 1)
+        return types.SimpleNamespace(sample=(x_t - abar.sqrt() * self.a) / (1 - abar).sqrt())
+
+
+@pytest.mark.parametrize("t_start", [100, 300, 999])
+def test_ddim_refine_lands_on_the_data_under_the_exact_denoiser(t_start):
+    # closed form: with the exact eps of a point mass at a, every DDIM step predicts x0 = a, so any start ends at a
+    from geomprobe.diffusion import ddim_refine, ddim_sample
+
+    sched = build_scheduler()
+    a = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    oracle = _PointMassDenoiser(a, sched.alphas_cumprod)
+    start = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = ddim_refine(oracle, sched, start, torch.zeros(3, dtype=torch.long), t_start, 20, torch.Generator())
+    torch.testing.assert_close(out, a.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        ddim_sample(oracle, sched, torch.zeros(2), 20), a.expand(2, -1, -1, -1), atol=1e-4, rtol=0
+    )
+
+
+def test_lowres_unet_replay_pool_is_the_thumbnail_refined_by_the_model(tiny_unet):
+    from geomprobe.continual.compact import UNET_DECODE_T, compact_pool
+    from geomprobe.continual.replay import replay_pool
+    from geomprobe.diffusion import ddim_refine
+
+    train, sched = _dataset(), build_scheduler()
+    cfg = ContinualConfig(replay="compact", replay_code="lowres-unet", budget_bytes=16, replay_per_class=2)
+    cfg.image_size, cfg.sample_steps = 8, 10
+    x, y = replay_pool(cfg, train, tiny_unet, sched, [0, 1], torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    ex, ey = replay_pool_real(train, [0, 1], 2, g)
+    thumbs = compact_pool(ex[:0], ex, ey, 16, "lowres").images()
+    assert torch.equal(y, ey) and thumbs.shape == x.shape
+    torch.testing.assert_close(x, ddim_refine(tiny_unet, sched, thumbs, ey, UNET_DECODE_T, 10, g))
+    assert not torch.allclose(x, thumbs, atol=1e-3)  # the model changed the upsampled thumbnail

@@ -17,7 +17,7 @@ from geomprobe.errors import DataError, UsageError
 
 FISHER_CHOICES = ("none", "diag", "rank1", "rankk", "full")
 REPLAY_CHOICES = ("auto", "none", "generative", "real", "compact")
-CODE_CHOICES = ("pca",)
+CODE_CHOICES = ("pca", "lowres", "lowres-unet")
 SELECT_CHOICES = ("random", "high-energy", "low-energy", "stratified", "similarity")
 FEATURE_CHOICES = ("classifier", "inception")
 
@@ -94,9 +94,13 @@ class ContinualConfig:
         "(energy quantiles) | similarity (nearest the class mean); energies from the previous task's model",
     )
     replay_code: str = _opt(
-        "pca", "--replay compact: the code, pca (coefficients on the earlier tasks' top-k components)"
+        "pca",
+        "--replay compact: the code, pca (coefficients on the earlier tasks' top-k components) | lowres (uint8 "
+        "thumbnail, upsampled) | lowres-unet (the thumbnail decoded by the previous task's UNet, SDEdit from t=300)",
     )
-    budget_bytes: int = _opt(0, "--replay compact: bytes per stored exemplar (pca: k = N // 4 float32 coefficients)")
+    budget_bytes: int = _opt(
+        0, "--replay compact: bytes per stored exemplar (pca: k = N // 4 float32 coefficients; lowres: C r^2 <= N)"
+    )
     replay_batch: int = _opt(64, "replay images per step")
     energy_records: bool = _opt(
         False,
@@ -206,10 +210,14 @@ class ContinualConfig:
             raise UsageError("--gd needs replay images: --replay generative or real")
         if self.replay_select != "random" and self.replay_source not in ("real", "compact"):
             raise UsageError(f"--replay-select {self.replay_select} chooses real exemplars: it needs --replay real")
-        if self.replay_source == "compact" and self.budget_bytes < 4:
-            raise UsageError(
-                f"--budget-bytes {self.budget_bytes} is smaller than one code (pca: one float32 coefficient, 4 bytes)"
-            )
+        if self.replay_source == "compact":
+            from geomprobe.continual.compact import min_code_bytes
+
+            smallest = min_code_bytes(self.replay_code, _dataset_facts()[self.dataset].channels)
+            if self.budget_bytes < smallest:
+                raise UsageError(
+                    f"--budget-bytes {self.budget_bytes} is smaller than one code ({self.replay_code}: {smallest} bytes)"
+                )
         if self.replay_source != "none" and self.replay_per_class == 0:
             raise UsageError("--replay needs --replay-per-class > 0")
 

@@ -13,7 +13,7 @@ import torch
 
 from geomprobe.continual.config import SELECT_CHOICES, ContinualConfig
 from geomprobe.data import ImageDataset
-from geomprobe.diffusion import ddim_sample
+from geomprobe.diffusion import ddim_refine, ddim_sample
 from geomprobe.errors import UsageError
 from geomprobe.training import sample_training_batch
 
@@ -136,8 +136,18 @@ def replay_pool(
 
         x, y = replay_pool_real(train, earlier, config.replay_per_class, gen, config.replay_select, unet, scheduler)
         fit, _ = train.batch(torch.nonzero(torch.isin(train.labels, torch.tensor(earlier))).flatten())
-        return compact_pool(fit, x, y, config.budget_bytes, config.replay_code).images(), y
+        pool = compact_pool(fit, x, y, config.budget_bytes, config.replay_code)
+        return pool.images(_unet_decoder(config, unet, scheduler, gen)), y
     return replay_pool_generated(unet, scheduler, earlier, config.replay_per_class, config.sample_steps, gen)
+
+
+def _unet_decoder(config: ContinualConfig, unet, scheduler, gen: torch.Generator):
+    """``refine(images, labels)`` for ``--code lowres-unet``: SDEdit through the current model; else None."""
+    if config.replay_code != "lowres-unet":
+        return None
+    from geomprobe.continual.compact import UNET_DECODE_T
+
+    return lambda x, y: ddim_refine(unet, scheduler, x, y, UNET_DECODE_T, config.sample_steps, gen)
 
 
 def batch_sampler(
