@@ -6,24 +6,35 @@ values come out of :meth:`ImageDataset.batch` as float32 in [-1, 1].
 - ``digits``: embedded (scikit-learn's ``load_digits``, 1797 8x8 images, 10 classes), resized
   bilinearly to ``image_size`` (8, 16 or 32), fixed stratified 80/20 train/test split (seed 0).
 - ``mnist`` / ``fashion-mnist``: standard IDX files (``train-images-idx3-ubyte[.gz]``, ...)
-  in ``--data-root``, zero-padded from 28x28 to 32x32 as in the paper.
-- ``cifar10``: the binary version (``data_batch_1.bin`` .. ``data_batch_5.bin``, ``test_batch.bin``),
-  in ``--data-root`` or ``--data-root/cifar-10-batches-bin``.
+  in ``--data-root`` (or torchvision's ``MNIST/raw``), zero-padded from 28x28 to 32x32 as in
+  the paper; images above 32x32 are refused.
+- ``cifar10``: the python version (``data_batch_1`` .. ``data_batch_5``, ``test_batch``; pickles,
+  read with a restricted unpickler) or the binary version (the same names + ``.bin``), in
+  ``--data-root``, ``--data-root/cifar-10-batches-py`` or ``--data-root/cifar-10-batches-bin``.
 - ``imagenet32``: downsampled ImageNet npz files (``train_data_batch_1.npz`` .. ``_10``,
-  ``val_data.npz``; labels 1..1000 stored, 0..999 returned).
+  ``val_data.npz``; uint8 pixels or float pixels in [0, 1]; labels 1..1000 stored, 0..999 returned).
 
-There is no download code path: files the user has not supplied are an error naming the file.
+The file formats are decoded in :mod:`geomprobe.dataformats`. There is no download code path:
+files the user has not supplied, or that are malformed, are a one-line error naming the file.
 """
 
 from __future__ import annotations
 
-import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from geomprobe.dataformats import (
+    concat_images,
+    find_cifar10,
+    find_idx_file,
+    read_cifar10_binary_batch,
+    read_cifar10_python_batch,
+    read_idx_pair,
+    read_imagenet32_batch,
+)
 from geomprobe.errors import DataError, UsageError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagenet32")
@@ -107,7 +118,22 @@ class ImageDataset:
 def load_dataset(
     name: str, split: str = "train", image_size: int | None = None, data_root: str | Path | None = None
 ) -> ImageDataset:
-    """Load ``name`` (one of :data:`DATASETS`) for ``split`` ``train`` or ``test``."""
+    """Load ``name`` (one of :data:`DATASETS`) for ``split`` ``train`` or ``test``.
+
+    Args:
+        name: dataset name.
+        split: ``train`` or ``test``.
+        image_size: px; 8, 16 or 32 for digits, None or 32 for the others.
+        data_root: directory with the dataset's files (all but digits); never downloaded into.
+
+    Returns:
+        The :class:`ImageDataset` (images uint8, or float32 in [-1, 1]; labels int64).
+
+    Raises:
+        UsageError: unknown name or split, a size the dataset does not have, no ``data_root``.
+        DataError: the files are missing, malformed, hostile (a pickle naming other globals
+            than numpy's) or hold no images; one line naming the file.
+    """
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if split not in ("train", "test"):
@@ -122,10 +148,14 @@ def load_dataset(
     if not root.is_dir():
         raise DataError(f"data root not found: {root}")
     if name in ("mnist", "fashion-mnist"):
-        return load_idx_dataset(name, root, split)
-    if name == "cifar10":
-        return load_cifar10(root, split)
-    return load_imagenet32(root, split)
+        dataset = load_idx_dataset(name, root, split)
+    elif name == "cifar10":
+        dataset = load_cifar10(root, split)
+    else:
+        dataset = load_imagenet32(root, split)
+    if len(dataset) == 0:
+        raise DataError(f"the {name} {split} files in {root} hold no images")
+    return dataset
 
 
 def load_digits(split: str = "train", image_size: int = 16) -> ImageDataset:
@@ -150,75 +180,70 @@ def load_digits(split: str = "train", image_size: int = 16) -> ImageDataset:
     return ImageDataset("digits", split, images[idx], labels[idx], 10)
 
 
-def _open_maybe_gz(root: Path, stem: str) -> bytes:
-    for candidate in (root / stem, root / (stem + ".gz")):
-        if candidate.is_file():
-            raw = candidate.read_bytes()
-            if candidate.suffix == ".gz":
-                try:
-                    raw = gzip.decompress(raw)
-                except (OSError, EOFError) as exc:
-                    raise DataError(f"corrupt gzip file {candidate}: {exc}") from exc
-            return raw
-    raise DataError(f"missing file {root / stem} (or {stem}.gz)")
-
-
-def read_idx(raw: bytes, source: str) -> np.ndarray:
-    """Decode an IDX file (the MNIST format): magic 0x0000 08 <ndim>, big-endian dims, uint8 data."""
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{source} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{source} is truncated (header)")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    count = int(np.prod(dims)) if dims else 0
-    if len(raw) != header + count:
-        raise DataError(f"{source} has {len(raw) - header} data bytes, expected {count} for shape {dims}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+def idx_dirs(name: str, root: Path) -> list[Path]:
+    """Where MNIST-format files may sit: ``root``, or torchvision's ``root/MNIST/raw`` (``FashionMNIST/raw``)."""
+    return [root, root / ("MNIST" if name == "mnist" else "FashionMNIST") / "raw"]
 
 
 def load_idx_dataset(name: str, root: Path, split: str) -> ImageDataset:
-    """An MNIST-format (IDX, optionally gzipped) split: uint8 images zero-padded to (N, 1, 32, 32), labels 0..9."""
+    """An MNIST-format split (IDX files, each optionally gzipped) zero-padded to 32x32.
+
+    Args:
+        name: ``mnist`` or ``fashion-mnist`` (the files look alike; the name only labels the dataset).
+        root: directory with ``train-images-idx3-ubyte[.gz]`` etc. (or torchvision's layout, :func:`idx_dirs`).
+        split: ``train`` or ``test`` (``t10k-*`` files).
+
+    Returns:
+        images (N, 1, 32, 32) uint8, labels (N,) int64 in 0..9.
+
+    Raises:
+        DataError: a file is missing, malformed, of the wrong kind (labels for images), truncated,
+            with images above 32x32, or the counts differ (:func:`geomprobe.dataformats.read_idx_pair`).
+    """
     prefix = "train" if split == "train" else "t10k"
-    img_stem, lab_stem = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
-    images = read_idx(_open_maybe_gz(root, img_stem), str(root / img_stem))
-    labels = read_idx(_open_maybe_gz(root, lab_stem), str(root / lab_stem))
-    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise DataError(f"{root / img_stem}: shape {images.shape} does not match labels {labels.shape}")
-    if labels.size and labels.max() > 9:
-        raise DataError(f"{root / lab_stem}: label {labels.max()} outside 0..9")
-    padded = np.zeros((images.shape[0], 1, 32, 32), dtype=np.uint8)
-    h, w = images.shape[1:]
-    top, left = (32 - h) // 2, (32 - w) // 2
-    padded[:, 0, top : top + h, left : left + w] = images
-    return ImageDataset(name, split, torch.from_numpy(padded), torch.from_numpy(labels.astype(np.int64)), 10)
+    dirs = idx_dirs(name, root)
+    image_path = find_idx_file(dirs, f"{prefix}-images-idx3-ubyte")
+    label_path = find_idx_file(dirs, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx_pair(image_path, label_path)
+    return ImageDataset(name, split, torch.from_numpy(images), torch.from_numpy(labels), 10)
 
 
 def load_cifar10(root: Path, split: str) -> ImageDataset:
-    """A CIFAR-10 split from the binary batches: uint8 images (N, 3, 32, 32), labels 0..9."""
-    base = root / "cifar-10-batches-bin" if (root / "cifar-10-batches-bin").is_dir() else root
-    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
-    images, labels = [], []
-    for n in names:
-        path = base / n
-        if not path.is_file():
-            raise DataError(f"missing file {path}")
-        raw = np.fromfile(path, dtype=np.uint8)
-        if raw.size % 3073 != 0:
-            raise DataError(f"{path} is not a CIFAR-10 binary batch (size {raw.size} is not a multiple of 3073)")
-        rec = raw.reshape(-1, 3073)
-        if rec[:, 0].max(initial=0) > 9:
-            raise DataError(f"{path}: label outside 0..9")
-        labels.append(rec[:, 0].astype(np.int64))
-        images.append(rec[:, 1:].reshape(-1, 3, 32, 32))
+    """A CIFAR-10 split from the python or binary batches (:func:`geomprobe.dataformats.find_cifar10`).
+
+    Args:
+        root: ``--data-root``: holds ``cifar-10-batches-py/`` or ``cifar-10-batches-bin/``, or is one.
+        split: ``train`` (5 batches) or ``test``.
+
+    Returns:
+        images (N, 3, 32, 32) uint8, labels (N,) int64 in 0..9.
+
+    Raises:
+        DataError: neither version found, a batch missing, or a malformed or hostile batch file.
+    """
+    paths, fmt = find_cifar10(root, split)
+    read = read_cifar10_binary_batch if fmt == "bin" else read_cifar10_python_batch
+    images, labels = zip(*(read(p) for p in paths), strict=True)
     return ImageDataset(
         "cifar10", split, torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), 10
     )
 
 
 def load_imagenet32(root: Path, split: str) -> ImageDataset:
-    """An ImageNet32 split from its npz batches: uint8 images (N, 3, 32, 32), labels 1..1000 shifted to 0..999."""
+    """An ImageNet32 split from its npz batches (:func:`geomprobe.dataformats.read_imagenet32_batch`).
+
+    Args:
+        root: holds ``train_data_batch_1.npz`` .. ``_10`` and ``val_data.npz``, directly or in
+            ``Imagenet32_train_npz/`` / ``Imagenet32_val_npz/``.
+        split: ``train`` or ``test`` (``val_data.npz``).
+
+    Returns:
+        images (N, 3, 32, 32) uint8 (or float32 in [-1, 1] when a file stores fractional pixel
+        values in [0, 1]); labels (N,) int64, the stored 1..1000 shifted to 0..999.
+
+    Raises:
+        DataError: a file is missing or not a valid ImageNet32 batch.
+    """
     names = [f"train_data_batch_{i}.npz" for i in range(1, 11)] if split == "train" else ["val_data.npz"]
     images, labels = [], []
     for n in names:
@@ -226,19 +251,11 @@ def load_imagenet32(root: Path, split: str) -> ImageDataset:
         path = next((c for c in candidates if c.is_file()), None)
         if path is None:
             raise DataError(f"missing file {root / n}")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data, lab = z["data"], np.asarray(z["labels"])
-        except (KeyError, ValueError, OSError) as exc:
-            raise DataError(f"{path} is not an ImageNet32 npz with 'data' and 'labels': {exc}") from exc
-        if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != lab.shape[0]:
-            raise DataError(f"{path}: data shape {data.shape} is not (N, 3072) matching labels")
-        images.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(lab.astype(np.int64) - 1)
-    y = np.concatenate(labels)
-    if y.size and (y.min() < 0 or y.max() > 999):
-        raise DataError(f"ImageNet32 labels must be 1..1000 in {root}")
-    return ImageDataset("imagenet32", split, torch.from_numpy(np.concatenate(images)), torch.from_numpy(y), 1000)
+        x, y = read_imagenet32_batch(path)
+        images.append(x)
+        labels.append(y)
+    x = torch.from_numpy(concat_images(images))
+    return ImageDataset("imagenet32", split, x, torch.from_numpy(np.concatenate(labels)), 1000)
 
 
 # ---------------------------------------------------------------- bringing images to a model

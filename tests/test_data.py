@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from geomprobe.data import load_dataset, parse_classes, read_idx, task_splits
+from geomprobe.data import load_dataset, parse_classes, task_splits
+from geomprobe.dataformats import read_idx
 from geomprobe.errors import DataError, UsageError
 
 
@@ -70,6 +71,7 @@ def test_idx_loader(tmp_path, gz, name):
 def test_idx_errors(tmp_path):
     with pytest.raises(DataError, match="train-images-idx3-ubyte"):
         load_dataset("mnist", "train", data_root=tmp_path)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1]))
     (tmp_path / "train-images-idx3-ubyte").write_bytes(
         b"\x00\x00\x08\x03" + struct.pack(">III", 2, 28, 28) + b"\x00" * 10
     )
