@@ -778,19 +778,28 @@ def continual(
     """Class-incremental continual learning: EWC (diag/rank-1/rank-k/full), distillation, FID and forgetting."""
     from dataclasses import fields
 
-    from geomprobe.continual.runner import ContinualConfig, run_compare, run_continual, summary_dict, total_steps
+    from geomprobe.continual.runner import (
+        ContinualConfig,
+        check_world,
+        run_compare,
+        run_continual,
+        summary_dict,
+        total_steps,
+    )
 
     options = locals()
     config = ContinualConfig(**{f.name: options[f.name] for f in fields(ContinualConfig)})
-    from geomprobe.distributed import dist_info
-    from geomprobe.errors import UsageError
+    from geomprobe.distributed import dist_info, init_dist
+    from geomprobe.models import resolve_device
 
-    if dist_info()[1] > 1:  # each rank would run the whole sequence into the same --out
-        raise UsageError("continual does not run under torchrun yet (only train does); run it as one process")
     memory = max_memory
     seed_list = _parse_seeds(seeds)
     if not compare:
         config.validate()
+    rank, world = dist_info()
+    check_world(config, world, every_strategy=compare)
+    quiet = quiet or rank != 0  # under torchrun rank 0 alone prints
+    init_dist(world, resolve_device(device))  # one process group for every run of --compare (closed at exit)
     total = total_steps(config, seed_list) * (7 if compare else 1)
     with progress_bar("continual", total, quiet) as update:
         progress = lambda done, fields: update(done, **fields)  # noqa: E731
@@ -805,7 +814,8 @@ def continual(
                 )
             ]
     if json_out:
-        print_json([summary_dict(r) for r in results])
+        if rank == 0:
+            print_json([summary_dict(r) for r in results])
         return
     T = str(config.tasks)
     table = Table(

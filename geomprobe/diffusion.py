@@ -83,15 +83,17 @@ def ddim_sample(
     """DDIM samples (eta = 0) for ``labels`` (B,), returned as (B, C, H, W) float32 in [-1, 1] on CPU.
 
     Initial noise comes from ``generator`` on the CPU, so samples are the same on CPU and CUDA.
+    Under a torchrun process group every rank draws all the noise and denoises its contiguous
+    share of the rows (:func:`geomprobe.distributed.my_rows`); the shares are gathered on every rank.
     """
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    out = []
-    for start in range(0, len(labels), batch_size):
-        y = labels[start : start + batch_size]
-        x = torch.randn(len(y), cfg.in_channels, size, size, generator=generator)
-        out.append(_ddim_denoise(unet, scheduler, x, y, num_inference_steps, None))
-    return torch.cat(out) if out else torch.empty(0)
+    noise = [
+        torch.randn(len(labels[s : s + batch_size]), cfg.in_channels, size, size, generator=generator)
+        for s in range(0, len(labels), batch_size)
+    ]
+    noise = torch.cat(noise) if noise else torch.empty(0, cfg.in_channels, size, size)
+    return _sharded_denoise(unet, scheduler, noise, None, labels, num_inference_steps, None, batch_size)
 
 
 @torch.no_grad()
@@ -111,13 +113,24 @@ def ddim_refine(
     noised to the first of them, t0, as x_t0 = sqrt(abar_t0) x0 + sqrt(1 - abar_t0) eps with eps from
     ``generator`` (CPU), and the model denoises from there with labels ``labels`` (B,). Returns
     (B, C, H, W) float32 in [-1, 1] on CPU: the model's reading of x0 (detail from its learned prior).
+    Sharded over torchrun ranks like :func:`ddim_sample`.
     """
+    eps = torch.randn(x0.shape, generator=generator)
+    return _sharded_denoise(unet, scheduler, eps, x0.float().cpu(), labels, num_inference_steps, t_start, batch_size)
+
+
+def _sharded_denoise(unet, scheduler, noise, x0, labels, steps: int, t_start: int | None, batch_size: int):
+    """This rank's rows of ``noise`` (and ``x0``) denoised in batches, gathered over ranks: (B, C, H, W)."""
+    from geomprobe.distributed import gather_rows, my_rows
+
+    rows = my_rows(len(labels))
     out = []
-    for start in range(0, len(labels), batch_size):
-        x, y = x0[start : start + batch_size].float().cpu(), labels[start : start + batch_size]
-        eps = torch.randn(x.shape, generator=generator)
-        out.append(_ddim_denoise(unet, scheduler, (x, eps), y, num_inference_steps, t_start))
-    return torch.cat(out) if out else torch.empty(0)
+    for s in range(rows.start, rows.stop, batch_size):
+        e = min(s + batch_size, rows.stop)
+        x = noise[s:e] if x0 is None else (x0[s:e], noise[s:e])
+        out.append(_ddim_denoise(unet, scheduler, x, labels[s:e], steps, t_start))
+    mine = torch.cat(out) if out else noise[:0].clone()
+    return gather_rows(mine, len(labels))
 
 
 def _ddim_denoise(unet, scheduler, x, labels: torch.Tensor, steps: int, t_start: int | None) -> torch.Tensor:

@@ -136,3 +136,37 @@ def rank_slice(batch: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[
     if world <= 1:
         return batch
     return tuple(v[rank::world] for v in batch)
+
+
+def group_rank() -> int:
+    """This process's rank in the initialised process group; 0 without one."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def my_rows(n: int) -> range:
+    """This rank's contiguous share of ``n`` rows (``torch.tensor_split`` sizes; all of them without a group)."""
+    world, rank = group_world(), group_rank()
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The (n, ...) concatenation over ranks of each rank's rows :func:`my_rows` ``(n)`` of a tensor, on every rank.
+
+    ``x`` is this rank's share, (len(my_rows(n)), ...) on the CPU; without a process group it is returned.
+    """
+    world = group_world()
+    if world <= 1:
+        return x
+    import torch.distributed as dist
+
+    longest = -(-n // world)
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=_reduce_device())
+    padded[: len(x)] = x.to(padded.device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    sizes = [n // world + (r < n % world) for r in range(world)]
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).cpu()

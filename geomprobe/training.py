@@ -178,6 +178,8 @@ def training_loop(
     :class:`geomprobe.io.Interrupted` is raised with that step (None without ``on_checkpoint``).
     Under torchrun ``unet`` is the DistributedDataParallel wrapper, ``next_batch`` gives this rank's
     rows and ``stop_requested`` is the Ctrl-C flag agreed by all ranks, so every rank stops at the same step.
+    ``extra_loss`` gets the wrapped module (its forwards bypass DDP; their gradients join the one
+    all-reduce of the backward, which averages terms that are equal on every rank to themselves).
     ``autocast`` (e.g. ``torch.bfloat16``): the denoising forward runs under ``torch.autocast``; its
     loss is taken in float32, and the extra terms (EWC penalties: the Fisher stays float32) are outside.
     """
@@ -193,7 +195,7 @@ def training_loop(
                 denoise = per_sample_loss(unet, x0, noise, t, y, alphas_cumprod)
             terms = {"denoise": denoise.float().mean()}
             if extra_loss is not None:
-                terms.update(extra_loss(unet, step))
+                terms.update(extra_loss(getattr(unet, "module", unet), step))  # terms run the module, not DDP
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

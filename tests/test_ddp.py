@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -132,14 +133,89 @@ def test_batch_not_divisible_by_the_processes(tmp_path, monkeypatch):
     assert torch.distributed.is_available()
 
 
-def test_continual_under_torchrun_is_refused(tmp_path, monkeypatch):
+CONTINUAL = (
+    "--model small1 --image-size 8 --tasks 2 --steps 6 --batch-size 8 --fisher rank1 --fisher-samples 16 "
+    "--gd --replay generative --replay-per-class 4 --replay-batch 4 --n-generated 6 --sample-steps 3 "
+    "--classifier-steps 20 --seeds 0 --device cpu --quiet"
+)
+
+
+def _continual(out, processes, *extra):
+    args = ["continual", "--out", str(out), *shlex.split(CONTINUAL), *extra]
+    if processes == 1:
+        return [sys.executable, "-m", "geomprobe", *args, "--threads", "1"]
+    port = str(29500 + (os.getpid() + 23 + len(extra)) % 1000)
+    return [str(TORCHRUN), "--nproc-per-node", str(processes), "--master-port", port, "-m", "geomprobe", *args]
+
+
+def _continual_results(out):
+    from geomprobe.fisher import load_fisher
+
+    seed = out / "seed-0"
+    weights = load_file(str(seed / "task-1" / "unet" / "diffusion_pytorch_model.safetensors"))
+    fishers = [load_fisher(seed / f"fisher-task{k}.h5") for k in (0, 1)]
+    metrics = [json.loads(x) for x in (seed / "metrics.jsonl").read_text().splitlines()]
+    return weights, fishers, metrics
+
+
+def test_continual_two_processes_equal_one(tmp_path):
+    """rank-1 EWC + generative distillation under torchrun: each rank trains on rows [rank::2] of the
+    global batch and of the distillation batch, the replay pool and the FID samples are generated in
+    halves and gathered, the rank-1 Fisher from halves of the probe rows all-reduced. Everything
+    equals the 1-process run up to float summation order (measured: samples 1.4e-5; weights within ATOL)."""
+    env = {**ENV, "GEOMPROBE_CACHE": str(tmp_path / "cache")}
+    for n in (1, 2):
+        done = subprocess.run(_continual(tmp_path / f"p{n}", n), env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    (w1, f1, m1), (w2, f2, m2) = _continual_results(tmp_path / "p1"), _continual_results(tmp_path / "p2")
+    assert _max_diff(w1, w2) <= ATOL
+    for a, b in zip(f1, f2, strict=True):
+        assert a.info.n == b.info.n == 16
+        torch.testing.assert_close(a.mu, b.mu, rtol=1e-5, atol=1e-6 * float(a.mu.abs().max()))
+        assert a.c_star == pytest.approx(b.c_star, rel=1e-5)
+    assert [(r.get("after_task"), r.get("task")) for r in m1] == [(r.get("after_task"), r.get("task")) for r in m2]
+    import h5py
+
+    with h5py.File(tmp_path / "p1/seed-0/samples.h5") as s1, h5py.File(tmp_path / "p2/seed-0/samples.h5") as s2:
+        for key in s1:  # measured: 1.4e-5 after task 1 (float noise through 3 DDIM steps)
+            np.testing.assert_allclose(s1[key]["images"][()], s2[key]["images"][()], atol=1e-4, rtol=0)
+    for a, b in zip(m1, m2, strict=True):
+        if "fid" in a:  # the FID of 6 samples has a rank-deficient covariance: its sqrtm amplifies 1e-5 to ~1 %
+            assert a["fid"] == pytest.approx(b["fid"], rel=0.05)
+    # rank 0 alone wrote: one summary row, no temporaries
+    assert sum(1 for r in m2 if r.get("summary")) == 1
+    assert not list((tmp_path / "p2").rglob("*.tmp*"))
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_continual_killed_under_torchrun_resumes(tmp_path, processes):
+    """A 2-process continual run killed after task 0 resumes with 1 or 2 processes and finishes."""
+    env = {**ENV, "GEOMPROBE_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_continual(out, 2), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "seed-0" / "state.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+        os.kill(int(pid), signal.SIGKILL)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert json.loads((out / "seed-0" / "state.json").read_text())["completed_task"] == 0
+    done = subprocess.run(_continual(out, processes, "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "seed-0" / "state.json").read_text())["completed_task"] == 1
+    assert json.loads((out / "summary.json").read_text())["seeds"] == [0]
+
+
+def test_continual_batch_not_divisible_by_the_processes(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from geomprobe.cli import app
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    result = CliRunner().invoke(app, ["continual", "--out", str(tmp_path / "cl"), "--quiet"])
-    assert result.exit_code != 0 and "does not run under torchrun" in result.output, result.output
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    result = CliRunner().invoke(app, ["continual", "--out", str(tmp_path / "cl"), "--batch-size", "8", "--quiet"])
+    assert result.exit_code == 2 and "--batch-size 8 is not divisible by the 3" in result.output, result.output
     assert not (tmp_path / "cl").exists()
 
 

@@ -6,6 +6,7 @@ import torch
 from diffusers import UNet2DModel
 
 from geomprobe.diffusion import add_noise, denoising_loss, predict_noise
+from geomprobe.distributed import group_rank, group_world, rank_slice
 from geomprobe.errors import DataError
 
 
@@ -44,6 +45,8 @@ class DistillationTerm:
         x0, y = self.images[idx].float(), self.labels[idx]
         t = torch.randint(0, len(self.alphas_cumprod), (self.batch_size,), generator=self.generator)
         noise = torch.randn(x0.shape, generator=self.generator)
+        # under torchrun every rank draws the same replay batch and keeps rows [rank::world] (DDP averages)
+        x0, y, t, noise = rank_slice((x0, y, t, noise), group_rank(), group_world())
         x0, y, t, noise = x0.to(device), y.to(device), t.to(device), noise.to(device)
         x_t = add_noise(x0, noise, t, self.alphas_cumprod.to(device))
         with torch.no_grad():

@@ -53,6 +53,16 @@ from geomprobe.continual.metrics import afid, forgetting, mean_and_stderr
 from geomprobe.continual.strategies import PenaltyTerm, flat_parameters, make_penalty
 from geomprobe.continual.tasks import Progress, SeedRun, run_task
 from geomprobe.data import load_dataset, task_splits
+from geomprobe.distributed import (
+    barrier,
+    close_dist,
+    dist_info,
+    group_rank,
+    group_world,
+    init_dist,
+    local_device,
+    on_every_rank,
+)
 from geomprobe.errors import UsageError
 from geomprobe.io import (
     DEFAULT_MAX_MEMORY,
@@ -141,8 +151,8 @@ def _prepare_seed_dir(config: ContinualConfig, seed: int, out: Path, resume: boo
     completed = -1
     if not (out / MANIFEST).exists():
         write_json(out / MANIFEST, make_manifest(config, seed=seed))
-    elif (out / STATE).exists():
-        completed = int(json.loads((out / STATE).read_text())["completed_task"])
+    else:
+        completed = _completed_task(out)
     # an interrupted training or evaluation leaves rows of an uncompleted task: drop them
     write_jsonl(
         out / METRICS, [r for r in read_jsonl(out / METRICS) if not r.get("summary") and r["after_task"] <= completed]
@@ -151,6 +161,11 @@ def _prepare_seed_dir(config: ContinualConfig, seed: int, out: Path, resume: boo
         write_jsonl(out / name, [r for r in read_jsonl(out / name) if r["task"] <= completed])
     _drop_samples_after(out / SAMPLES, completed)
     return completed
+
+
+def _completed_task(out: Path) -> int:
+    """The last completed task of ``seed-{s}`` from its ``state.json`` (-1: none)."""
+    return int(json.loads((out / STATE).read_text())["completed_task"]) if (out / STATE).exists() else -1
 
 
 def _drop_samples_after(path: Path, completed: int) -> None:
@@ -185,7 +200,7 @@ def _start_seed(
     """The model (fresh or m_completed), data, timesteps and penalty of one seed."""
     from geomprobe.probe import select_parameters
 
-    dev = resolve_device(device)
+    dev = local_device(resolve_device(device), group_world())
     train = load_dataset(config.dataset, "train", config.image_size, config.data_root)
     test = load_dataset(config.dataset, "test", config.image_size, config.data_root)
     tasks = task_splits(train.num_classes, config.tasks)
@@ -214,6 +229,8 @@ def _start_seed(
         penalty=penalty,
         device=dev,
         max_memory=max_memory,
+        rank=group_rank(),
+        world=group_world(),
     )
 
 
@@ -230,7 +247,11 @@ def run_seed(
 ) -> SeedResult:
     """One seed of one strategy in directory ``out`` (``seed-{s}``); see the module docstring."""
     t_start = time.time()
-    completed = _prepare_seed_dir(config, seed, out, resume)
+    rank, world = group_rank(), group_world()
+    prepare = (lambda: _prepare_seed_dir(config, seed, out, resume)) if rank == 0 else (lambda: None)
+    completed = on_every_rank(world, prepare, f"rank 0 could not prepare {out}")
+    if rank != 0:  # rank 0 has prepared the directory (on_every_rank waited for it)
+        completed = _completed_task(out)
     run = _start_seed(config, seed, out, features, completed, device, max_memory)
     run.progress, run.step_offset = progress, step_offset
     for r in read_jsonl(out / METRICS):
@@ -245,8 +266,9 @@ def run_seed(
         "afid": afid(run.fid),
         "forgetting": forgetting(run.fid),
     }
-    with open(out / METRICS, "a") as f:
-        f.write(json.dumps(summary) + "\n")
+    if rank == 0:
+        with open(out / METRICS, "a") as f:
+            f.write(json.dumps(summary) + "\n")
     return SeedResult(
         seed,
         config.strategy,
@@ -284,12 +306,43 @@ def run_continual(
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must be distinct integers, got {seeds}")
-    out = Path(out)
+    rank, world = dist_info()
+    check_world(config, world)
+    started = init_dist(world, resolve_device(device))
+    try:
+        return _run_seeds(config, Path(out), seeds, resume, progress, device, cache_dir, step_offset, max_memory)
+    finally:
+        if started:
+            close_dist()
+
+
+def check_world(config: ContinualConfig, world: int, every_strategy: bool = False) -> None:
+    """Under torchrun the global batches are split over the ranks: each must divide evenly.
+
+    ``every_strategy`` (``--compare``): also ``--replay-batch``, which some of the strategies use.
+    """
+    batches = {"--batch-size": config.batch_size}
+    if config.replay_source != "none" or every_strategy:
+        batches["--replay-batch"] = config.replay_batch
+    for flag, size in batches.items():
+        if size % world:
+            raise UsageError(f"{flag} {size} is not divisible by the {world} torchrun processes")
+
+
+def _run_seeds(config, out: Path, seeds, resume, progress, device, cache_dir, step_offset, max_memory):
+    """:func:`run_continual` once the process group exists: rank 0 writes, every rank computes."""
+    rank, world = group_rank(), group_world()
     t0 = time.time()
-    _refuse_existing_run(out, config, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / MANIFEST, make_manifest(config, seeds=seeds))
-    features = FeatureNet(config, cache_dir)
+
+    def prepare_out():
+        _refuse_existing_run(out, config, resume)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / MANIFEST, make_manifest(config, seeds=seeds))
+        return FeatureNet(config, cache_dir)  # trains and caches the classifier once, before the other ranks
+
+    features = on_every_rank(world, prepare_out if rank == 0 else lambda: None, f"rank 0 could not use --out {out}")
+    if rank != 0:
+        features = FeatureNet(config, cache_dir)
     results = []
     for n, seed in enumerate(seeds):
         results.append(
@@ -305,9 +358,11 @@ def run_continual(
                 max_memory=max_memory,
             )
         )
-    write_jsonl(out / METRICS, [r for s in seeds for r in read_jsonl(out / f"seed-{s}" / METRICS)])
     result = summarize(out, config.strategy, results, features, time.time() - t0)
-    write_json(out / SUMMARY, summary_dict(result))
+    if rank == 0:
+        write_jsonl(out / METRICS, [r for s in seeds for r in read_jsonl(out / f"seed-{s}" / METRICS)])
+        write_json(out / SUMMARY, summary_dict(result))
+    barrier(world)
     return result
 
 
@@ -385,6 +440,20 @@ def run_compare(
     out = Path(out)
     results = []
     per = total_steps(config, list(seeds))
+    world = dist_info()[1]
+    for _, cfg in configs:
+        check_world(cfg, world)
+    started = init_dist(world, resolve_device(device))  # one process group for all strategies
+    try:
+        _compare_runs(configs, out, seeds, resume, progress, device, cache_dir, per, max_memory, results)
+    finally:
+        if started:
+            close_dist()
+    return results
+
+
+def _compare_runs(configs, out: Path, seeds, resume, progress, device, cache_dir, per, max_memory, results) -> None:
+    """Each strategy of :func:`run_compare` in turn; ``compare.json`` rewritten after each (rank 0)."""
     for n, (name, cfg) in enumerate(configs):
         res = run_continual(
             cfg,
@@ -399,5 +468,5 @@ def run_compare(
         )
         res.strategy = name
         results.append(res)
-        write_json(out / "compare.json", {"seeds": list(seeds), "strategies": [summary_dict(r) for r in results]})
-    return results
+        if group_rank() == 0:
+            write_json(out / "compare.json", {"seeds": list(seeds), "strategies": [summary_dict(r) for r in results]})

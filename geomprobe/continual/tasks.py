@@ -23,6 +23,7 @@ from geomprobe.continual.metrics import evaluate_task
 from geomprobe.continual.replay import Pool, batch_sampler, replay_pool
 from geomprobe.continual.strategies import PenaltyTerm, combine_terms, flat_parameters
 from geomprobe.data import ImageDataset
+from geomprobe.distributed import any_rank, barrier, mean_over_ranks, rank_slice
 from geomprobe.io import (
     DEFAULT_MAX_MEMORY,
     METRICS,
@@ -30,6 +31,7 @@ from geomprobe.io import (
     STATE,
     TIMINGS,
     TRAIN_LOG,
+    interrupt_requested,
     task_seed,
     torch_generator,
     write_json,
@@ -61,8 +63,15 @@ class SeedRun:
     max_memory: int = DEFAULT_MAX_MEMORY
     progress: Progress | None = None
     step_offset: int = 0
+    rank: int = 0  # under torchrun: this process's rank (rank 0 alone writes files) and the world size
+    world: int = 1
     fid: dict[int, dict[int, float]] = field(default_factory=dict)
     accuracy: dict[int, dict[int, float]] = field(default_factory=dict)
+
+    @property
+    def writer(self) -> bool:
+        """True on the one process that writes the run's files (rank 0)."""
+        return self.rank == 0
 
     def report(self, steps_done: int, fields: dict) -> None:
         if self.progress is not None:
@@ -90,7 +99,8 @@ def run_task(run: SeedRun, k: int) -> None:
     )
     clock["train_s"] = time.time() - start
     start = time.time()
-    ckpt_dir = save_task_checkpoint(run, k)
+    ckpt_dir = save_task_checkpoint(run, k) if run.writer else run.out / f"task-{k}"
+    barrier(run.world)
     if run.penalty is not None:
         add_task_fisher(run, k, ckpt_dir)
     clock["fisher_s"] = time.time() - start
@@ -99,9 +109,13 @@ def run_task(run: SeedRun, k: int) -> None:
     clock["eval_s"] = time.time() - start
     if before is not None:
         start = time.time()
-        write_energy_records(run, k, before, earlier_energies(run, earlier, k))
+        after = earlier_energies(run, earlier, k)
+        if run.writer:
+            write_energy_records(run, k, before, after)
         clock["energy_s"] = time.time() - start
-    append_task_records(run, k, log_rows, clock, rows)
+    if run.writer:
+        append_task_records(run, k, log_rows, clock, rows)
+    barrier(run.world)
     run.unet.train()
 
 
@@ -194,17 +208,24 @@ def train_task(run: SeedRun, k: int, terms: list, next_batch) -> list[dict]:
         run.report(k * steps + step, {"task": k, "loss": loss})
 
     optimizer = torch.optim.Adam(run.unet.parameters(), lr=run.config.lr)
+    model = run.unet
+    if run.world > 1:  # DDP averages the gradients of each rank's rows [rank::world] of the global batch
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev = run.device
+        model = DistributedDataParallel(run.unet, device_ids=[dev.index] if dev.type == "cuda" else None)
     training_loop(
-        run.unet,
+        model,
         run.scheduler,
         optimizer,
-        next_batch,
+        lambda: rank_slice(next_batch(), run.rank, run.world),
         0,
         steps,
         extra_loss=combine_terms(terms),
-        on_log=on_log,
+        on_log=lambda step, values: on_log(step, mean_over_ranks(run.world, values)),
         log_every=10,
         progress=on_step,
+        stop_requested=lambda: any_rank(run.world, interrupt_requested()),
     )
     run.unet.eval()
     return log_rows
@@ -250,7 +271,10 @@ def add_task_fisher(run: SeedRun, k: int, ckpt_dir: Path) -> None:
     )
     fisher.info.checkpoint = {"path": str(ckpt_dir), "checksum": checkpoint_checksum(ckpt_dir)}
     fisher.info.extra = {**fisher.info.extra, "task": k, "classes": run.tasks[k], "seed": run.seed}
-    path = fisher.save(run.out / f"fisher-task{k}.h5")
+    path = run.out / f"fisher-task{k}.h5"
+    if run.writer:
+        fisher.save(path)
+    barrier(run.world)
     # the penalty is built from the file, exactly as a resumed run builds it
     run.penalty.add(load_fisher(path), flat_parameters(run.unet, run.names).detach())
     run.penalty.to(run.device)
@@ -291,7 +315,8 @@ def evaluate_after_task(run: SeedRun, k: int) -> list[dict]:
                 "reference_split": "test",
             }
         )
-    store_samples(run.out / SAMPLES, k, torch.cat(images), torch.cat(labels))
+    if run.writer:
+        store_samples(run.out / SAMPLES, k, torch.cat(images), torch.cat(labels))
     return rows
 
 
