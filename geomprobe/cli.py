@@ -22,6 +22,11 @@ from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
 from geomprobe.allocator import retain_freed_memory
+
+try:  # typer >= 0.29 carries its own copy of click
+    from typer._click.exceptions import ClickException as _ClickException
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import ClickException as _ClickException
 from geomprobe.errors import GeomprobeError
 
 
@@ -114,6 +119,17 @@ class _GeomprobeGroup(TyperGroup):
         except GeomprobeError as exc:
             Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except _ClickException as exc:  # an unknown option, a value of the wrong type: click's, in one line
+            from rich.markup import escape
+
+            where = getattr(exc, "ctx", None) or ctx
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            Console(stderr=True).print(
+                f"[bold red]error:[/] {escape(message)}; see {escape(where.command_path)} --help",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:  # under torchrun every rank stops; rank 0 alone says so
             Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0").print(
                 _interrupt_message(ctx, exc), highlight=False, soft_wrap=True
@@ -197,6 +213,10 @@ def memory_option(what: str):
     )
 
 
+MAX_THREADS = 4096
+"""The most ``--threads`` accepted (torch takes a C int; more threads than this is a typo)."""
+
+
 def default_threads() -> int:
     """Torch/OpenMP threads without ``--threads``: ``OMP_NUM_THREADS`` when set, else the usable cores.
 
@@ -206,7 +226,7 @@ def default_threads() -> int:
     jobs share the cores; README "Threads" has the measurements.
     """
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
+    if env.isdigit() and 0 < int(env) <= MAX_THREADS:
         return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -216,10 +236,10 @@ def default_threads() -> int:
 
 def _apply_threads(value: int | None) -> int | None:
     """``--threads`` callback: runs while the options are parsed, before the command imports torch."""
-    if value is not None and value < 1:
-        from geomprobe.errors import UsageError
+    if value is not None:
+        from geomprobe.io import check_count
 
-        raise UsageError(f"--threads must be >= 1, got {value}")
+        check_count(value, "--threads", 1, MAX_THREADS)
     n = value if value is not None else default_threads()
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)  # read when torch loads
     if "torch" in sys.modules:  # already loaded (library use, tests): set it directly
@@ -739,7 +759,7 @@ def reproduce(
     check_output(out or Path("runs") / preset, "dir")
     from rich.progress import Progress, SpinnerColumn
 
-    from geomprobe.reproduce import get_preset, stage_keys
+    from geomprobe.reproduce import get_preset, resolve_preset, stage_keys
     from geomprobe.reproduce import reproduce as run_reproduce
 
     chosen = get_preset(preset)
@@ -752,6 +772,8 @@ def reproduce(
         for name in names:
             get_model_preset(name)
         chosen = dataclasses.replace(chosen, models=names)
+    overrides = {k: v for k, v in (("train_steps", steps), ("samples", samples)) if v is not None}
+    chosen = resolve_preset(chosen, overrides, str(data_root) if data_root else None)  # refusals before the display
     out = out or Path("runs") / chosen.name
     columns = [
         SpinnerColumn(),
@@ -761,7 +783,9 @@ def reproduce(
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
     ]
-    with Progress(*columns, console=console(quiet), disable=quiet) as prog:
+    con = console(quiet)
+    plain = not quiet and not con.is_terminal  # redirected: one plain line per finished stage, no bars
+    with Progress(*columns, console=con, disable=quiet or plain) as prog:
         tasks = {
             key: prog.add_task(label, total=None, info="[dim]waiting[/]", start=False)
             for key, label in stage_keys(chosen, with_continual)
@@ -779,8 +803,9 @@ def reproduce(
                 task = prog.tasks[[t.id for t in prog.tasks].index(tasks[stage])]
                 prog.update(tasks[stage], total=task.total or 1, completed=task.total or 1, info=status)
                 prog.stop_task(tasks[stage])
+                if plain:
+                    con.print(f"{task.description}: {status}", highlight=False, soft_wrap=True)
 
-        overrides = {k: v for k, v in (("train_steps", steps), ("samples", samples)) if v is not None}
         result = run_reproduce(
             chosen,
             out,
@@ -789,7 +814,6 @@ def reproduce(
             device=device,
             data_root=str(data_root) if data_root else None,
             progress=_Display(),
-            **overrides,
         )
     table = Table(title=f"reproduce --preset {chosen.name}: {result.out} ({result.seconds:.0f} s)")
     for col in ("stage", "status", "seconds", "output"):

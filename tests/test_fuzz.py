@@ -26,8 +26,20 @@ FUZZ_CASES = 320  # spread over the commands below; at least 300 in total
 
 
 def run(args: list[str]):
-    """Invoke the CLI in-process; (exit code, stderr text, exception)."""
-    result = runner.invoke(app, args)
+    """Invoke the CLI in-process; (exit code, stderr text, exception). ``--threads`` is undone afterwards."""
+    import torch
+
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    threads = torch.get_num_threads()
+    try:
+        result = runner.invoke(app, args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        torch.set_num_threads(threads)
     text = (result.stderr if result.stderr_bytes is not None else result.output).strip()
     return result.exit_code, text, result.exception
 
@@ -246,6 +258,7 @@ def test_unwritable_out_is_one_line(command, out, needle, tmp_path):
 
 
 REGRESSIONS = [
+    ("threads-huge", ["train", "--out", "{tmp}/a", "--threads", str(10**30)], "--threads"),
     ("seed-negative", ["train", "--out", "{tmp}/a", "--seed", "-1"], "--seed"),
     ("seed-2^64", ["train", "--out", "{tmp}/a", "--seed", str(2**64)], "--seed"),
     ("seed-2^64-sample", ["sample", "--ckpt", "{tmp}/n", "--out", "{tmp}/g.png", "--seed", str(2**64)], "--seed"),
