@@ -344,7 +344,9 @@ def check_classes(spec: str | None, option: str = "--classes") -> str | None:
         raise UsageError(f"malformed {option} {spec!r}; use e.g. '0,1', '0..9' or 'all'")
     big = next((int(e) for e in ends if int(e) >= MAX_CLASSES), None)
     if big is not None:
-        raise UsageError(f"{option} {spec!r}: class {big} is outside 0..{MAX_CLASSES - 1} (no dataset has more classes)")
+        raise UsageError(
+            f"{option} {spec!r}: class {big} is outside 0..{MAX_CLASSES - 1} (no dataset has more classes)"
+        )
     return spec
 
 
