@@ -19,10 +19,68 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from geomprobe.allocator import retain_freed_memory
+
+try:  # typer >= 0.29 carries its own copy of click
+    from typer._click.exceptions import ClickException as _ClickException
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import ClickException as _ClickException
 from geomprobe.errors import GeomprobeError
+
+
+def _flags_without_value_type(params: list) -> list:
+    """Blank the value column of flags in ``--help`` (typer 0.29 labels every option, flags too, ``<bool>``)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""  # display_type_rich shows a metavar as given; "" shows nothing
+    return params
+
+
+def _is_path(param) -> bool:
+    """True for a ``Path`` or ``list[Path]`` parameter."""
+    from typing import get_args
+
+    desc = param.type_descriptor
+    inner = get_args(desc.annotation)[:1] if desc.is_list else ()
+    return desc.is_path or any(isinstance(a, type) and issubclass(a, Path) for a in inner)
+
+
+def _refuse_empty_paths(command, args: list[str]) -> None:
+    """A path option or argument given as ``''`` is a UsageError (``Path('')`` would silently be the cwd)."""
+    from geomprobe.errors import UsageError
+
+    takes_value, path_options = set(), set()
+    for param in command.params:
+        names = [*param.opts, *getattr(param, "secondary_opts", [])]
+        if param.param_type_name == "option" and not param.is_flag:
+            takes_value.update(names)
+            if _is_path(param):
+                path_options.update(names)
+    path_argument = any(p.param_type_name == "argument" and _is_path(p) for p in command.params)
+    i = 0
+    while i < len(args):
+        token = args[i]
+        name, eq, value = token.partition("=")
+        if name in path_options and (value == "" if eq else i + 1 < len(args) and args[i + 1] == ""):
+            raise UsageError(f"{name} is empty; give a path ('.' for the current directory)")
+        if token in takes_value:
+            i += 1  # skip the option's value
+        elif token == "" and path_argument:
+            raise UsageError("an empty path was given; give a path ('.' for the current directory)")
+        i += 1
+
+
+class _GeomprobeCommand(TyperCommand):
+    """Every command: flags without a value type in ``--help``; empty paths refused before parsing."""
+
+    def get_params(self, ctx):  # noqa: D102 - click API
+        return _flags_without_value_type(super().get_params(ctx))
+
+    def parse_args(self, ctx, args):  # noqa: D102 - click API
+        _refuse_empty_paths(self, args)
+        return super().parse_args(ctx, args)
 
 
 class _GeomprobeGroup(TyperGroup):
@@ -47,6 +105,9 @@ class _GeomprobeGroup(TyperGroup):
             if installed:
                 signal.signal(signal.SIGINT, previous)
 
+    def get_params(self, ctx):  # noqa: D102 - click API
+        return _flags_without_value_type(super().get_params(ctx))
+
     def invoke(self, ctx):  # noqa: D401 - click API
         from geomprobe.io import raise_if_interrupted
 
@@ -58,11 +119,29 @@ class _GeomprobeGroup(TyperGroup):
         except GeomprobeError as exc:
             Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except _ClickException as exc:  # an unknown option, a value of the wrong type: click's, in one line
+            from rich.markup import escape
+
+            where = getattr(exc, "ctx", None) or ctx
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            Console(stderr=True).print(
+                f"[bold red]error:[/] {escape(message)}; see {escape(where.command_path)} --help",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:  # under torchrun every rank stops; rank 0 alone says so
             Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0").print(
                 _interrupt_message(ctx, exc), highlight=False, soft_wrap=True
             )
             raise typer.Exit(130) from None
+        except MemoryError:  # an allocation the checks could not foresee (they refuse what cannot fit)
+            Console(stderr=True).print(
+                "[bold red]error:[/] out of memory; use smaller sizes (--batch-size, --samples, --n, --max-memory)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
         except OSError as exc:  # a full disk, a read-only or vanished directory: the system's one line
             where = f": {exc.filename}" if exc.filename else ""
             what = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -103,7 +182,14 @@ def _prepare_process() -> bool:
     return install_interrupt_handler()
 
 
-app = typer.Typer(
+class _Typer(typer.Typer):
+    """``@app.command()`` builds a :class:`_GeomprobeCommand` unless told otherwise."""
+
+    def command(self, *args, cls=None, **kwargs):  # noqa: D102 - typer API
+        return super().command(*args, cls=cls or _GeomprobeCommand, **kwargs)
+
+
+app = _Typer(
     cls=_GeomprobeGroup,
     help="Gradient geometry of diffusion models: per-sample gradients, Fisher spectra, rank-1 EWC.",
     no_args_is_help=True,
@@ -127,6 +213,10 @@ def memory_option(what: str):
     )
 
 
+MAX_THREADS = 4096
+"""The most ``--threads`` accepted (torch takes a C int; more threads than this is a typo)."""
+
+
 def default_threads() -> int:
     """Torch/OpenMP threads without ``--threads``: ``OMP_NUM_THREADS`` when set, else the usable cores.
 
@@ -136,7 +226,7 @@ def default_threads() -> int:
     jobs share the cores; README "Threads" has the measurements.
     """
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
+    if env.isdigit() and 0 < int(env) <= MAX_THREADS:
         return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -146,10 +236,10 @@ def default_threads() -> int:
 
 def _apply_threads(value: int | None) -> int | None:
     """``--threads`` callback: runs while the options are parsed, before the command imports torch."""
-    if value is not None and value < 1:
-        from geomprobe.errors import UsageError
+    if value is not None:
+        from geomprobe.io import check_count
 
-        raise UsageError(f"--threads must be >= 1, got {value}")
+        check_count(value, "--threads", 1, MAX_THREADS)
     n = value if value is not None else default_threads()
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)  # read when torch loads
     if "torch" in sys.modules:  # already loaded (library use, tests): set it directly
@@ -285,11 +375,13 @@ def train(
 
     Under ``torchrun --nproc-per-node K`` with DistributedDataParallel (K must divide --batch-size).
     """
-    from geomprobe.io import check_count, check_output, check_seed
+    from geomprobe.io import check_classes, check_count, check_output, check_seed
 
     check_seed(seed)
     check_count(batch_size, "--batch-size")
     check_count(steps, "--steps", 0, 2**40)
+    check_count(checkpoint_every, "--checkpoint-every")
+    check_classes(classes)
     check_output(out, "dir")
 
     from geomprobe.distributed import dist_info
@@ -311,6 +403,7 @@ def train(
         precision=precision,
     )
     config.validate()
+    _check_batch_fits(config)
     quiet = quiet or dist_info()[0] != 0  # under torchrun rank 0 alone prints
     with progress_bar("train", steps, quiet) as update:
         result = run_train(config, out, resume=resume, progress=lambda s, loss: update(s, loss=loss))
@@ -325,6 +418,23 @@ def train(
         str(result.out),
     )
     console(quiet).print(table)
+
+
+def _check_batch_fits(config) -> None:
+    """Refuse a --batch-size whose first UNet block alone cannot fit in RAM (input, activations, gradients).
+
+    A lower bound: per image 4 bytes x H x W x (channels + 2 x the first block's channels), the input and
+    the first block's activation and its gradient; the whole UNet needs many times more.
+    """
+    from geomprobe.data import dataset_facts
+    from geomprobe.io import check_fits_in_memory
+    from geomprobe.models import get_preset
+
+    facts = dataset_facts(config.dataset)
+    size = config.image_size or facts.image_size
+    first = get_preset(config.model).block_out_channels[0]
+    each = 4 * size * size * (facts.channels + 2 * first)
+    check_fits_in_memory(config.batch_size, each, "--batch-size", f"{config.model}'s activations at {size} px")
 
 
 @app.command()
@@ -344,14 +454,15 @@ def sample(
     threads: int | None = threads_option(),
 ) -> None:
     """Write a PNG grid of DDIM samples: one row per class, or --rows rows for an unconditional model."""
-    from geomprobe.io import check_count, check_output, check_seed
+    from geomprobe.io import check_classes, check_count, check_output, check_seed
 
     check_seed(seed)
-    check_count(n, "--n")
+    check_count(n, "--n", 1, 4096)
     check_count(steps, "--steps", 1, _num_train_timesteps(ckpt))
     check_count(scale, "--scale", 1, 64)
     if rows is not None:
-        check_count(rows, "--rows")
+        check_count(rows, "--rows", 1, 4096)
+    check_classes(classes)
     check_output(out, "file")
 
     from geomprobe.sampling import sample_grid
@@ -390,10 +501,11 @@ def energy(
     threads: int | None = threads_option(),
 ) -> None:
     """Per-sample energy (denoising loss averaged over fixed timesteps and seeded noise draws; seed 004)."""
-    from geomprobe.io import check_count, check_output, check_seed
+    from geomprobe.io import check_classes, check_count, check_output, check_seed
 
     check_seed(seed)
     check_count(draws, "--draws", 1, 10_000)
+    check_classes(classes)
     check_output(out, "file")
     timesteps = _timestep_list(t, "--t", ckpt)
     aligned = _timestep_list(alignment_t, "--alignment-t", ckpt) if alignment_t else []
@@ -492,11 +604,12 @@ def grads(
     threads: int | None = threads_option(),
 ) -> None:
     """Per-sample gradients at chosen timesteps into an HDF5 gradient store (resumable, torchrun-aware)."""
-    from geomprobe.io import check_count, check_output, check_seed
+    from geomprobe.io import check_classes, check_count, check_output, check_seed
     from geomprobe.timesteps import BAND_NAMES, parse_timesteps
 
     check_seed(seed)
     check_count(samples, "--samples")
+    check_classes(classes)
     check_count(shard_rows, "--shard-rows")
     if project is not None:
         check_count(project, "--project")
@@ -559,15 +672,30 @@ def figures(
     more_dirs: list[Path] | None = typer.Argument(
         None, help="further run directories (so '--from a b c' works)", show_default=False
     ),
-    out: Path = typer.Option(Path("figures"), "--out", help="directory for the PNG/PDF figures, captions and tables"),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="directory for the PNG/PDF figures, captions and tables (default: <run>/figures; needed with several runs)",
+        show_default=False,
+    ),
     json_out: bool = typer.Option(False, "--json", help="print what was written and skipped as JSON on stdout"),
     quiet: bool = typer.Option(False, "--quiet", help="no table"),
     threads: int | None = threads_option(),
 ) -> None:
-    """Every paper figure and table that the stored results allow (reads results, recomputes nothing)."""
-    from geomprobe.figures import make_figures
+    """Every paper figure and table that the stored results allow (reads results, recomputes nothing).
+
+    One run per --from: a directory holding several runs is refused (name the one to draw).
+    """
+    from geomprobe.io import check_output
 
     run_dirs = list(from_dirs) + list(more_dirs or [])
+    out = _figures_dir(run_dirs, out)
+    check_output(out, "dir")
+
+    from geomprobe.figures import make_figures
+    from geomprobe.figures.runs import check_one_run_each
+
+    check_one_run_each(run_dirs)
     report = make_figures(run_dirs, out)
     if json_out:
         print_json(
@@ -586,6 +714,18 @@ def figures(
     for name, why in report.skipped:
         table.add_row(f"[dim]{name}[/]", f"[dim]skipped: {why}[/]")
     console(quiet).print(table)
+
+
+def _figures_dir(run_dirs: list[Path], out: Path | None) -> Path:
+    """``--out`` of ``figures``, by default ``<run>/figures`` of the one run directory (never the cwd's figures/)."""
+    from geomprobe.errors import UsageError
+
+    if out is not None:
+        return out
+    if len(run_dirs) != 1:
+        raise UsageError(f"{len(run_dirs)} run directories given: pass --out DIR for their figures")
+    run = run_dirs[0]
+    return (run.parent if run.is_file() else run) / "figures"
 
 
 @app.command()
@@ -609,12 +749,17 @@ def reproduce(
     threads: int | None = threads_option(),
 ) -> None:
     """Train -> grads -> spectrum -> figures (-> continual) in one resumable command."""
-    from geomprobe.io import check_seed
+    from geomprobe.io import check_count, check_output, check_seed
 
     check_seed(seed)
+    if steps is not None:
+        check_count(steps, "--steps", 1, 2**40)
+    if samples is not None:
+        check_count(samples, "--samples")
+    check_output(out or Path("runs") / preset, "dir")
     from rich.progress import Progress, SpinnerColumn
 
-    from geomprobe.reproduce import get_preset, stage_keys
+    from geomprobe.reproduce import get_preset, resolve_preset, stage_keys
     from geomprobe.reproduce import reproduce as run_reproduce
 
     chosen = get_preset(preset)
@@ -627,6 +772,8 @@ def reproduce(
         for name in names:
             get_model_preset(name)
         chosen = dataclasses.replace(chosen, models=names)
+    overrides = {k: v for k, v in (("train_steps", steps), ("samples", samples)) if v is not None}
+    chosen = resolve_preset(chosen, overrides, str(data_root) if data_root else None)  # refusals before the display
     out = out or Path("runs") / chosen.name
     columns = [
         SpinnerColumn(),
@@ -636,7 +783,9 @@ def reproduce(
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
     ]
-    with Progress(*columns, console=console(quiet), disable=quiet) as prog:
+    con = console(quiet)
+    plain = not quiet and not con.is_terminal  # redirected: one plain line per finished stage, no bars
+    with Progress(*columns, console=con, disable=quiet or plain) as prog:
         tasks = {
             key: prog.add_task(label, total=None, info="[dim]waiting[/]", start=False)
             for key, label in stage_keys(chosen, with_continual)
@@ -654,8 +803,9 @@ def reproduce(
                 task = prog.tasks[[t.id for t in prog.tasks].index(tasks[stage])]
                 prog.update(tasks[stage], total=task.total or 1, completed=task.total or 1, info=status)
                 prog.stop_task(tasks[stage])
+                if plain:
+                    con.print(f"{task.description}: {status}", highlight=False, soft_wrap=True)
 
-        overrides = {k: v for k, v in (("train_steps", steps), ("samples", samples)) if v is not None}
         result = run_reproduce(
             chosen,
             out,
@@ -664,7 +814,6 @@ def reproduce(
             device=device,
             data_root=str(data_root) if data_root else None,
             progress=_Display(),
-            **overrides,
         )
     table = Table(title=f"reproduce --preset {chosen.name}: {result.out} ({result.seconds:.0f} s)")
     for col in ("stage", "status", "seconds", "output"):
@@ -788,6 +937,9 @@ def continual(
     )
 
     options = locals()
+    from geomprobe.io import check_output
+
+    check_output(out, "dir")
     config = ContinualConfig(**{f.name: options[f.name] for f in fields(ContinualConfig)})
     from geomprobe.distributed import dist_info, init_dist
     from geomprobe.models import resolve_device
@@ -909,22 +1061,28 @@ def spectrum(
     threads: int | None = threads_option(),
 ) -> None:
     """Fisher spectra per t from a gradient store (--grads) or a model (--ckpt): gaps, errors, intervals, cosine maps."""
-    from geomprobe.analysis import write_spectrum
-    from geomprobe.analysis.uncertainty import UncertaintyOptions, parse_sizes
     from geomprobe.errors import UsageError
-    from geomprobe.models import resolve_device
+    from geomprobe.io import check_classes, check_count, check_output, check_seed
 
+    if out is not None:
+        check_output(out, "dir")
     if from_spectra:
         return _spread_of_spectra(from_spectra, out, as_json, quiet)
     if (grads_store is None) == (ckpt is None):
         raise UsageError("give either --grads STORE or --ckpt MODEL (or --from SPECTRUM ... to summarise several)")
     if ckpt is not None and out is None:
         raise UsageError("--ckpt needs --out DIR for spectrum.json (the model directory is not written to)")
-    from geomprobe.io import check_output, check_seed
-
     check_seed(seed)
-    if out is not None:
-        check_output(out, "dir")
+    check_seed(bootstrap_seed, "--bootstrap-seed")
+    check_count(samples, "--samples", 1, MAX_GRAM_ROWS)
+    check_count(top_k, "--top-k")
+    check_count(bootstrap, "--bootstrap", 0, 100_000)
+    check_classes(classes)
+
+    from geomprobe.analysis import write_spectrum
+    from geomprobe.analysis.uncertainty import UncertaintyOptions, parse_sizes
+    from geomprobe.models import resolve_device
+
     options = UncertaintyOptions(bootstrap=bootstrap, seed=bootstrap_seed, n_sweep=parse_sizes(n_sweep), shares=shares)
     if ckpt is not None and options.active:
         raise UsageError("--bootstrap, --n-sweep and --shares need the stored rows: use them with --grads")
@@ -961,6 +1119,10 @@ def spectrum(
         return
     _print_spectrum(result, top_k, centered, quiet)
     console(quiet).print(f"wrote {json_path} and {maps_path}")
+
+
+MAX_GRAM_ROWS = 2**17
+"""``spectrum --ckpt --samples``: at most this many rows (the n x n float64 Gram matrix is then 128 GiB)."""
 
 
 def _spread_of_spectra(paths, out, as_json: bool, quiet: bool) -> None:
@@ -1120,6 +1282,10 @@ def audit(
     threads: int | None = threads_option(),
 ) -> None:
     """The critique's four checks of the rank-1 claim, measured: verdict table and audit.json."""
+    from geomprobe.io import check_output
+
+    check_output(out, "dir")
+    seed_list = _parse_seeds(seeds)
     from geomprobe.audit import AuditConfig, parse_checks, run_audit
     from geomprobe.continual.config import ContinualConfig
 
@@ -1148,7 +1314,7 @@ def audit(
         checks=check_list,
         t_range=t_range,
         samples=samples,
-        seeds=tuple(_parse_seeds(seeds)),
+        seeds=tuple(seed_list),
         dataset=dataset,
         data_root=data_root,
         tasks=tasks,

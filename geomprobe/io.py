@@ -286,9 +286,14 @@ def check_output(path: str | Path, kind: str = "dir", option: str = "--out") -> 
     """Refuse an output path that cannot be written, before any work starts (one-line UsageError).
 
     ``kind="dir"``: a directory to create or reuse (not an existing file, not a device); ``"file"``: a file
-    to create or replace (not a directory, not a device such as /dev/null). The nearest existing ancestor
-    must be a writable directory.
+    to create or replace (not a directory, not a device such as /dev/null). An empty path is refused (it
+    would silently mean the current directory). The directory that would receive the output (``path``
+    itself for an existing directory, else its nearest existing ancestor) must accept a new entry: this
+    is tried (a temporary directory, removed at once), since permission bits do not tell a read-only
+    mount, ``/proc`` or, for root, anything at all.
     """
+    if str(path) == "":
+        raise UsageError(f"{option} is empty; give a path ('.' for the current directory)")
     path = Path(path)
     if path.exists() or path.is_symlink():
         if kind == "dir" and not path.is_dir():
@@ -298,13 +303,72 @@ def check_output(path: str | Path, kind: str = "dir", option: str = "--out") -> 
             raise UsageError(f"{option} {path} is {what}; give a file path")
         if not os.access(path, os.W_OK):
             raise UsageError(f"{option} {path} is not writable")
-        if kind == "dir" or path.parent == path:
+        if kind == "dir":
+            _check_can_create_in(path, path, option)
             return path
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"{option} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: {parent} is not writable")
+    _check_can_create_in(parent, path, option)
     return path
+
+
+def _check_can_create_in(directory: Path, path: Path, option: str) -> None:
+    """UsageError unless an entry can be created in ``directory`` (tried, then removed)."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".geomprobe-write-test-", dir=directory))
+    except OSError as exc:
+        where = "" if directory == path else f": {directory}"
+        raise UsageError(f"{option} {path}{where} is not writable ({exc.strerror or exc})") from None
+
+
+MAX_CLASSES = 1000
+"""The most classes of any dataset geomprobe reads (imagenet32); a class list beyond it is refused early."""
+
+
+def check_classes(spec: str | None, option: str = "--classes") -> str | None:
+    """``spec`` if it is a class list ('0,1', '0..4', 'all', empty) within 0..MAX_CLASSES-1, else a UsageError.
+
+    Only the syntax and the bound, without building the list (``0..99999999999`` must not allocate it);
+    the dataset's own class count is checked when it is loaded.
+    """
+    if spec is None or spec.strip() in ("", "all"):
+        return spec
+    text = spec.replace(" ", "")
+    ends = text.split("..") if ".." in text else text.split(",")
+    if (".." in text and len(ends) != 2) or not all(e.isdigit() for e in ends):
+        raise UsageError(f"malformed {option} {spec!r}; use e.g. '0,1', '0..9' or 'all'")
+    big = next((int(e) for e in ends if int(e) >= MAX_CLASSES), None)
+    if big is not None:
+        raise UsageError(
+            f"{option} {spec!r}: class {big} is outside 0..{MAX_CLASSES - 1} (no dataset has more classes)"
+        )
+    return spec
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine (None when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(count: int, bytes_each: int, option: str, what: str) -> int:
+    """``count`` unless ``count * bytes_each`` (a lower bound of what the command allocates) exceeds the RAM.
+
+    Refuses sizes that cannot fit at all, in one line, instead of a failed allocation (or the kernel's OOM
+    killer) after minutes of set-up. Results never depend on this: it only rejects impossible sizes.
+    """
+    ram = physical_memory()
+    need = count * bytes_each
+    if ram is not None and need > ram:
+        raise UsageError(
+            f"{option} {count} needs at least {need / 2**30:,.0f} GiB for {what}, more than this machine's "
+            f"{ram / 2**30:.0f} GiB of RAM; use a smaller {option}"
+        )
+    return count

@@ -333,8 +333,11 @@ def figures_stage(run_dirs: list[Path], figures_dir: Path, progress: StageProgre
 # ---------------------------------------------------------------- driver
 
 
-def _resolve_preset(preset: str | ReproducePreset, overrides: dict, data_root: str | None) -> ReproducePreset:
-    """The preset by name or as given, with ``overrides`` applied; UsageError for unknown settings or missing data."""
+def resolve_preset(preset: str | ReproducePreset, overrides: dict, data_root: str | None) -> ReproducePreset:
+    """The preset by name or as given, with ``overrides`` applied; UsageError for unknown settings or missing data.
+
+    The CLI calls it before drawing its progress display, so that a refusal is one line.
+    """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if overrides:
         unknown = set(overrides) - set(ReproducePreset.__dataclass_fields__)
@@ -371,7 +374,7 @@ def reproduce(
 
     ``overrides`` replace preset fields (e.g. ``train_steps=500`` or ``samples=256`` for a smoke run).
     """
-    preset = _resolve_preset(preset, overrides, data_root)
+    preset = resolve_preset(preset, overrides, data_root)
     progress = progress or _Silent()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

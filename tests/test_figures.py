@@ -344,3 +344,62 @@ def test_cli_figures_writes_files_and_fails_in_one_line(tmp_path):
     bad = runner.invoke(app, ["figures", "--from", str(tmp_path / "empty"), "--out", str(tmp_path / "figs")])
     assert bad.exit_code == 3
     assert "geomprobe spectrum" in bad.output and "Traceback" not in bad.output
+
+
+# ---------------------------------------------------------------- the figures command: where, and which run (issue 14)
+
+
+def _figures_cli(args):
+    from typer.testing import CliRunner
+
+    from geomprobe.cli import app
+
+    result = CliRunner().invoke(app, ["figures", *args])
+    text = (result.stderr if result.stderr_bytes is not None else result.output).strip()
+    return result.exit_code, text
+
+
+def test_cli_figures_default_out_is_the_run_not_the_cwd(tmp_path, monkeypatch):
+    write_spectrum(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    code, text = _figures_cli(["--from", "run", "--quiet"])
+    assert code == 0, text
+    assert (tmp_path / "run" / "figures" / "fig3c_eigengap_ratio.png").is_file()
+    assert not (tmp_path / "figures").exists()
+    code, text = _figures_cli(["--from", "run", "--from", "run"])  # several runs: say where
+    assert code == 2 and "--out" in text and len(text.splitlines()) == 1, text
+
+
+def test_cli_figures_refuses_a_directory_of_several_runs(tmp_path):
+    write_spectrum(tmp_path / "runs" / "a")
+    write_spectrum(tmp_path / "runs" / "b")
+    code, text = _figures_cli(["--from", str(tmp_path / "runs"), "--out", str(tmp_path / "figs")])
+    assert code == 2 and len(text.splitlines()) == 1, text
+    assert "2 spectrum runs" in text and str(tmp_path / "runs" / "a") in text and str(tmp_path / "runs" / "b") in text
+    assert "--from" in text and not (tmp_path / "figs").exists()
+    write_metrics(tmp_path / "cls" / "one")
+    write_metrics(tmp_path / "cls" / "two")
+    code, text = _figures_cli(["--from", str(tmp_path / "cls"), "--out", str(tmp_path / "figs")])
+    assert code == 2 and "2 continual runs" in text, text
+    # one run each, named on purpose: drawn side by side
+    code, text = _figures_cli(
+        [
+            "--from",
+            str(tmp_path / "runs" / "a"),
+            str(tmp_path / "runs" / "b"),
+            "--out",
+            str(tmp_path / "figs"),
+            "--quiet",
+        ]
+    )
+    assert code == 0, text
+
+
+def test_cli_figures_takes_a_reproduce_run_with_several_models(tmp_path):
+    """OUT/models/<preset>/ of `geomprobe reproduce --models a,b` is one run: Fig. 6 compares its models."""
+    for preset in ("small1", "small3"):
+        write_spectrum(tmp_path / "rep" / "models" / preset, preset=preset)
+    write_metrics(tmp_path / "rep" / "continual")
+    code, text = _figures_cli(["--from", str(tmp_path / "rep"), "--json"])
+    assert code == 0, text
+    assert (tmp_path / "rep" / "figures" / "fig6_model_sizes.png").is_file()

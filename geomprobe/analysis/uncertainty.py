@@ -157,8 +157,12 @@ def summarize_spectra(paths: Sequence[str | Path]) -> dict[str, Any]:
         raise DataError(f"no spectrum.json at {', '.join(missing)}; run `geomprobe spectrum` on those stores first")
     per_t: dict[Any, list[dict[str, float]]] = {}
     for f in files:
-        for row in json.loads(f.read_text())["rows"]:
-            per_t.setdefault(row["t"], []).append(_scalar_leaves(row))
+        try:
+            rows = json.loads(f.read_text())["rows"]
+            for row in rows:
+                per_t.setdefault(row["t"], []).append(_scalar_leaves(row))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise DataError(f"{f} is not a spectrum.json (written by `geomprobe spectrum`)") from None
     rows = []
     for t, leaves in per_t.items():
         keys = sorted(set.intersection(*(set(x) for x in leaves)))

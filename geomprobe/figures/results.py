@@ -412,13 +412,18 @@ def read_metrics(paths: Iterable[Path], dataset: str | None = None) -> dict[str,
     return runs
 
 
-def find_continual(run_dirs: Iterable[str | Path]) -> dict[str, ContinualRuns]:
-    """All metrics.jsonl under ``run_dirs`` grouped by dataset; DataError naming the command if none."""
-    run_dirs = list(run_dirs)
+def metrics_files(run_dirs: Iterable[str | Path]) -> list[Path]:
+    """The metrics.jsonl of each continual run under ``run_dirs`` (not the per-seed copies below it)."""
     paths = find_files(run_dirs, METRICS)
     # the runner writes each seed's rows to seed-{s}/metrics.jsonl and all of them again one level up
     found = set(paths)
-    paths = [p for p in paths if not any(parent / METRICS in found for parent in p.parents[1:])]
+    return [p for p in paths if not any(parent / METRICS in found for parent in p.parents[1:])]
+
+
+def find_continual(run_dirs: Iterable[str | Path]) -> dict[str, ContinualRuns]:
+    """All metrics.jsonl under ``run_dirs`` grouped by dataset; DataError naming the command if none."""
+    run_dirs = list(run_dirs)
+    paths = metrics_files(run_dirs)
     if not paths:
         raise DataError(f"no {METRICS} under {', '.join(map(str, run_dirs))}; it is written by {CONTINUAL_COMMAND}")
     return read_metrics(paths)
