@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py: the diag and rank-1 task Fisher of a tiny UNet, under torchrun or alone.
+"""Run by tests/test_ddp.py: the task Fisher of every kind of a tiny UNet, under torchrun or alone.
 
 [torchrun --nproc-per-node K] tests/ddp_fisher_worker.py OUT.pt
 """
@@ -23,14 +23,17 @@ def main(out: str) -> None:
     data = load_dataset("digits", "train", 8).subset([0, 1])
     ac, names, spec = build_scheduler().alphas_cumprod, select_parameters(unet), parse_timesteps("all")
     result = {}
-    for kind in ("diag", "rank1"):
+    for kind in ("diag", "rank1", "rankk", "full"):
         fisher = estimate_task_fisher(
-            kind, unet, names, data, ac, spec, 20, torch.Generator().manual_seed(5), batch_size=8
+            kind, unet, names, data, ac, spec, 20, torch.Generator().manual_seed(5), rank=2, batch_size=8
         )
-        result[kind] = {
-            "n": fisher.info.n,
-            **({"d": fisher.diagonal} if kind == "diag" else {"mu": fisher.mu, "c": fisher.c_star}),
-        }
+        # every kind as its action on a fixed probe matrix (P, 3), plus its own numbers
+        probe = torch.randn(fisher.P, 3, generator=torch.Generator().manual_seed(1))
+        result[kind] = {"n": fisher.info.n, "mv": fisher.mv(probe)}
+        if kind == "diag":
+            result[kind]["d"] = fisher.diagonal
+        if kind == "rank1":
+            result[kind].update(mu=fisher.mu, c=fisher.c_star)
     if rank == 0:
         torch.save(result, out)
     close_dist()

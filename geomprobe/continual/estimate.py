@@ -10,10 +10,12 @@ The kinds map to the fisher package's builders:
            or lowrank_from_model      Lanczos on the n fixed samples (``method="lanczos"``)
     full   GramFisher(G)              the n x P per-sample gradients (exact empirical Fisher)
 
-Under an initialised torch.distributed process group (torchrun), diag and rank1 are sharded: every
-rank draws the same probe batches and takes rows [rank::world] of each; the sums (n mu, column sums
-of g^2, sum of (mu^T g_i)^2) are all-reduced in float64, so the Fisher equals one process's up to
-the order of float sums. rankk and full are computed whole on every rank (not sharded yet).
+Under an initialised torch.distributed process group (torchrun) every rank draws the same probe
+batches and takes rows [rank::world] of each. diag and rank1: the sums (n mu, column sums of g^2,
+sum of (mu^T g_i)^2) are all-reduced in float64; rankk by power iteration: each minibatch product
+G_b^T (G_b V) is the all-reduced sum of the ranks' rows; full: each rank's rows of G are gathered.
+So the Fisher equals one process's up to the order of float sums. rankk by Lanczos is computed
+whole on every rank (not sharded).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from geomprobe.timesteps import TimestepSpec
 
 RANKK_METHODS = ("power", "lanczos")
 ESTIMATED_KINDS = ("diagonal", "rank1", "lowrank", "gram")  # the kinds of --fisher diag | rank1 | rankk | full
-SHARDED_KINDS = ("diagonal", "rank1")  # shared among torchrun ranks (module docstring)
+SHARDED_KINDS = ("diagonal", "rank1", "gram")  # shared among torchrun ranks (module docstring; + power rankk)
 
 
 def probe_batches(
@@ -134,13 +136,14 @@ def _sharded(kind, unet, names, batches, alphas_cumprod, timesteps: TimestepSpec
 
     from geomprobe.fisher import DiagonalFisher, ImplicitFisher, Rank1Fisher
     from geomprobe.fisher.spectrum import rank1_scale
-    from geomprobe.probe import ProbeBatch
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     n = sum(len(b) for b in batches)
     if n < world:
         raise UsageError(f"--fisher-samples {n} is fewer than the {world} torchrun processes")
-    mine = [ProbeBatch(b.x0[rank::world], b.noise[rank::world], b.t[rank::world], b.y[rank::world]) for b in batches]
+    mine = [_my_rows(b) for b in batches]
+    if kind == "gram":
+        return _gathered_gram(unet, names, batches, mine, alphas_cumprod, timesteps, max_memory)
     local = ImplicitFisher.from_model(
         unet, names, [b for b in mine if len(b)], alphas_cumprod, max_memory=max_memory, t_range=timesteps.text
     )
@@ -156,6 +159,35 @@ def _sharded(kind, unet, names, batches, alphas_cumprod, timesteps: TimestepSpec
     return Rank1Fisher(mu, c_star, info)
 
 
+def _my_rows(batch):
+    """This rank's rows [rank::world] of a probe batch (the batch itself without a process group)."""
+    from geomprobe.distributed import group_rank, rank_slice
+    from geomprobe.probe import ProbeBatch
+
+    return ProbeBatch(*rank_slice((batch.x0, batch.noise, batch.t, batch.y), group_rank(), group_world()))
+
+
+def _gathered_gram(unet, names, batches, mine, alphas_cumprod, timesteps: TimestepSpec, max_memory):
+    """full: per-sample gradients of this rank's contiguous share of every batch, gathered in row order."""
+    from geomprobe.distributed import gather_rows, my_rows
+    from geomprobe.fisher import GramFisher, ImplicitFisher
+    from geomprobe.probe import param_layout, per_sample_grads
+
+    blocks = []
+    for b in batches:
+        r = my_rows(len(b))
+        x0, noise, t, y = (v[r.start : r.stop] for v in (b.x0, b.noise, b.t, b.y))
+        if len(r):
+            G = per_sample_grads(unet, names, x0, noise, t, y, alphas_cumprod, max_memory=max_memory).cpu()
+        else:  # a batch with fewer rows than ranks
+            G = torch.zeros(0, param_layout(unet, names).P)
+        blocks.append(gather_rows(G, len(b)))
+    info = ImplicitFisher.from_model(unet, names, [m for m in mine if len(m)], alphas_cumprod, t_range=timesteps.text)
+    info = info._derived_info()
+    info.n = sum(len(b) for b in batches)
+    return GramFisher(torch.cat(blocks), info=info)
+
+
 def _power_iteration(
     unet, names, data, alphas_cumprod, timesteps: TimestepSpec, generator, rank, batch_size, power_iterations
 ):
@@ -168,8 +200,36 @@ def _power_iteration(
         while True:
             yield probe_batches(data, batch_size, timesteps, generator, batch_size)[0]
 
-    fisher = power_iteration_from_model(
-        unet, names, fresh, alphas_cumprod, k=rank, num_iters=power_iterations, seed=seed, t_range=timesteps.text
-    )
+    if group_world() > 1:
+        fisher = _sharded_power_iteration(unet, names, fresh, alphas_cumprod, timesteps, rank, power_iterations, seed)
+    else:
+        fisher = power_iteration_from_model(
+            unet, names, fresh, alphas_cumprod, k=rank, num_iters=power_iterations, seed=seed, t_range=timesteps.text
+        )
     fisher.info.n = batch_size * (power_iterations + 5)
     return fisher
+
+
+def _sharded_power_iteration(unet, names, fresh, alphas_cumprod, timesteps: TimestepSpec, k, iterations, seed):
+    """Power iteration whose minibatch product F_b V is the all-reduced sum over ranks of their rows' G^T (G V)."""
+    from geomprobe.fisher import FisherInfo, ImplicitFisher
+    from geomprobe.fisher.model import stochastic_power_iteration
+    from geomprobe.probe import param_layout
+
+    stream = fresh()
+
+    def matmat(V: torch.Tensor, step: int) -> torch.Tensor:
+        batch = next(stream)
+        mine = _my_rows(batch)
+        local = (
+            torch.zeros_like(V)
+            if len(mine) == 0
+            else ImplicitFisher.from_model(unet, names, mine, alphas_cumprod).mv(V)
+        )
+        return (sum_over_ranks(local.cpu() * len(mine)) / len(batch)).to(V.dtype)
+
+    layout = param_layout(unet, names)
+    info = FisherInfo(
+        t_range=timesteps.text, param_names=list(layout.names), param_shapes=[list(s) for s in layout.shapes]
+    )
+    return stochastic_power_iteration(matmat, layout.P, k, iterations, 5, seed, torch.float32, info)
