@@ -158,17 +158,22 @@ def _continual_results(out):
     return weights, fishers, metrics
 
 
+CONTINUAL_ATOL = 1e-4  # a tenth of one Adam step at the default learning rate 1e-3
+
+
 def test_continual_two_processes_equal_one(tmp_path):
     """rank-1 EWC + generative distillation under torchrun: each rank trains on rows [rank::2] of the
     global batch and of the distillation batch, the replay pool and the FID samples are generated in
     halves and gathered, the rank-1 Fisher from halves of the probe rows all-reduced. Everything
-    equals the 1-process run up to float summation order (measured: samples 1.4e-5; weights within ATOL)."""
+    equals the 1-process run up to float summation order (measured: samples 1.4e-5, FID 5.9e-7
+    relative, weights after 12 Adam steps 6.9e-6: Adam's normalised steps turn float-order
+    differences of near-zero gradients into parameter differences, hence CONTINUAL_ATOL)."""
     env = {**ENV, "GEOMPROBE_CACHE": str(tmp_path / "cache")}
     for n in (1, 2):
         done = subprocess.run(_continual(tmp_path / f"p{n}", n), env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     (w1, f1, m1), (w2, f2, m2) = _continual_results(tmp_path / "p1"), _continual_results(tmp_path / "p2")
-    assert _max_diff(w1, w2) <= ATOL
+    assert _max_diff(w1, w2) <= CONTINUAL_ATOL
     for a, b in zip(f1, f2, strict=True):
         assert a.info.n == b.info.n == 16
         torch.testing.assert_close(a.mu, b.mu, rtol=1e-5, atol=1e-6 * float(a.mu.abs().max()))
@@ -180,8 +185,8 @@ def test_continual_two_processes_equal_one(tmp_path):
         for key in s1:  # measured: 1.4e-5 after task 1 (float noise through 3 DDIM steps)
             np.testing.assert_allclose(s1[key]["images"][()], s2[key]["images"][()], atol=1e-4, rtol=0)
     for a, b in zip(m1, m2, strict=True):
-        if "fid" in a:  # the FID of 6 samples has a rank-deficient covariance: its sqrtm amplifies 1e-5 to ~1 %
-            assert a["fid"] == pytest.approx(b["fid"], rel=0.05)
+        if "fid" in a:
+            assert a["fid"] == pytest.approx(b["fid"], rel=1e-3)
     # rank 0 alone wrote: one summary row, no temporaries
     assert sum(1 for r in m2 if r.get("summary")) == 1
     assert not list((tmp_path / "p2").rglob("*.tmp*"))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from geomprobe.diffusion import ddim_sample
+from geomprobe.distributed import my_rows
 from geomprobe.errors import UsageError
 
 
@@ -24,6 +25,8 @@ def frechet_distance(
     real_features, fake_features: (N, ...) inputs of ``feature_net`` (default: flatten, so the
     inputs are features (N, d) themselves). Covariances use the unbiased (N - 1) normaliser;
     both sets need N >= 2. Returns ||m1 - m2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in feature units^2.
+    Under a torchrun process group every rank must call it with the same inputs: each extracts the
+    features of its share (:func:`geomprobe.distributed.my_rows`) and torchmetrics all-reduces the sums.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -31,10 +34,10 @@ def frechet_distance(
         raise UsageError("FID needs at least 2 real and 2 generated samples")
     net = feature_net if feature_net is not None else _Flatten(int(real_features[0].numel()))
     metric = FrechetInceptionDistance(feature=net, normalize=False)
-    for s in range(0, len(real_features), 512):
-        metric.update(real_features[s : s + 512], real=True)
-    for s in range(0, len(fake_features), 512):
-        metric.update(fake_features[s : s + 512], real=False)
+    for inputs, real in ((real_features, True), (fake_features, False)):
+        rows = my_rows(len(inputs))  # under torchrun each rank adds its share; compute() sums the ranks' states
+        for s in range(rows.start, rows.stop, 512):
+            metric.update(inputs[s : min(s + 512, rows.stop)], real=real)
     return float(metric.compute().double())
 
 
