@@ -495,7 +495,19 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Che
     """Load any model directory geomprobe accepts (see :func:`model_layout`): safetensors + JSON only.
 
     Never touches the network. Size, channels and classes come from the UNet config; for a
-    geomprobe checkpoint ``geomprobe.json`` is checked against it. Raises DataError (one line).
+    geomprobe checkpoint ``geomprobe.json`` is checked (types, values, and against the UNet config,
+    :func:`read_model_info`) and ``scheduler/`` is required; config.json must match the weights
+    (:func:`_load_unet`).
+
+    Args:
+        directory: the model directory.
+        device: where the UNet goes.
+
+    Returns:
+        The :class:`Checkpoint` (notes: the default-scheduler note, the intermediate-checkpoint note).
+
+    Raises:
+        DataError: one line naming the file at fault.
     """
     from diffusers.utils import logging as diffusers_logging
 

@@ -2,8 +2,8 @@
 
 Each trial runs `python -m geomprobe continual` on the tiniest configuration (small1 at 8 px, 2 tasks
 of 3 steps, rank-1 EWC + distillation, about 5 s) as a subprocess, sends SIGKILL at a seeded random
-point (during start-up, i.e. before the first task checkpoint, or after a seeded milestone: a task
-checkpoint, a Fisher file, a completed task), resumes with the original command and ``--resume``
+point (during start-up, or after a seeded milestone: the seed directory's manifest, i.e. during task
+0 before its checkpoint, a task checkpoint, a Fisher file, the evaluation samples, a completed task), resumes with the original command and ``--resume``
 (SIGKILL prints nothing; what ``geomprobe.io.resume_command`` would print), in some trials kills the
 resume as well, and requires the result to equal an uninterrupted run bitwise: the weights of every
 task checkpoint, every dataset and attribute of every Fisher file (the checkpoint path aside, which
@@ -35,7 +35,16 @@ ARGS = shlex.split(
     "--threads 1 --quiet"
 )
 # files whose appearance marks a point of the run (the kill follows after a seeded delay)
-MILESTONES = (None, "seed-0/task-0/unet", "seed-0/fisher-task0.h5", "seed-0/state.json", "seed-0/task-1/unet")
+MILESTONES = (
+    None,
+    "seed-0/manifest.json",  # task 0 begins: replay, training, before the first checkpoint
+    "seed-0/task-0/unet",
+    "seed-0/fisher-task0.h5",
+    "seed-0/samples.h5",
+    "seed-0/state.json",
+    "seed-0/task-1/unet",
+    "seed-0/fisher-task1.h5",
+)
 
 
 def _command(out: Path) -> list[str]:

@@ -16,7 +16,7 @@ Layout of ``out``::
     metrics.jsonl                 all seeds' rows + one summary row per seed (docs/design.md §9)
     summary.json                  AFID@k and forgetting, mean and standard error over seeds
     seed-{s}/manifest.json        config + seed (a resume refuses a different config)
-    seed-{s}/state.json           last completed task
+    seed-{s}/state.json           last completed task, tasks completed of tasks, complete (docs/design.md §9)
     seed-{s}/metrics.jsonl        that seed's rows
     seed-{s}/train_log.jsonl      {"task", "step", "loss", "denoise", "ewc", "distill"}
     seed-{s}/samples.h5           after_task{k}/images (n, C, H, W) in [-1, 1], labels (n,): the FID samples
@@ -26,7 +26,9 @@ Layout of ``out``::
 
 Resume: every random draw of task k comes from generators seeded by (seed, k) and the optimiser
 restarts at each task, so rerunning from the last completed task's checkpoint reproduces the
-uninterrupted run exactly (on the same device and thread count).
+uninterrupted run exactly (on the same device and thread count). A resume checks ``state.json``,
+drops log rows of later tasks and a partial last line, and refuses a task Fisher file whose
+checkpoint checksum or parameter layout is not that of its task checkpoint (one line naming the file).
 """
 
 from __future__ import annotations
