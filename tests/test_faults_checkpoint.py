@@ -115,6 +115,22 @@ def test_geomprobe_checkpoint_without_scheduler_is_refused(ckpt, tmp_path):
     _grads_and_sample(ckpt, tmp_path, str(ckpt / "scheduler" / "scheduler_config.json"))
 
 
+def test_intermediate_checkpoint_is_used_with_a_note_by_grads_and_sample(ckpt, tmp_path):
+    """As tests/test_faults.py::test_intermediate_checkpoint_loads_with_a_note, through the commands."""
+    meta = json.loads((ckpt / "geomprobe.json").read_text())
+    meta["extra"].update(training_complete=False)
+    meta["extra"]["train_config"]["steps"] = 9
+    (ckpt / "geomprobe.json").write_text(json.dumps(meta))
+    for args in (
+        ["grads", "--ckpt", ckpt, "--t", "100", "--samples", "4", "--out", tmp_path / "g", "--quiet"],
+        ["sample", "--ckpt", ckpt, "--out", tmp_path / "s.png", "--steps", "2", "--n", "2", "--quiet"],
+    ):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, _text(result)
+        notes = [line for line in _text(result).splitlines() if "intermediate checkpoint at step 2 of 9" in line]
+        assert len(notes) == 1, _text(result)
+
+
 def test_loading_never_touches_the_network(ckpt, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("network access")
