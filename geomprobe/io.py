@@ -80,23 +80,35 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, drop_partial_last: bool = False) -> list[dict]:
     """The JSON objects of a JSONL file ([] when it does not exist).
 
+    Args:
+        path: the file.
+        drop_partial_last: leave out an unterminated last line that is not valid JSON (an append cut
+            short by a kill or a full disk; what a resume does with its logs).
+
     Raises:
-        DataError: a line is not valid JSON (names the file and the line).
+        DataError: a line is not valid JSON, or not an object (names the file and the line).
     """
     path = Path(path)
     if not path.exists():
         return []
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
+            if drop_partial_last and number == len(lines) and not text.endswith("\n"):
+                break
             raise DataError(f"{path}: line {number} is not valid JSON") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
     return rows
 
 

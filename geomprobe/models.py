@@ -335,16 +335,22 @@ def _weight_files(unet_dir: Path) -> list[Path]:
     raise DataError(f"no UNet weights in {unet_dir}: expected {WEIGHTS}")
 
 
-def load_scheduler(directory: str | Path) -> tuple[DDPMScheduler, str | None]:
+def load_scheduler(directory: str | Path, required: bool = False) -> tuple[DDPMScheduler, str | None]:
     """(DDPMScheduler, note): ``directory/scheduler`` read locally, else the default and a note.
 
     Without ``scheduler/scheduler_config.json`` the DDPM default of :func:`build_scheduler` is used
-    and the one-line note says so (None otherwise). Any discrete-time scheduler config with betas (DDPM, DDIM, PNDM, ...; every ``beta_schedule``)
-    gives the same alphas_cumprod; models that do not predict epsilon are refused.
+    and the one-line note says so (None otherwise); with ``required`` (a geomprobe checkpoint, whose
+    writer always saves its scheduler, so a missing one is a damaged checkpoint) that is a DataError.
+    Any discrete-time scheduler config with betas (DDPM, DDIM, PNDM, ...; every ``beta_schedule``)
+    gives the same alphas_cumprod; models that do not predict epsilon are refused. Never touches the network.
     """
     folder = Path(directory) / "scheduler"
     config_file = folder / "scheduler_config.json"
     if not config_file.is_file():
+        if required:
+            raise DataError(
+                f"{config_file} is missing (a geomprobe checkpoint always has its scheduler; the directory is damaged)"
+            )
         return build_scheduler(), f"no scheduler/scheduler_config.json in {directory}: {DEFAULT_SCHEDULER_NOTE}"
     config = _read_json(config_file)
     if "num_train_timesteps" not in config and "beta_schedule" not in config and "trained_betas" not in config:
@@ -353,7 +359,7 @@ def load_scheduler(directory: str | Path) -> tuple[DDPMScheduler, str | None]:
         )
     try:
         scheduler = DDPMScheduler.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError, NotImplementedError) as exc:
+    except (OSError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
         raise DataError(f"cannot load {config_file}: {str(exc).splitlines()[0]}") from None
     if scheduler.config.prediction_type != "epsilon":
         raise DataError(
@@ -398,11 +404,110 @@ def _check_meta(meta_file: Path, info: ModelInfo, derived: ModelInfo) -> None:
             )
 
 
+def _load_unet(unet_dir: Path) -> UNet2DModel:
+    """The UNet of ``unet_dir`` from its config.json and safetensors weights, read locally (never the network).
+
+    Args:
+        unet_dir: a directory with ``config.json`` and the weights (:func:`_weight_files`).
+
+    Returns:
+        The UNet2DModel with every parameter taken from the weights.
+
+    Raises:
+        DataError: one line; when config.json and the weights disagree (shapes, or tensors one has and the
+            other lacks, e.g. an edited ``block_out_channels`` or ``layers_per_block``) it names both files.
+    """
+    weights = _weight_files(unet_dir)[0]
+    disagree = f"{unet_dir / 'config.json'} does not match {weights}"
+    try:
+        unet, loading = UNet2DModel.from_pretrained(
+            unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False, output_loading_info=True
+        )
+    except RuntimeError as exc:  # torch's load_state_dict: "size mismatch for conv_in.weight: ..."
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise DataError(f"{disagree}: {details[0] if details else str(exc).strip()}") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise DataError(f"cannot load {unet_dir}: {str(exc).strip().splitlines()[0]}") from None
+    checks = (
+        ("missing_keys", "the weights lack"),
+        ("unexpected_keys", "the config has no"),
+        ("mismatched_keys", "shapes differ for"),
+    )
+    for key, what in checks:
+        names = sorted(n[0] if isinstance(n, tuple) else n for n in loading.get(key) or [])
+        if names:  # diffusers would initialise missing tensors at random: a silently different model
+            raise DataError(f"{disagree}: {what} {len(names)} tensor(s), e.g. {names[0]}")
+    return unet
+
+
+_META_TYPES = {
+    "preset": str,
+    "dataset": str,
+    "image_size": int,
+    "channels": int,
+    "seed": int,
+    "step": int,
+    "version": str,
+    "extra": dict,
+}
+
+
+def read_model_info(meta: Path) -> ModelInfo:
+    """The :class:`ModelInfo` of a geomprobe checkpoint's ``geomprobe.json``, its fields' types and values checked.
+
+    Args:
+        meta: the ``geomprobe.json`` file.
+
+    Returns:
+        ModelInfo with ``image_size``, ``channels`` > 0, ``num_classes`` > 0 or None, ``step`` >= 0.
+
+    Raises:
+        DataError: one line naming the file and the first bad field (unknown or missing keys, a string
+            where a number belongs, a non-positive size).
+    """
+    raw = _read_json(meta)
+    known = {f for f in ModelInfo.__dataclass_fields__}
+    unknown = sorted(set(raw) - known)
+    missing = sorted(
+        k for k in ("preset", "dataset", "image_size", "channels", "num_classes", "seed", "step") if k not in raw
+    )
+    if unknown or missing:
+        what = f"unknown key {unknown[0]!r}" if unknown else f"no {missing[0]!r}"
+        raise DataError(f"{meta} is malformed: {what}")
+    for key, kind in _META_TYPES.items():
+        value = raw.get(key, "" if kind is str else {} if kind is dict else 0)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DataError(
+                f"{meta} is malformed: {key}={value!r} is not {'an' if kind is int else 'a'} {kind.__name__}"
+            )
+    classes = raw["num_classes"]
+    if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or classes <= 0):
+        raise DataError(f"{meta} is malformed: num_classes={classes!r} is not a positive int or null")
+    for key in ("image_size", "channels"):
+        if raw[key] <= 0:
+            raise DataError(f"{meta} is malformed: {key}={raw[key]!r} is not positive")
+    if raw["step"] < 0:
+        raise DataError(f"{meta} is malformed: step={raw['step']!r} is negative")
+    return ModelInfo(**raw)
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load any model directory geomprobe accepts (see :func:`model_layout`): safetensors + JSON only.
 
     Never touches the network. Size, channels and classes come from the UNet config; for a
-    geomprobe checkpoint ``geomprobe.json`` is checked against it. Raises DataError (one line).
+    geomprobe checkpoint ``geomprobe.json`` is checked (types, values, and against the UNet config,
+    :func:`read_model_info`) and ``scheduler/`` is required; config.json must match the weights
+    (:func:`_load_unet`).
+
+    Args:
+        directory: the model directory.
+        device: where the UNet goes.
+
+    Returns:
+        The :class:`Checkpoint` (notes: the default-scheduler note, the intermediate-checkpoint note).
+
+    Raises:
+        DataError: one line naming the file at fault.
     """
     from diffusers.utils import logging as diffusers_logging
 
@@ -412,18 +517,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Che
     diffusers_logging.set_verbosity_error()  # no multi-line advice about accelerate or unused config keys
     diffusers_logging.disable_progress_bar()  # nor a "Loading checkpoint shards" bar
     try:
-        unet = UNet2DModel.from_pretrained(
-            unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
-        )
+        unet = _load_unet(unet_dir)
         if layout == "unet":
             scheduler, note = (
                 build_scheduler(),
                 f"{directory} is a bare UNet2DModel directory: {DEFAULT_SCHEDULER_NOTE}",
             )
         else:
-            scheduler, note = load_scheduler(directory)
-    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
-        raise DataError(f"cannot load {unet_dir}: {str(exc).strip().splitlines()[0]}") from None
+            scheduler, note = load_scheduler(directory, required=layout == "geomprobe")
     finally:
         diffusers_logging.set_verbosity(previous)
         if bars:
@@ -432,10 +533,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Che
     info = derived
     if layout == "geomprobe":
         meta = directory / CHECKPOINT_META
-        try:
-            info = ModelInfo(**_read_json(meta))
-        except TypeError as exc:
-            raise DataError(f"{meta} is malformed: {exc}") from None
+        info = read_model_info(meta)
         _check_meta(meta, info, derived)
     unet.to(resolve_device(device) if isinstance(device, str) else device)
     unet.eval()
@@ -454,18 +552,45 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     return load_model(directory, device)
 
 
+OPTIMIZER_STATE = "optimizer.safetensors"
+
+
 def load_optimizer_state(directory: str | Path) -> dict[str, torch.Tensor] | None:
-    """The optimiser tensors saved with a checkpoint (``optimizer.safetensors``), or None."""
+    """The optimiser tensors saved with a checkpoint (``optimizer.safetensors``), or None when absent.
+
+    Raises:
+        DataError: the file is not readable safetensors (truncated, garbage); the message names it.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(directory) / "optimizer.safetensors"
-    return load_file(str(path)) if path.is_file() else None
+    path = Path(directory) / OPTIMIZER_STATE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{path} is not a readable safetensors file: {str(exc).strip().splitlines()[0]}") from None
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:
-    """The JSON training state (step, RNG state) saved with a checkpoint, or None."""
+    """The JSON training state saved with a checkpoint, or None when absent.
+
+    Returns:
+        ``{"step": int >= 0, "generator": base64 str, "param_groups": list, ...}``.
+
+    Raises:
+        DataError: not JSON, not an object, or a key missing or of the wrong type (names the file).
+    """
     path = Path(directory) / TRAIN_STATE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    state = _read_json(path)
+    for key, kind in (("step", int), ("generator", str), ("param_groups", list)):
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (key == "step" and value < 0):
+            raise DataError(f"{path} is malformed: {key}={value!r}")
+    return state
 
 
 def checkpoint_checksum(directory: str | Path) -> str:

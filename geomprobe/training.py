@@ -416,7 +416,13 @@ def _model_and_optimizer(config: TrainConfig, data, out: Path, resume: bool, ran
         if tensors is None:
             raise DataError(f"{out} has no optimizer.safetensors; it cannot be resumed")
         groups = load_train_state(out)["param_groups"]
-        restore_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, groups)
+        try:
+            restore_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, groups)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise DataError(
+                f"{out / 'optimizer.safetensors'} does not fit the model and the param_groups of {out / 'train_state.json'}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+            ) from None
     return unet, scheduler, optimizer, start_step
 
 
@@ -451,7 +457,16 @@ def _resume_state(config: TrainConfig, out: Path, gen: torch.Generator) -> tuple
     state = load_train_state(out)
     if state is None:
         raise DataError(f"{out} has no train_state.json; it cannot be resumed")
-    gen.set_state(generator_state_from_json(state["generator"]))
+    try:
+        gen.set_state(generator_state_from_json(state["generator"]))
+    except (ValueError, RuntimeError) as exc:  # bad base64, or not a generator state
+        raise DataError(
+            f"{out / 'train_state.json'} holds no usable generator state: {str(exc).splitlines()[0]}"
+        ) from None
+    if state["step"] != ckpt.info.step:
+        raise DataError(
+            f"{out / 'train_state.json'} is at step {state['step']} but {out / CHECKPOINT_META} at step {ckpt.info.step}"
+        )
     return ckpt.unet, int(state["step"])
 
 

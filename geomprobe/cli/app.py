@@ -363,7 +363,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def mean_pm(mean: float, err: float) -> str:
-    """ "mean ± standard error" with one decimal (the mean alone when the error is NaN)."""
+    """Mean ± standard error with one decimal (the mean alone when the error is NaN)."""
     return f"{mean:.1f}" if err != err else f"{mean:.1f} ± {err:.1f}"
 
 

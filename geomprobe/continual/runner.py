@@ -16,7 +16,7 @@ Layout of ``out``::
     metrics.jsonl                 all seeds' rows + one summary row per seed (docs/design.md §9)
     summary.json                  AFID@k and forgetting, mean and standard error over seeds
     seed-{s}/manifest.json        config + seed (a resume refuses a different config)
-    seed-{s}/state.json           last completed task
+    seed-{s}/state.json           last completed task, tasks completed of tasks, complete (docs/design.md §9)
     seed-{s}/metrics.jsonl        that seed's rows
     seed-{s}/train_log.jsonl      {"task", "step", "loss", "denoise", "ewc", "distill"}
     seed-{s}/samples.h5           after_task{k}/images (n, C, H, W) in [-1, 1], labels (n,): the FID samples
@@ -26,7 +26,9 @@ Layout of ``out``::
 
 Resume: every random draw of task k comes from generators seeded by (seed, k) and the optimiser
 restarts at each task, so rerunning from the last completed task's checkpoint reproduces the
-uninterrupted run exactly (on the same device and thread count).
+uninterrupted run exactly (on the same device and thread count). A resume checks ``state.json``,
+drops log rows of later tasks and a partial last line, and refuses a task Fisher file whose
+checkpoint checksum or parameter layout is not that of its task checkpoint (one line naming the file).
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ from geomprobe.continual.config import (  # noqa: F401 - re-exported: the runner
     penalty_weight,
 )
 from geomprobe.continual.metrics import afid, forgetting, mean_and_stderr
-from geomprobe.continual.strategies import PenaltyTerm, flat_parameters, make_penalty
-from geomprobe.continual.tasks import Progress, SeedRun, run_task
+from geomprobe.continual.strategies import PenaltyTerm, flat_parameters, make_penalty, parameter_shapes
+from geomprobe.continual.tasks import INTRINSIC_FORGETTING, Progress, SeedRun, run_task
 from geomprobe.data import load_dataset, task_splits
 from geomprobe.distributed import (
     barrier,
@@ -63,7 +65,7 @@ from geomprobe.distributed import (
     local_device,
     on_every_rank,
 )
-from geomprobe.errors import UsageError
+from geomprobe.errors import DataError, UsageError
 from geomprobe.io import (
     DEFAULT_MAX_MEMORY,
     MANIFEST,
@@ -77,7 +79,7 @@ from geomprobe.io import (
     write_json,
     write_jsonl,
 )
-from geomprobe.models import build_scheduler, build_unet, load_checkpoint, resolve_device
+from geomprobe.models import build_scheduler, build_unet, checkpoint_checksum, load_checkpoint, resolve_device
 from geomprobe.timesteps import parse_timesteps
 
 
@@ -145,38 +147,92 @@ def _refuse_existing_run(out: Path, config: ContinualConfig, resume: bool) -> No
 
 
 def _prepare_seed_dir(config: ContinualConfig, seed: int, out: Path, resume: bool) -> int:
-    """Create or check ``seed-{s}``; drop records written after the last completed task (returned, -1: none)."""
+    """Create or check ``seed-{s}``; drop records written after the last completed task (returned, -1: none).
+
+    Raises:
+        DataError: one line naming the file: a garbage ``state.json``, a log line before the last that is
+            not JSON (a partial last line is dropped), a completed task whose checkpoint is missing.
+    """
     out.mkdir(parents=True, exist_ok=True)
     _refuse_existing_run(out, config, resume)
     completed = -1
     if not (out / MANIFEST).exists():
         write_json(out / MANIFEST, make_manifest(config, seed=seed))
-    else:
-        completed = _completed_task(out)
+    elif (out / STATE).exists():
+        completed = read_state(out / STATE, config, seed)
     # an interrupted training or evaluation leaves rows of an uncompleted task: drop them
-    write_jsonl(
-        out / METRICS, [r for r in read_jsonl(out / METRICS) if not r.get("summary") and r["after_task"] <= completed]
-    )
-    for name in (TRAIN_LOG, TIMINGS):
-        write_jsonl(out / name, [r for r in read_jsonl(out / name) if r["task"] <= completed])
+    for name, key in (
+        (METRICS, "after_task"),
+        (TRAIN_LOG, "task"),
+        (TIMINGS, "task"),
+        (INTRINSIC_FORGETTING, "after_task"),
+    ):
+        rows = read_jsonl(out / name, drop_partial_last=True)
+        if rows or (out / name).exists():
+            write_jsonl(
+                out / name, [r for r in rows if not r.get("summary") and _task_of(r, key, out / name) <= completed]
+            )
     _drop_samples_after(out / SAMPLES, completed)
     return completed
 
 
-def _completed_task(out: Path) -> int:
-    """The last completed task of ``seed-{s}`` from its ``state.json`` (-1: none)."""
-    return int(json.loads((out / STATE).read_text())["completed_task"]) if (out / STATE).exists() else -1
+def _completed_task(out: Path, config: ContinualConfig, seed: int) -> int:
+    """The last completed task of ``seed-{s}`` (:func:`read_state`; -1 without a ``state.json``)."""
+    return read_state(out / STATE, config, seed) if (out / STATE).exists() else -1
+
+
+def _task_of(row: dict, key: str, path: Path) -> int:
+    """``row[key]`` (a task index) of a log row; DataError naming ``path`` when it is absent or not an int."""
+    value = row.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DataError(f"{path}: a row without an integer {key!r} ({json.dumps(row)[:80]})")
+    return value
+
+
+def read_state(path: Path, config: ContinualConfig, seed: int) -> int:
+    """The last completed task recorded in a seed's ``state.json`` (docs/design.md §9), checked.
+
+    Args:
+        path: ``seed-{s}/state.json``.
+        config: the run's config (its ``tasks`` and ``strategy``).
+        seed: the seed the directory belongs to.
+
+    Returns:
+        ``completed_task``, in -1..tasks-1, whose checkpoint ``task-{k}/`` exists.
+
+    Raises:
+        DataError: not a JSON object, fields of the wrong type or out of range, another seed or strategy, or
+            the completed task's checkpoint is missing; the message names the file.
+    """
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(
+            f"{path} is not valid JSON ({str(exc).splitlines()[0]}); delete the seed directory to restart it"
+        ) from None
+    completed = state.get("completed_task") if isinstance(state, dict) else None
+    if not isinstance(completed, int) or isinstance(completed, bool) or not -1 <= completed < config.tasks:
+        raise DataError(f"{path} is malformed: completed_task={completed!r} (expected -1..{config.tasks - 1})")
+    if state.get("seed", seed) != seed or state.get("strategy", config.strategy) != config.strategy:
+        raise DataError(
+            f"{path} belongs to seed {state.get('seed')!r}, strategy {state.get('strategy')!r}, not this run"
+        )
+    if completed >= 0 and not (path.parent / f"task-{completed}" / "unet").is_dir():
+        raise DataError(f"{path} says task {completed} is complete but {path.parent / f'task-{completed}'} is missing")
+    return completed
 
 
 def _drop_samples_after(path: Path, completed: int) -> None:
-    import h5py
+    """Remove the sample groups of tasks after ``completed`` from ``samples.h5`` (a copy renamed onto it)."""
+    from geomprobe.continual.tasks import edit_samples
 
-    if not path.exists():
-        return
-    with h5py.File(path, "a") as f:
+    def drop(f) -> None:
         for key in list(f.keys()):
             if key.startswith("after_task") and int(key[len("after_task") :]) > completed:
                 del f[key]
+
+    if path.exists():
+        edit_samples(path, drop)
 
 
 def _rebuild_penalty(
@@ -189,8 +245,12 @@ def _rebuild_penalty(
         return None
     penalty = make_penalty(config.fisher, names, penalty_weight(config.lam, pixels, config.lambda_units))
     for j in range(completed + 1):
-        anchor = flat_parameters(load_checkpoint(out / f"task-{j}").unet, names).detach()
-        penalty.add(load_fisher(out / f"fisher-task{j}.h5"), anchor)
+        unet = load_checkpoint(out / f"task-{j}").unet
+        # the file must be F_j at theta*_j of this run: estimated at task-{j}'s weights, over this layout
+        fisher = load_fisher(
+            out / f"fisher-task{j}.h5", checkpoint_checksum(out / f"task-{j}"), names, parameter_shapes(unet, names)
+        )
+        penalty.add(fisher, flat_parameters(unet, names).detach())
     return penalty.to(dev)
 
 
@@ -251,7 +311,7 @@ def run_seed(
     prepare = (lambda: _prepare_seed_dir(config, seed, out, resume)) if rank == 0 else (lambda: None)
     completed = on_every_rank(world, prepare, f"rank 0 could not prepare {out}")
     if rank != 0:  # rank 0 has prepared the directory (on_every_rank waited for it)
-        completed = _completed_task(out)
+        completed = _completed_task(out, config, seed)
     run = _start_seed(config, seed, out, features, completed, device, max_memory)
     run.progress, run.step_offset = progress, step_offset
     for r in read_jsonl(out / METRICS):

@@ -31,6 +31,12 @@ def flat_parameters(unet: torch.nn.Module, names: Sequence[str]) -> torch.Tensor
     return torch.cat([params[n].reshape(-1) for n in names])
 
 
+def parameter_shapes(unet: torch.nn.Module, names: Sequence[str]) -> list[list[int]]:
+    """The shapes of the parameters ``names`` of ``unet``, in that order (the flat layout of theta)."""
+    params = dict(unet.named_parameters())
+    return [list(params[n].shape) for n in names]
+
+
 class _FlatView:
     """The parameters ``names`` of a model, looked up once (their order is the flat layout)."""
 

@@ -21,9 +21,10 @@ from geomprobe.continual.config import ContinualConfig
 from geomprobe.continual.distill import DistillationTerm
 from geomprobe.continual.metrics import evaluate_task
 from geomprobe.continual.replay import Pool, batch_sampler, replay_pool
-from geomprobe.continual.strategies import PenaltyTerm, combine_terms, flat_parameters
+from geomprobe.continual.strategies import PenaltyTerm, combine_terms, flat_parameters, parameter_shapes
 from geomprobe.data import ImageDataset
 from geomprobe.distributed import any_rank, barrier, mean_over_ranks, rank_slice
+from geomprobe.errors import DataError
 from geomprobe.io import (
     DEFAULT_MAX_MEMORY,
     METRICS,
@@ -269,14 +270,16 @@ def add_task_fisher(run: SeedRun, k: int, ckpt_dir: Path) -> None:
         method=config.rankk_method,
         max_memory=run.max_memory,
     )
-    fisher.info.checkpoint = {"path": str(ckpt_dir), "checksum": checkpoint_checksum(ckpt_dir)}
+    checksum, shapes = checkpoint_checksum(ckpt_dir), parameter_shapes(run.unet, run.names)
+    fisher.info.checkpoint = {"path": str(ckpt_dir), "checksum": checksum}
+    fisher.info.param_names, fisher.info.param_shapes = list(run.names), shapes
     fisher.info.extra = {**fisher.info.extra, "task": k, "classes": run.tasks[k], "seed": run.seed}
     path = run.out / f"fisher-task{k}.h5"
     if run.writer:
         fisher.save(path)
     barrier(run.world)
-    # the penalty is built from the file, exactly as a resumed run builds it
-    run.penalty.add(load_fisher(path), flat_parameters(run.unet, run.names).detach())
+    # the penalty is built from the file, exactly as a resumed run builds it (with the same checks)
+    run.penalty.add(load_fisher(path, checksum, run.names, shapes), flat_parameters(run.unet, run.names).detach())
     run.penalty.to(run.device)
 
 
@@ -326,16 +329,62 @@ def append_task_records(run: SeedRun, k: int, log_rows: list[dict], clock: dict,
     for name, lines in ((TRAIN_LOG, log_rows), (TIMINGS, [timing]), (METRICS, rows)):
         with open(run.out / name, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in lines)
-    write_json(run.out / STATE, {"completed_task": k, "strategy": run.config.strategy, "seed": run.seed})
+    write_json(run.out / STATE, task_state(run, k))
+
+
+def task_state(run: SeedRun, k: int) -> dict:
+    """``state.json`` after task k: the last completed task, how many of how many tasks finished, complete.
+
+    ``completed_task`` is what a resume reads; ``tasks_completed``/``tasks``/``complete`` let readers
+    (figures) tell a finished run from one stopped or rolled back early (docs/design.md §9).
+    """
+    return {
+        "completed_task": k,
+        "tasks_completed": k + 1,
+        "tasks": len(run.tasks),
+        "complete": k + 1 == len(run.tasks),
+        "strategy": run.config.strategy,
+        "seed": run.seed,
+    }
+
+
+def edit_samples(path: Path, edit: Callable) -> None:
+    """Apply ``edit(h5py.File)`` to a copy of ``samples.h5`` (a new file when absent) and rename it onto ``path``.
+
+    HDF5 files edited in place are corrupt after a kill in the middle of a write; a copy renamed
+    when closed leaves the old file or the new one (the ``.tmp`` is rewritten by the next attempt).
+    """
+    import shutil
+
+    import h5py
+
+    from geomprobe.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        if path.exists():
+            shutil.copyfile(path, tmp)
+        try:
+            with h5py.File(tmp, "a") as f:
+                edit(f)
+        except OSError as exc:
+            raise DataError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
 
 
 def store_samples(path: Path, k: int, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """Keep the evaluation samples of model m_k (for figures): group ``after_task{k}``."""
-    import h5py
+    """Keep the evaluation samples of model m_k (for figures): group ``after_task{k}`` of ``samples.h5``.
 
-    with h5py.File(path, "a") as f:
+    Args:
+        path: ``samples.h5``.
+        k: the task after which the samples were drawn.
+        images: (n, C, H, W) in [-1, 1].
+        labels: (n,) int64.
+    """
+
+    def add(f) -> None:
         if f"after_task{k}" in f:
             del f[f"after_task{k}"]
         g = f.create_group(f"after_task{k}")
         g.create_dataset("images", data=images.float().numpy(), compression="gzip")
         g.create_dataset("labels", data=labels.numpy())
+
+    edit_samples(path, add)

@@ -12,6 +12,7 @@ reports each figure it could not make with the command that would produce its in
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ class FigureReport:
     out_dir: Path
     made: list[FigureOutput] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # inputs drawn with a caveat (e.g. an incomplete run)
 
     @property
     def files(self) -> list[Path]:
@@ -168,6 +170,10 @@ def _continual_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attemp
     except DataError as exc:
         attempt.skip_all(CONTINUAL_FIGURES, exc)
         return
+    for run in runs.values():
+        for note in run.incomplete:  # said at once, one line each: the figures still draw what is there
+            sys.stderr.write(f"warning: {note}\n")
+            attempt.report.warnings.append(note)
     attempt("fig4", lambda: fig4_average_fid(runs, out_dir))
     attempt("fig7", lambda: [fig_task_fid(run, out_dir) for run in runs.values()])
     attempt("table1", lambda: table1_final_afid(runs, out_dir))
@@ -250,6 +256,7 @@ def write_figures_manifest(report: FigureReport, run_dirs: Sequence[Path]) -> Pa
         ],
         "files": [p.name for p in report.files],
         "skipped": dict(report.skipped),
+        "warnings": report.warnings,
     }
     report.out_dir.mkdir(parents=True, exist_ok=True)
     return write_json(report.out_dir / MANIFEST, manifest)

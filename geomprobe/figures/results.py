@@ -302,6 +302,7 @@ class ContinualRuns:
     feature_nets: set[str] = field(default_factory=set)
     models: set[str] = field(default_factory=set)
     n_generated: set[int] = field(default_factory=set)
+    incomplete: list[str] = field(default_factory=list)  # one line per (file, strategy, seed) that stopped early
 
     @property
     def strategies(self) -> list[str]:
@@ -354,8 +355,8 @@ def _number(row: dict, key: str, path: Path, line_no: int) -> float:
     return float(value)
 
 
-def _run_config_value(metrics_path: Path, keys: tuple[str, ...]) -> str | None:
-    """A string setting (dataset, model) of the run a metrics.jsonl belongs to, from a manifest beside or above it."""
+def _run_config_value(metrics_path: Path, keys: tuple[str, ...], kind: type = str) -> Any:
+    """A setting (dataset, model: ``kind`` str; tasks: int) of the run a metrics.jsonl belongs to, from a manifest beside or above it."""
     for directory in [metrics_path.parent, *metrics_path.parents][:4]:
         for name in (MANIFEST, "config.json", "run.json"):
             f = directory / name
@@ -364,9 +365,28 @@ def _run_config_value(metrics_path: Path, keys: tuple[str, ...]) -> str | None:
                     found = _find_key(json.loads(f.read_text()), keys)
                 except (OSError, json.JSONDecodeError):
                     continue
-                if isinstance(found, str):
+                if isinstance(found, kind) and not isinstance(found, bool):
                     return found
     return None
+
+
+def _incomplete_runs(path: Path, tasks_seen: dict[tuple[str, int], int], summarized: set) -> list[str]:
+    """One line per (strategy, seed) of ``path`` with fewer tasks than its run's ``tasks`` (or no summary row).
+
+    A continual run stopped early, or rolled back by a resume that has not finished, holds metrics of
+    its first tasks only; drawn without a word it would pass for a run of fewer tasks.
+    """
+    planned = _run_config_value(path, ("tasks",), int)
+    command = _run_config_value(path, ("command_line",)) or "its geomprobe continual command"
+    notes = []
+    for (strategy, seed), done in sorted(tasks_seen.items()):
+        if (planned is not None and done < planned) or (strategy, seed) not in summarized:
+            of = f" of {planned}" if planned is not None else ""
+            notes.append(
+                f"{path}: {strategy}, seed {seed} is incomplete ({done}{of} tasks finished); "
+                f"finish it with {command.removesuffix(' --resume')} --resume"
+            )
+    return notes
 
 
 def read_metrics(paths: Iterable[Path], dataset: str | None = None) -> dict[str, ContinualRuns]:
@@ -383,6 +403,8 @@ def read_metrics(paths: Iterable[Path], dataset: str | None = None) -> dict[str,
         model = _run_config_value(path, ("model", "preset"))
         if model:
             run.models.add(model)
+        tasks_seen: dict[tuple[str, int], int] = {}
+        summarized: set[tuple[str, int]] = set()
         for line_no, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -399,16 +421,19 @@ def read_metrics(paths: Iterable[Path], dataset: str | None = None) -> dict[str,
                     raise DataError(f"{path}:{line_no}: summary row without an 'afid' object")
                 run.afid.setdefault(strategy, {})[seed] = {int(k): float(v) for k, v in afid.items() if v is not None}
                 run.forgetting.setdefault(strategy, {})[seed] = _number(row, "forgetting", path, line_no)
+                summarized.add((strategy, seed))
             else:
                 for key in ("after_task", "task", "fid"):
                     if key not in row:
                         raise DataError(f"{path}:{line_no}: per-task metrics row without '{key}'")
                 cell = (int(row["after_task"]), int(row["task"]))
+                tasks_seen[strategy, seed] = max(tasks_seen.get((strategy, seed), 0), cell[0] + 1)
                 run.fid.setdefault(strategy, {}).setdefault(seed, {})[cell] = _number(row, "fid", path, line_no)
                 if row.get("feature_net"):
                     run.feature_nets.add(str(row["feature_net"]))
                 if row.get("n_generated"):
                     run.n_generated.add(int(row["n_generated"]))
+        run.incomplete.extend(_incomplete_runs(path, tasks_seen, summarized))
     return runs
 
 

@@ -21,7 +21,9 @@ float64; ``penalty`` returns the dtype of ``theta`` so it adds cleanly to a floa
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +87,7 @@ class FisherMatrix(ABC):
 
     def __init__(self, info: FisherInfo | None = None):
         self.info = info if info is not None else FisherInfo()
+        self.path: Path | None = None  # the file it was loaded from (named in error messages)
 
     # ---- the protocol
     @property
@@ -162,6 +165,8 @@ class FisherMatrix(ABC):
                 f.attrs[key] = info[key]
             for key in ("checkpoint", "param_names", "param_shapes", "extra"):
                 f.attrs[key] = json.dumps(info[key])
+            if info["param_names"]:
+                f.attrs["layout_digest"] = layout_digest(info["param_names"], info["param_shapes"])
             self._write(f)
         tmp.replace(path)
         return path
@@ -207,8 +212,46 @@ def _info_from_attrs(f: h5py.File) -> FisherInfo:
     )
 
 
-def load_fisher(path: str | Path) -> FisherMatrix:
-    """Load any Fisher file written by ``FisherMatrix.save``, dispatching on its ``kind`` attribute."""
+def layout_digest(names: list[str], shapes: list[list[int]]) -> str:
+    """SHA-256 (first 16 hex digits) of a flat parameter layout: the names and shapes, in order.
+
+    Args:
+        names: parameter names, in the order they fill a (P,) vector.
+        shapes: their shapes.
+
+    Returns:
+        16 hex digits; equal layouts give equal digests.
+    """
+    import hashlib
+
+    text = json.dumps([[str(n), [int(d) for d in s]] for n, s in zip(names, shapes, strict=True)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_fisher(
+    path: str | Path,
+    checksum: str | None = None,
+    names: list[str] | None = None,
+    shapes: list[list[int]] | None = None,
+) -> FisherMatrix:
+    """Load any Fisher file written by ``FisherMatrix.save``, dispatching on its ``kind`` attribute.
+
+    Args:
+        path: the HDF5 file.
+        checksum: when given, the ``checkpoint_checksum`` (models.py) of the model the caller means the
+            Fisher to belong to; the file's ``checkpoint.checksum`` must equal it.
+        names: when given, the caller's parameter names in flat order (``ParamLayout.names``); the
+            file's recorded names must equal them.
+        shapes: with ``names``, their shapes (``ParamLayout.shapes``); the file's P and recorded shapes
+            must equal them.
+
+    Returns:
+        The FisherMatrix, with ``.path`` set to ``path``.
+
+    Raises:
+        DataError: one line naming the file: missing, unreadable, unknown kind, or estimated at another
+            checkpoint or over another parameter layout than the caller's.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Fisher file not found: {path}")
@@ -219,11 +262,48 @@ def load_fisher(path: str | Path) -> FisherMatrix:
                 kind = kind.decode()
             if kind not in FisherMatrix._registry:
                 raise DataError(f"{path}: unknown Fisher kind {kind!r}")
-            return FisherMatrix._registry[kind]._read(f, _info_from_attrs(f))
+            fisher = FisherMatrix._registry[kind]._read(f, _info_from_attrs(f))
     except OSError as exc:
-        raise DataError(f"cannot read Fisher file {path}: {exc}") from exc
+        raise DataError(f"cannot read Fisher file {path}: {str(exc).splitlines()[0]}") from None
     except KeyError as exc:
-        raise DataError(f"{path}: malformed Fisher file (missing {exc})") from exc
+        raise DataError(f"{path}: malformed Fisher file (missing {exc})") from None
+    except (json.JSONDecodeError, ValueError, TypeError) as exc:
+        raise DataError(f"{path}: malformed Fisher file ({str(exc).splitlines()[0]})") from None
+    fisher.path = path
+    check_fisher(fisher, checksum, names, shapes)
+    return fisher
+
+
+def check_fisher(
+    fisher: FisherMatrix,
+    checksum: str | None = None,
+    names: list[str] | None = None,
+    shapes: list[list[int]] | None = None,
+) -> None:
+    """Refuse a Fisher that belongs to another checkpoint or parameter layout (see :func:`load_fisher`).
+
+    Raises:
+        DataError: one line naming ``fisher.path`` (or "the Fisher") and the first difference.
+    """
+    where, info = str(fisher.path) if fisher.path is not None else "the Fisher", fisher.info
+    recorded = info.checkpoint.get("checksum") if isinstance(info.checkpoint, dict) else None
+    if checksum is not None and recorded != checksum:
+        said = f"at checkpoint {recorded}" if recorded else "without a checkpoint checksum"
+        raise DataError(
+            f"{where} was estimated {said}, not at the expected checkpoint {checksum} (a Fisher of another model or run)"
+        )
+    if names is None:
+        return
+    P = sum(math.prod(s) for s in shapes) if shapes is not None else None
+    if P is not None and fisher.P != P:
+        raise DataError(f"{where} has P={fisher.P} but the model's parameter layout has P={P}")
+    if info.param_names and list(info.param_names) != list(names):
+        first = next((a, b) for a, b in itertools.zip_longest(info.param_names, names) if a != b)
+        raise DataError(
+            f"{where} is over other parameters than the model's ({first[0]!r} where the model has {first[1]!r})"
+        )
+    if info.param_shapes and shapes is not None and [list(s) for s in info.param_shapes] != [list(s) for s in shapes]:
+        raise DataError(f"{where} records other parameter shapes than the model's (same names)")
 
 
 class _MatrixFreeQuadratic(torch.autograd.Function):

@@ -59,6 +59,12 @@ class _QuadraticPenalty(torch.autograd.Function):
         return (None, *_unflatten_dense_tensors(grad, ctx.like))
 
 
+def _named(fisher) -> str:
+    """The Fisher's file (set by ``load_fisher``) for an error message, else "Fisher"."""
+    path = getattr(fisher, "path", None)
+    return f"Fisher {path}" if path is not None else "Fisher"
+
+
 class _Stack:
     """Tasks of one representation. Subclasses: ``num_tasks``, ``value_and_grad(theta)``, ``to``."""
 
@@ -71,7 +77,7 @@ class _Stack:
         """Append task k: a FisherMatrix F_k and its anchor theta*_k (P,)."""
         anchor = torch.as_tensor(anchor).detach().reshape(-1)
         if fisher.P != anchor.numel():
-            raise DataError(f"Fisher has P={fisher.P} but the model has {anchor.numel()} parameters")
+            raise DataError(f"{_named(fisher)} has P={fisher.P} but the model has {anchor.numel()} parameters")
         self.add_task(*self.task_arguments(fisher), anchor)
 
     def task_arguments(self, fisher) -> tuple:
@@ -338,7 +344,7 @@ class StackedPenalty(_Stack):
     def add(self, fisher, anchor) -> None:
         """Append task k: a FisherMatrix F_k of any kind and its anchor theta*_k (P,)."""
         if self.P is not None and fisher.P != self.P:
-            raise DataError(f"Fisher has P={fisher.P} but the penalty's earlier tasks have P={self.P}")
+            raise DataError(f"{_named(fisher)} has P={fisher.P} but the penalty's earlier tasks have P={self.P}")
         kind = fisher.kind
         if kind == "diagonal":
             self._stack("diagonal").add(fisher, anchor)
