@@ -112,10 +112,17 @@ def continual(
         if rank == 0:
             print_json([summary_dict(r) for r in results])
         return
-    T = str(config.tasks)
-    table = Table(
-        title=f"{dataset}: AFID@{T} and forgetting (↓), {len(seed_list)} seed(s), features {results[0].feature_net}"
-    )
+    con = console(quiet)
+    con.print(_summary_table(results, dataset, config.tasks, len(seed_list)))
+    if not compare:
+        con.print(_fid_grid(results[0], config.tasks))
+    con.print(f"wrote {out}/metrics.jsonl")
+
+
+def _summary_table(results: list, dataset: str, tasks: int, seeds: int) -> Table:
+    """AFID@T, forgetting, final accuracy and seconds of each strategy (mean ± standard error over seeds)."""
+    T = str(tasks)
+    table = Table(title=f"{dataset}: AFID@{T} and forgetting (↓), {seeds} seed(s), features {results[0].feature_net}")
     for col in ("method", "AFID", "F", "accuracy", "seconds"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in results:
@@ -126,22 +133,22 @@ def continual(
             mean_pm(100 * r.final_accuracy[0], 100 * r.final_accuracy[1]) + "%",
             f"{r.seconds:.0f}",
         )
-    console(quiet).print(table)
-    if not compare:
-        res = results[0]
-        grid = Table(title=f"FID_i(m_k), seed {res.seeds[0].seed} (rows: after task k; columns: task i)")
-        grid.add_column("k")
-        for i in range(config.tasks):
-            grid.add_column(str(i), justify="right")
-        grid.add_column("AFID@k", justify="right")
-        for k, row in sorted(res.seeds[0].fid.items()):
-            grid.add_row(
-                str(k),
-                *[f"{row[i]:.1f}" if i in row else "" for i in range(config.tasks)],
-                f"{res.seeds[0].afid[str(k + 1)]:.1f}",
-            )
-        console(quiet).print(grid)
-    console(quiet).print(f"wrote {out}/metrics.jsonl")
+    return table
+
+
+def _fid_grid(result, tasks: int) -> Table:
+    """FID_i(m_k) of the first seed: rows after task k, columns task i, and AFID@k."""
+    first = result.seeds[0]
+    grid = Table(title=f"FID_i(m_k), seed {first.seed} (rows: after task k; columns: task i)")
+    grid.add_column("k")
+    for i in range(tasks):
+        grid.add_column(str(i), justify="right")
+    grid.add_column("AFID@k", justify="right")
+    for k, row in sorted(first.fid.items()):
+        grid.add_row(
+            str(k), *[f"{row[i]:.1f}" if i in row else "" for i in range(tasks)], f"{first.afid[str(k + 1)]:.1f}"
+        )
+    return grid
 
 
 # ---------------------------------------------------------------- spectrum (analysis)
