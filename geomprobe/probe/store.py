@@ -31,6 +31,7 @@ Shards are written to ``shard-NNNNN.h5.tmp`` and renamed when complete (:class:`
 from __future__ import annotations
 
 import errno
+import io
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -96,20 +97,25 @@ class ShardWriter:
         self.final = Path(final)
         self.tmp = self.final.with_name(self.final.name + ".tmp")
         self.attrs = attrs
+        self.file: _ShardFile | None = None
         self.f: h5py.File | None = None
         self.bytes = 0
 
     def __enter__(self) -> ShardWriter:
         self.tmp.unlink(missing_ok=True)
         try:
-            self.f = h5py.File(self.tmp, "w")
+            self.file = _ShardFile(self.tmp)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.tmp)) from None
+        try:
+            self.f = h5py.File(self.file, "w")
             for k, v in self.attrs.items():
                 self.f.attrs[k] = v
             self.f.attrs["complete"] = False
-        except OSError as exc:
-            if self.f is not None:
-                self._discard()
-            raise _write_error(self.tmp, exc) from None
+            self.file.raise_if_failed()
+        except BaseException:
+            self._discard()
+            raise
         return self
 
     def create_key(
@@ -123,10 +129,9 @@ class ShardWriter:
         with_xi: bool,
         compression: str | None = None,
     ) -> None:
-        try:
-            self._create_key(key, n, P, dtype, key_attrs, sample_shape, with_xi, compression)
-        except OSError as exc:
-            raise _write_error(self.tmp, exc) from None
+        """Create ``grads/{key}`` (n, P) ``dtype`` and the ``meta/{key}/*`` datasets, all fletcher32."""
+        self._create_key(key, n, P, dtype, key_attrs, sample_shape, with_xi, compression)
+        self.file.raise_if_failed()
 
     def _create_key(self, key, n, P, dtype, key_attrs, sample_shape, with_xi, compression) -> None:
         f = self.f
@@ -156,55 +161,109 @@ class ShardWriter:
             m.create_dataset(name, shape=(n, *sample_shape), dtype="float32", chunks=img_chunk, fletcher32=True)
 
     def write_rows(self, key: str, a: int, b: int, grads: np.ndarray, **meta: np.ndarray | None) -> None:
+        """Write rows ``a:b`` (shard-local) of ``grads/{key}`` and of the given ``meta/{key}/*``.
+
+        Raises:
+            OSError: a write failed (no space left, read-only directory): the system's error, on the shard's file.
+        """
+        self.file.raise_if_failed()
         f = self.f
-        try:
-            f[f"grads/{key}"][a:b] = grads
-            for name, value in meta.items():
-                if value is not None:
-                    f[f"meta/{key}/{name}"][a:b] = value
-        except OSError as exc:
-            raise _write_error(self.tmp, exc) from None
+        f[f"grads/{key}"][a:b] = grads
+        for name, value in meta.items():
+            if value is not None:
+                f[f"meta/{key}/{name}"][a:b] = value
+        self.file.raise_if_failed()
         self.bytes += grads.nbytes
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self.f.attrs["complete"] = True
-                self.f.close()
-                os.replace(self.tmp, self.final)
-            except OSError as error:
-                self._discard()
-                raise _write_error(self.tmp, error) from None
-        else:
+        if exc_type is not None:
             self._discard()
+            return
+        try:
+            self.f.attrs["complete"] = True
+            self.f.close()
+            self.file.close()
+            self.file.raise_if_failed()
+            os.replace(self.tmp, self.final)
+        except BaseException:
+            self._discard()
+            raise
 
     def _discard(self) -> None:
-        """Close and remove the temporary after a failure (a full disk, Ctrl-C); the next run rewrites it.
-
-        Closing may fail again on a full disk (HDF5 flushes its metadata); that second error is dropped
-        so that the first one is reported.
-        """
+        """Close and remove the temporary after a failure (a full disk, Ctrl-C); the next run rewrites it."""
         try:
-            self.f.close()
-        except Exception:  # noqa: BLE001 - the original error is the one to report
-            pass
-        self.tmp.unlink(missing_ok=True)
+            if self.f is not None and self.f.id.valid:
+                self.f.close()  # succeeds: a failed file swallows HDF5's remaining writes
+        finally:
+            self.file.close()
+            try:
+                self.tmp.unlink(missing_ok=True)
+            except OSError:  # e.g. the directory became read-only: the next run replaces it
+                pass
 
 
-def _write_error(path: Path, exc: OSError) -> OSError:
-    """One-line OSError for a failed shard write: the system's reason (e.g. no space left) and the file.
+class _ShardFile(io.RawIOBase):
+    """The shard's file as h5py's file object; after a failed write it records the error and swallows the rest.
 
-    h5py's messages span several lines and carry the errno only in their text; the CLI prints
-    ``strerror: filename``.
+    HDF5 (2.0) segfaults when a file whose flush failed is closed (the fault harness saw exit 139 after
+    hundreds of lines of h5py errors on a full disk). Through this object HDF5 never sees a failed
+    write: the writer closes the file cleanly, removes it and raises the recorded system error.
     """
-    text = str(exc)
-    code = exc.errno
-    if code is None:
-        code = next(
-            (c for c in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) if f"errno = {c}," in text), None
-        )
-    reason = os.strerror(code) if code else (text.splitlines() or ["write failed"])[0]
-    return OSError(code or errno.EIO, f"cannot write {path.name}: {reason}", str(path))
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.raw = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by close()
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self.raw.readinto(buffer)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.raw.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    written = self.raw.write(view[done:])
+                    if not written:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    done += written
+                return len(view)
+            except OSError as exc:
+                self.error = exc
+        self.raw.seek(len(view), os.SEEK_CUR)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        return size if self.error is not None else self.raw.truncate(size)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.raw.closed:
+            self.raw.close()
+        super().close()
+
+    def raise_if_failed(self) -> None:
+        """Raise the first failed write's OSError (errno, the system's text, the file), if there was one."""
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror or str(self.error), str(self.path))
 
 
 class GradientStore:
