@@ -12,7 +12,8 @@ Shards, resume and torchrun
     for every key. Under ``torchrun`` (``WORLD_SIZE`` > 1, gloo or NCCL) rank r writes shards
     ``j % world_size == r``; rank 0 then writes the manifest, so K processes write the same files as
     one. A rerun of the same config skips complete shards (after checking them) and refuses corrupt
-    ones; a different config on an existing store is refused unless ``overwrite``.
+    ones; a different config on an existing store is refused unless ``overwrite``. Rank 0 holds the
+    store's lock file (:mod:`geomprobe.lock`) for the whole run, so a second writer is refused.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A store is a directory::
 
     manifest.json        tool version, command line, seed, config, checkpoint checksum, created
                          time, keys, P, parameter layout and the shards with their row ranges,
-                         sizes and SHA-256 checksums
+                         sizes and SHA-256 checksums; ``manifest_sha256``, its own checksum
+    geomprobe.lock       only while ``grads`` writes the store (:mod:`geomprobe.lock`)
     shard-00000.h5       rows [0, shard_rows) of every key
     shard-00001.h5       rows [shard_rows, 2 shard_rows) ...
 
@@ -23,9 +24,11 @@ each row has its own t. Per shard and key::
 Attributes of ``grads/{key}``: ``t`` (int, or the band name), ``alpha_bar`` and ``snr`` (for a band:
 their means over the band's timesteps), ``key``. File attributes: ``target``, ``param_names``,
 ``param_shapes``, ``param_slices``, ``projection``, ``checkpoint`` (JSON), ``row_start``,
-``row_stop``, ``complete``.
+``row_stop``, ``shard`` (the index), ``complete``.
 
-Shards are written to ``shard-NNNNN.h5.tmp`` and renamed when complete (:class:`ShardWriter`).
+Shards are written to ``shard-NNNNN.h5.tmp`` and renamed when complete (:class:`ShardWriter`); a
+failed write (a full disk) removes the temporary and raises the system's ``OSError``. The reader
+checks the manifest, each shard's header and each shard's SHA-256 (:mod:`geomprobe.probe.integrity`).
 """
 
 from __future__ import annotations
