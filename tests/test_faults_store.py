@@ -309,6 +309,23 @@ def test_second_writer_is_refused_and_a_killed_owner_is_taken_over(ckpt, referen
     assert_same_store(out, reference, command=False)
 
 
+def test_two_grads_on_one_out_never_mix(ckpt, reference, tmp_path):
+    """Started together: one writes, the other is refused with one line naming the writer's pid (or, if
+    it comes second, finds the store complete); the store equals an uninterrupted run's."""
+    out = tmp_path / "store"
+    procs = [
+        subprocess.Popen(_command(ckpt, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    errors = [p.communicate(timeout=600)[1].strip() for p in procs]
+    results = [(p.returncode, err) for p, err in zip(procs, errors, strict=True)]
+    assert 0 in [code for code, _ in results], results
+    for (code, err), other in zip(results, procs[::-1], strict=True):
+        if code != 0:
+            _one_line_error(err, code, 2, f"pid {other.pid}")
+    assert_same_store(out, reference)
+
+
 def test_lock_file_names_its_owner_and_is_removed_on_error(tmp_path):
     lock = DirectoryLock(tmp_path / "d")
     assert lock.acquire() is None
