@@ -33,10 +33,7 @@ checks the manifest, each shard's header and each shard's SHA-256 (:mod:`geompro
 
 from __future__ import annotations
 
-import errno
-import io
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +54,7 @@ from geomprobe.probe.integrity import (  # noqa: F401 - re-exported: the store's
     shard_path,
     write_manifest,
 )
-
-TARGET_CHUNK_BYTES = 1 << 20
+from geomprobe.probe.shards import TARGET_CHUNK_BYTES, ShardWriter  # noqa: F401 - re-exported: the shard writer
 
 
 def shard_name(index: int) -> str:
@@ -83,190 +79,6 @@ def key_for(t: int | str) -> str:
 def key_label(key: str) -> int | str:
     """Inverse of :func:`key_for` for listing: ``'t700' -> 700``, ``'band-low-snr'`` unchanged."""
     return int(key[1:]) if key.startswith("t") and key[1:].isdigit() else key
-
-
-class ShardWriter:
-    """Writes one shard to ``<final>.tmp`` and renames it to ``final`` on a clean exit.
-
-    Usage::
-
-        with ShardWriter(path, file_attrs) as w:
-            w.create_key("t700", n, P, "float32", {"t": 700, ...}, sample_shape=(C, H, W), with_xi=False)
-            w.write_rows("t700", a, b, grads=(b-a, P), labels=..., sample_index=..., loss=..., t=...,
-                         alpha_bar=..., x0=..., noise=..., xi=None)
-    """
-
-    def __init__(self, final: str | Path, attrs: dict[str, Any]):
-        self.final = Path(final)
-        self.tmp = self.final.with_name(self.final.name + ".tmp")
-        self.attrs = attrs
-        self.file: _ShardFile | None = None
-        self.f: h5py.File | None = None
-        self.bytes = 0
-
-    def __enter__(self) -> ShardWriter:
-        self.tmp.unlink(missing_ok=True)
-        try:
-            self.file = _ShardFile(self.tmp)
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, str(self.tmp)) from None
-        try:
-            self.f = h5py.File(self.file, "w")
-            for k, v in self.attrs.items():
-                self.f.attrs[k] = v
-            self.f.attrs["complete"] = False
-            self.file.raise_if_failed()
-        except BaseException:
-            self._discard()
-            raise
-        return self
-
-    def create_key(
-        self,
-        key: str,
-        n: int,
-        P: int,
-        dtype: str,
-        key_attrs: dict[str, Any],
-        sample_shape: Sequence[int],
-        with_xi: bool,
-        compression: str | None = None,
-    ) -> None:
-        """Create ``grads/{key}`` (n, P) ``dtype`` and the ``meta/{key}/*`` datasets, all fletcher32."""
-        self._create_key(key, n, P, dtype, key_attrs, sample_shape, with_xi, compression)
-        self.file.raise_if_failed()
-
-    def _create_key(self, key, n, P, dtype, key_attrs, sample_shape, with_xi, compression) -> None:
-        f = self.f
-        itemsize = np.dtype(dtype).itemsize
-        rows_per_chunk = int(max(1, min(n, TARGET_CHUNK_BYTES // max(1, P * itemsize))))
-        ds = f.create_dataset(
-            f"grads/{key}",
-            shape=(n, P),
-            dtype=dtype,
-            chunks=(rows_per_chunk, P),
-            fletcher32=True,
-            compression=compression,
-        )
-        for k, v in key_attrs.items():
-            ds.attrs[k] = v
-        m = f.require_group(f"meta/{key}")
-        img_chunk = (max(1, min(n, 64)), *sample_shape)
-        for name, dt in (
-            ("labels", "int64"),
-            ("sample_index", "int64"),
-            ("t", "int64"),
-            ("loss", "float32"),
-            ("alpha_bar", "float64"),
-        ):
-            m.create_dataset(name, shape=(n,), dtype=dt, chunks=(max(1, n),), fletcher32=True)
-        for name in ("x0", "noise") + (("xi",) if with_xi else ()):
-            m.create_dataset(name, shape=(n, *sample_shape), dtype="float32", chunks=img_chunk, fletcher32=True)
-
-    def write_rows(self, key: str, a: int, b: int, grads: np.ndarray, **meta: np.ndarray | None) -> None:
-        """Write rows ``a:b`` (shard-local) of ``grads/{key}`` and of the given ``meta/{key}/*``.
-
-        Raises:
-            OSError: a write failed (no space left, read-only directory): the system's error, on the shard's file.
-        """
-        self.file.raise_if_failed()
-        f = self.f
-        f[f"grads/{key}"][a:b] = grads
-        for name, value in meta.items():
-            if value is not None:
-                f[f"meta/{key}/{name}"][a:b] = value
-        self.file.raise_if_failed()
-        self.bytes += grads.nbytes
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self._discard()
-            return
-        try:
-            self.f.attrs["complete"] = True
-            self.f.close()
-            self.file.close()
-            self.file.raise_if_failed()
-            os.replace(self.tmp, self.final)
-        except BaseException:
-            self._discard()
-            raise
-
-    def _discard(self) -> None:
-        """Close and remove the temporary after a failure (a full disk, Ctrl-C); the next run rewrites it."""
-        try:
-            if self.f is not None and self.f.id.valid:
-                self.f.close()  # succeeds: a failed file swallows HDF5's remaining writes
-        finally:
-            self.file.close()
-            try:
-                self.tmp.unlink(missing_ok=True)
-            except OSError:  # e.g. the directory became read-only: the next run replaces it
-                pass
-
-
-class _ShardFile(io.RawIOBase):
-    """The shard's file as h5py's file object; after a failed write it records the error and swallows the rest.
-
-    HDF5 (2.0) segfaults when a file whose flush failed is closed (the fault harness saw exit 139 after
-    hundreds of lines of h5py errors on a full disk). Through this object HDF5 never sees a failed
-    write: the writer closes the file cleanly, removes it and raises the recorded system error.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.raw = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by close()
-        self.error: OSError | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        return self.raw.readinto(buffer)
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self.raw.seek(pos, whence)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        if self.error is None:
-            try:
-                done = 0
-                while done < len(view):
-                    written = self.raw.write(view[done:])
-                    if not written:
-                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                    done += written
-                return len(view)
-            except OSError as exc:
-                self.error = exc
-        self.raw.seek(len(view), os.SEEK_CUR)
-        return len(view)
-
-    def truncate(self, size: int | None = None) -> int:
-        return size if self.error is not None else self.raw.truncate(size)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if not self.raw.closed:
-            self.raw.close()
-        super().close()
-
-    def raise_if_failed(self) -> None:
-        """Raise the first failed write's OSError (errno, the system's text, the file), if there was one."""
-        if self.error is not None:
-            raise OSError(self.error.errno, self.error.strerror or str(self.error), str(self.path))
 
 
 class GradientStore:
