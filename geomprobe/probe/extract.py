@@ -12,7 +12,8 @@ Shards, resume and torchrun
     for every key. Under ``torchrun`` (``WORLD_SIZE`` > 1, gloo or NCCL) rank r writes shards
     ``j % world_size == r``; rank 0 then writes the manifest, so K processes write the same files as
     one. A rerun of the same config skips complete shards (after checking them) and refuses corrupt
-    ones; a different config on an existing store is refused unless ``overwrite``.
+    ones; a different config on an existing store is refused unless ``overwrite``. Rank 0 holds the
+    store's lock file (:mod:`geomprobe.lock`) for the whole run, so a second writer is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import InitVar, asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +35,7 @@ from geomprobe.data import DIGITS_IMAGE_SIZES, ResizedDataset, fit_to_model, loa
 from geomprobe.distributed import barrier, dist_info, init_dist, on_every_rank
 from geomprobe.errors import DataError, UsageError
 from geomprobe.io import derived_seed, numpy_generator, parse_memory, torch_generator
+from geomprobe.lock import LOCK_NAME, DirectoryLock
 from geomprobe.models import ModelInfo, checkpoint_checksum, load_model, resolve_device
 from geomprobe.probe.grads import per_sample_grads
 from geomprobe.probe.memory import reproducible_chunk
@@ -280,20 +283,21 @@ def extract_gradients(
     plan = plan_probe(config, Path(out), device, max_memory)
     for note in plan.notes if on_note else []:  # after every input check: a refused input gives one line
         on_note(note)
-    manifest = _new_manifest(plan, command)
-    old_sums = _open_store(plan, manifest, overwrite)
     result = ExtractResult(
         out=plan.out, n=plan.n, P=plan.P, num_params=plan.layout.P, rank=plan.rank, world_size=plan.world
     )
     summaries = {k: KeySummary(k, plan.key_info[k]["t"], 0, plan.P) for k in plan.keys}
-    on_every_rank(
-        plan.world,
-        lambda: _extract_shards(plan, _file_attrs(plan, manifest), old_sums, result, summaries, progress),
-        "another torchrun rank failed; rerun the same command to resume",
-    )
-    if plan.rank == 0:
-        _finish_manifest(plan, manifest)
-    barrier(plan.world)
+    with _store_lock(plan, on_note):
+        manifest = _new_manifest(plan, command)
+        old_sums = _open_store(plan, manifest, overwrite)
+        on_every_rank(
+            plan.world,
+            lambda: _extract_shards(plan, _file_attrs(plan, manifest), old_sums, result, summaries, progress),
+            "another torchrun rank failed; rerun the same command to resume",
+        )
+        if plan.rank == 0:
+            _finish_manifest(plan, manifest)
+        barrier(plan.world)
     result.keys = list(summaries.values())
     result.seconds = time.perf_counter() - t_start
     return result
@@ -488,6 +492,26 @@ def _new_manifest(plan: _Plan, command: list[str] | None) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _store_lock(plan: _Plan, on_note: Callable[[str], None] | None) -> Iterator[None]:
+    """Hold ``out``'s lock file (:mod:`geomprobe.lock`) for the run: rank 0 takes it, every rank fails without it.
+
+    Released on every exit (an error, Ctrl-C); a lock left by a killed run is taken over with a note.
+    """
+    lock = DirectoryLock(plan.out)
+    note = on_every_rank(
+        plan.world,
+        lambda: lock.acquire() if plan.rank == 0 else None,
+        f"{plan.out} is being written by another geomprobe process (see rank 0's message)",
+    )
+    if note and on_note:
+        on_note(note)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _open_store(plan: _Plan, manifest: dict[str, Any], overwrite: bool) -> dict[str, str | None]:
     """Prepare ``out`` (every rank checks; rank 0 clears and writes the manifest).
 
@@ -579,7 +603,7 @@ def _extract_shards(
             try:
                 check_shard(
                     final,
-                    {"row_start": a, "row_stop": b, "keys": plan.keys, "P": plan.P},
+                    {"row_start": a, "row_stop": b, "keys": plan.keys, "P": plan.P, "shard": j},
                     sha256=old_sums.get(final.name),
                 )
             except DataError as exc:
@@ -701,9 +725,14 @@ def _prepare_out(out: Path, identity: dict[str, Any], overwrite: bool, rank: int
     """
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
-    manifest = read_manifest(out) if out.is_dir() else None
+    try:
+        manifest = read_manifest(out) if out.is_dir() else None
+    except DataError:
+        if not overwrite:
+            raise
+        manifest = None  # edited or corrupt: with --overwrite the store's own files are replaced below
     if manifest is None:
-        stray = [p.name for p in out.iterdir()] if out.is_dir() else []
+        stray = [p.name for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
         foreign = [s for s in stray if not s.startswith("shard-") and not s.startswith(MANIFEST)]
         if foreign:
             raise UsageError(

@@ -4,7 +4,8 @@ A store is a directory::
 
     manifest.json        tool version, command line, seed, config, checkpoint checksum, created
                          time, keys, P, parameter layout and the shards with their row ranges,
-                         sizes and SHA-256 checksums
+                         sizes and SHA-256 checksums; ``manifest_sha256``, its own checksum
+    geomprobe.lock       only while ``grads`` writes the store (:mod:`geomprobe.lock`)
     shard-00000.h5       rows [0, shard_rows) of every key
     shard-00001.h5       rows [shard_rows, 2 shard_rows) ...
 
@@ -23,17 +24,16 @@ each row has its own t. Per shard and key::
 Attributes of ``grads/{key}``: ``t`` (int, or the band name), ``alpha_bar`` and ``snr`` (for a band:
 their means over the band's timesteps), ``key``. File attributes: ``target``, ``param_names``,
 ``param_shapes``, ``param_slices``, ``projection``, ``checkpoint`` (JSON), ``row_start``,
-``row_stop``, ``complete``.
+``row_stop``, ``shard`` (the index), ``complete``.
 
-Shards are written to ``shard-NNNNN.h5.tmp`` and renamed when complete (:class:`ShardWriter`).
+Shards are written to ``shard-NNNNN.h5.tmp`` and renamed when complete (:class:`ShardWriter`); a
+failed write (a full disk) removes the temporary and raises the system's ``OSError``. The reader
+checks the manifest, each shard's header and each shard's SHA-256 (:mod:`geomprobe.probe.integrity`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,19 @@ import numpy as np
 import torch
 
 from geomprobe.errors import DataError, UsageError
-from geomprobe.io import MANIFEST, write_json
-
-STORE_KIND = "geomprobe-gradient-store"
-FORMAT_VERSION = 1
-TARGET_CHUNK_BYTES = 1 << 20
+from geomprobe.io import MANIFEST
+from geomprobe.probe.integrity import (  # noqa: F401 - re-exported: the store's checks and manifest helpers
+    FORMAT_VERSION,
+    H5_ERRORS,
+    STORE_KIND,
+    check_manifest,
+    check_shard,
+    file_sha256,
+    read_manifest,
+    shard_path,
+    write_manifest,
+)
+from geomprobe.probe.shards import TARGET_CHUNK_BYTES, ShardWriter  # noqa: F401 - re-exported: the shard writer
 
 
 def shard_name(index: int) -> str:
@@ -73,149 +81,6 @@ def key_label(key: str) -> int | str:
     return int(key[1:]) if key.startswith("t") and key[1:].isdigit() else key
 
 
-def file_sha256(path: str | Path) -> str:
-    """The hex SHA-256 of the file at ``path``, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any] | None:
-    """The parsed manifest, ``None`` if there is none; malformed JSON is a :class:`DataError`."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != STORE_KIND:
-        raise DataError(f"{path} is not a geomprobe gradient-store manifest")
-    return manifest
-
-
-def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
-    """Write ``directory/manifest.json`` atomically (:func:`geomprobe.io.write_json`)."""
-    write_json(Path(directory) / MANIFEST, manifest)
-
-
-class ShardWriter:
-    """Writes one shard to ``<final>.tmp`` and renames it to ``final`` on a clean exit.
-
-    Usage::
-
-        with ShardWriter(path, file_attrs) as w:
-            w.create_key("t700", n, P, "float32", {"t": 700, ...}, sample_shape=(C, H, W), with_xi=False)
-            w.write_rows("t700", a, b, grads=(b-a, P), labels=..., sample_index=..., loss=..., t=...,
-                         alpha_bar=..., x0=..., noise=..., xi=None)
-    """
-
-    def __init__(self, final: str | Path, attrs: dict[str, Any]):
-        self.final = Path(final)
-        self.tmp = self.final.with_name(self.final.name + ".tmp")
-        self.attrs = attrs
-        self.f: h5py.File | None = None
-        self.bytes = 0
-
-    def __enter__(self) -> ShardWriter:
-        if self.tmp.exists():
-            self.tmp.unlink()
-        self.f = h5py.File(self.tmp, "w")
-        for k, v in self.attrs.items():
-            self.f.attrs[k] = v
-        self.f.attrs["complete"] = False
-        return self
-
-    def create_key(
-        self,
-        key: str,
-        n: int,
-        P: int,
-        dtype: str,
-        key_attrs: dict[str, Any],
-        sample_shape: Sequence[int],
-        with_xi: bool,
-        compression: str | None = None,
-    ) -> None:
-        f = self.f
-        itemsize = np.dtype(dtype).itemsize
-        rows_per_chunk = int(max(1, min(n, TARGET_CHUNK_BYTES // max(1, P * itemsize))))
-        ds = f.create_dataset(
-            f"grads/{key}",
-            shape=(n, P),
-            dtype=dtype,
-            chunks=(rows_per_chunk, P),
-            fletcher32=True,
-            compression=compression,
-        )
-        for k, v in key_attrs.items():
-            ds.attrs[k] = v
-        m = f.require_group(f"meta/{key}")
-        img_chunk = (max(1, min(n, 64)), *sample_shape)
-        for name, dt in (
-            ("labels", "int64"),
-            ("sample_index", "int64"),
-            ("t", "int64"),
-            ("loss", "float32"),
-            ("alpha_bar", "float64"),
-        ):
-            m.create_dataset(name, shape=(n,), dtype=dt, chunks=(max(1, n),), fletcher32=True)
-        for name in ("x0", "noise") + (("xi",) if with_xi else ()):
-            m.create_dataset(name, shape=(n, *sample_shape), dtype="float32", chunks=img_chunk, fletcher32=True)
-
-    def write_rows(self, key: str, a: int, b: int, grads: np.ndarray, **meta: np.ndarray | None) -> None:
-        f = self.f
-        f[f"grads/{key}"][a:b] = grads
-        self.bytes += grads.nbytes
-        for name, value in meta.items():
-            if value is not None:
-                f[f"meta/{key}/{name}"][a:b] = value
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.f.attrs["complete"] = True
-            self.f.close()
-            os.replace(self.tmp, self.final)
-        else:
-            # A crash leaves the .tmp behind (as a kill would); the next run rewrites it.
-            self.f.close()
-
-
-def check_shard(path: str | Path, expected: dict[str, Any], sha256: str | None = None) -> None:
-    """Raise :class:`DataError` unless ``path`` is a complete, uncorrupted shard matching ``expected``.
-
-    ``expected``: ``row_start``, ``row_stop``, ``keys``, ``P``. With ``sha256`` the file checksum is
-    compared; otherwise every dataset is read, so HDF5's fletcher32 checksums cover the data.
-    """
-    path = Path(path)
-    if sha256 is not None:
-        actual = file_sha256(path)
-        if actual != sha256:
-            raise DataError(f"shard {path} is corrupt (SHA-256 {actual[:12]} != manifest {sha256[:12]})")
-    try:
-        with h5py.File(path, "r") as f:
-            if not bool(f.attrs.get("complete", False)):
-                raise DataError(f"shard {path} is incomplete")
-            if int(f.attrs["row_start"]) != expected["row_start"] or int(f.attrs["row_stop"]) != expected["row_stop"]:
-                raise DataError(f"shard {path} holds other rows than the manifest says")
-            n = expected["row_stop"] - expected["row_start"]
-            for key in expected["keys"]:
-                ds = f[f"grads/{key}"]
-                if ds.shape != (n, expected["P"]):
-                    raise DataError(f"shard {path}: grads/{key} has shape {ds.shape}, expected {(n, expected['P'])}")
-                if sha256 is None:
-                    for a in range(0, n, max(1, ds.chunks[0])):
-                        ds[a : a + ds.chunks[0]]
-                    for _name, item in f[f"meta/{key}"].items():
-                        item[()]
-    except DataError:
-        raise
-    except (OSError, KeyError, ValueError) as exc:
-        raise DataError(f"shard {path} is corrupt or truncated: {str(exc).splitlines()[0]}") from None
-
-
 class GradientStore:
     """Reader of a gradient store directory (see the module docstring for the layout).
 
@@ -227,11 +92,19 @@ class GradientStore:
     labels/sample_index/t int64 (n,), loss float32 (n,). Memory: :meth:`iter_blocks` holds one
     block; :meth:`load` holds the whole (n, P) matrix (small stores only).
 
-    A corrupt or truncated shard raises :class:`DataError` when read; :meth:`verify` checks all
-    shards against the manifest's SHA-256 checksums.
+    Verification (``verify=True``, the default): the manifest's own checksum and fields are checked
+    when the store is opened (:mod:`geomprobe.probe.manifest`), and every shard's header (rows, index,
+    keys, shapes) against the manifest; before the first read from a shard its SHA-256 is compared
+    with the manifest's, so a changed byte anywhere in a shard (data, metadata, attributes) is a
+    :class:`DataError` naming the file. Cost: one extra read of each shard that is used (see
+    bench/README.md). ``verify=False`` skips the header and checksum checks (not the manifest's own).
+    :meth:`verify` checks all shards at once.
+
+    Raises:
+        DataError: the store is missing, incomplete, edited or corrupt (one line naming the file).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
         if not self.path.is_dir():
             raise DataError(f"gradient store not found: {self.path}")
@@ -240,12 +113,25 @@ class GradientStore:
             raise DataError(f"not a gradient store (no {MANIFEST}): {self.path}")
         if not manifest.get("complete", False):
             raise DataError(f"gradient store {self.path} is incomplete; rerun the same grads command to finish it")
+        check_manifest(self.path, manifest)
         self.manifest: dict[str, Any] = manifest
         self._keys: list[str] = list(manifest["keys"])
         self._shards: list[dict[str, Any]] = list(manifest["shards"])
-        for s in self._shards:
-            if not (self.path / s["file"]).is_file():
+        self._verify = verify
+        self._verified: set[str] = set()
+        for j, s in enumerate(self._shards):
+            path = shard_path(self.path, s["file"])
+            if not path.is_file():
                 raise DataError(f"gradient store {self.path}: shard {s['file']} is missing")
+            if verify:
+                check_shard(path, self._expected(s, j), header_only=True)
+
+    def _expected(self, shard: dict[str, Any], index: int) -> dict[str, Any]:
+        """What :func:`check_shard` compares a shard with: its rows, index, keys and P from the manifest."""
+        expected = {"row_start": shard["rows"][0], "row_stop": shard["rows"][1], "keys": self._keys, "P": self.P}
+        if self.manifest.get("format_version", 1) >= 2:
+            expected["shard"] = index
+        return expected
 
     # ---- description
 
@@ -323,7 +209,13 @@ class GradientStore:
     # ---- reading
 
     def _open(self, shard: dict[str, Any]) -> h5py.File:
-        path = self.path / shard["file"]
+        """The shard file, opened for reading; its SHA-256 is checked before its first read (``verify``)."""
+        path = shard_path(self.path, shard["file"])
+        if self._verify and shard["file"] not in self._verified:
+            actual = file_sha256(path)
+            if actual != shard["sha256"]:
+                raise DataError(f"shard {path} is corrupt (SHA-256 {actual[:12]} != manifest {shard['sha256'][:12]})")
+            self._verified.add(shard["file"])
         try:
             return h5py.File(path, "r")
         except OSError as exc:
@@ -335,7 +227,7 @@ class GradientStore:
             try:
                 ds = f[name]
                 return ds[()] if a is None else ds[a:b]
-            except (OSError, KeyError) as exc:
+            except H5_ERRORS as exc:
                 raise DataError(f"shard {path}: cannot read {name}: {str(exc).splitlines()[0]}") from None
 
     def iter_blocks(
@@ -362,7 +254,7 @@ class GradientStore:
                     e = min(b, r + rows)
                     try:
                         block = ds[r - s0 : e - s0]
-                    except OSError as exc:
+                    except H5_ERRORS as exc:
                         raise DataError(f"shard {path} is corrupt: {str(exc).splitlines()[0]}") from None
                     yield torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
 
@@ -436,12 +328,8 @@ class GradientStore:
 
     def verify(self) -> None:
         """Check every shard's SHA-256 against the manifest; raise :class:`DataError` on a mismatch."""
-        for s in self._shards:
-            check_shard(
-                self.path / s["file"],
-                {"row_start": s["rows"][0], "row_stop": s["rows"][1], "keys": self._keys, "P": self.P},
-                sha256=s.get("sha256"),
-            )
+        for j, s in enumerate(self._shards):
+            check_shard(shard_path(self.path, s["file"]), self._expected(s, j), sha256=s["sha256"])
 
     def __repr__(self) -> str:
         return f"GradientStore({str(self.path)!r}, keys={self.timesteps}, n={self.manifest['n']}, P={self.P})"
