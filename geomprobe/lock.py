@@ -169,26 +169,36 @@ class DirectoryLock:
 
 @contextmanager
 def directory_lock(
-    directory: str | Path, enabled: bool = True, on_note: Callable[[str], None] | None = None
+    directory: str | Path, enabled: bool = True, on_note: Callable[[str], None] | None = None, world: int = 1
 ) -> Iterator[DirectoryLock | None]:
     """Hold ``directory``'s lock for the block; released on any exit (error, Ctrl-C).
 
     Args:
         directory: the output directory.
-        enabled: False yields None and locks nothing (e.g. torchrun ranks other than 0).
+        enabled: whether this process takes the lock (under torchrun: rank 0 only); False locks nothing.
         on_note: receives the one-line note when a stale lock was taken over.
+        world: the torchrun world size; above 1 every rank learns whether rank 0 got the lock, so all
+            fail together (no rank hangs waiting for another).
+
+    Yields:
+        The held :class:`DirectoryLock`, or None where ``enabled`` is False.
 
     Raises:
-        UsageError: the directory is locked by a live process.
+        UsageError: the directory is locked by a live process (on rank 0; the other ranks raise a
+            DataError saying so).
     """
-    if not enabled:
-        yield None
-        return
-    lock = DirectoryLock(directory)
-    note = lock.acquire()
+    lock = DirectoryLock(directory) if enabled else None
+    acquire = lock.acquire if lock is not None else (lambda: None)
+    if world > 1:
+        from geomprobe.distributed import on_every_rank
+
+        note = on_every_rank(world, acquire, f"{directory} is being written by another geomprobe process")
+    else:
+        note = acquire()
     if note and on_note:
         on_note(note)
     try:
         yield lock
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()

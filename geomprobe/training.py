@@ -51,6 +51,7 @@ from geomprobe.io import (
     raise_if_interrupted,
     torch_generator,
 )
+from geomprobe.lock import LOCK_NAME, directory_lock
 from geomprobe.models import (
     STAGING,
     TRAINING_COMPLETE,
@@ -260,7 +261,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 # What a run directory holds before its first checkpoint is complete: a run killed then (SIGKILL, a
 # full disk) restarts from step 0 instead of being refused.
-_BEFORE_FIRST_CHECKPOINT = {TRAIN_LOG, TRAIN_LOG + ".tmp", STAGING}
+_BEFORE_FIRST_CHECKPOINT = {TRAIN_LOG, TRAIN_LOG + ".tmp", STAGING, LOCK_NAME}
 
 
 def _prepare_out(out: Path, resume: bool) -> bool:
@@ -276,7 +277,7 @@ def _prepare_out(out: Path, resume: bool) -> bool:
         return False
     finish_staged_checkpoint(out)  # roll a committed checkpoint forward, drop an uncommitted one
     entries = sorted(e.name for e in out.iterdir())
-    if not entries:
+    if not set(entries) - {LOCK_NAME}:
         return False
     if (out / CHECKPOINT_META).is_file():
         if not resume:
@@ -289,7 +290,9 @@ def _prepare_out(out: Path, resume: bool) -> bool:
         raise UsageError(
             f"output directory {out} is not empty ({foreign[0]}) and holds no geomprobe checkpoint; choose another --out"
         )
-    for name in entries:  # a run that never finished its first checkpoint: start again
+    for name in entries:  # a run that never finished its first checkpoint: start again (our lock stays)
+        if name == LOCK_NAME:
+            continue
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return False
@@ -313,7 +316,8 @@ def train(
     device = resolve_device(config.device)
     started = init_dist(world, device)
     try:
-        return _train(config, Path(out), resume, progress, rank, world, local_device(device, world))
+        with directory_lock(out, rank == 0, None, world):  # one writer per checkpoint directory
+            return _train(config, Path(out), resume, progress, rank, world, local_device(device, world))
     finally:
         if started:
             import torch.distributed as dist

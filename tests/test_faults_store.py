@@ -580,3 +580,20 @@ def test_interrupt_inside_an_hdf5_write_is_raised_after_it(ckpt, reference, tmp_
     assert 0 < _shards_done(out) < SHARDS
     extract_gradients(_config(ckpt), out, device="cpu", max_memory="256M", command=["x"])
     assert_same_store(out, reference, command=False)
+
+
+def test_train_and_continual_take_the_lock_of_their_out(tmp_path):
+    """A second writer of a train checkpoint directory or a continual run directory is refused (one line)."""
+    from geomprobe.continual.config import ContinualConfig
+    from geomprobe.continual.runner import run_continual
+    from geomprobe.training import TrainConfig, train
+
+    with DirectoryLock(tmp_path / "ckpt"):
+        with pytest.raises(UsageError, match="being written by another geomprobe process"):
+            train(TrainConfig(model="small1", image_size=8, steps=1, batch_size=4, device="cpu"), tmp_path / "ckpt")
+    with DirectoryLock(tmp_path / "cl"):
+        with pytest.raises(UsageError, match="being written by another geomprobe process"):
+            run_continual(ContinualConfig(model="small1", image_size=8, tasks=2, steps_per_task=1), tmp_path / "cl")
+    # released: the lock file is gone and a run goes through
+    result = train(TrainConfig(model="small1", image_size=8, steps=1, batch_size=4, device="cpu"), tmp_path / "ckpt")
+    assert result.steps == 1 and not (tmp_path / "ckpt" / LOCK_NAME).exists()

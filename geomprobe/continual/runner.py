@@ -79,6 +79,7 @@ from geomprobe.io import (
     write_json,
     write_jsonl,
 )
+from geomprobe.lock import directory_lock
 from geomprobe.models import build_scheduler, build_unet, checkpoint_checksum, load_checkpoint, resolve_device
 from geomprobe.timesteps import parse_timesteps
 
@@ -370,7 +371,8 @@ def run_continual(
     check_world(config, world)
     started = init_dist(world, resolve_device(device))
     try:
-        return _run_seeds(config, Path(out), seeds, resume, progress, device, cache_dir, step_offset, max_memory)
+        with directory_lock(out, rank == 0, None, world):  # one writer per run directory
+            return _run_seeds(config, Path(out), seeds, resume, progress, device, cache_dir, step_offset, max_memory)
     finally:
         if started:
             close_dist()

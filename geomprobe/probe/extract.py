@@ -21,8 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import InitVar, asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +34,7 @@ from geomprobe.data import DIGITS_IMAGE_SIZES, ResizedDataset, fit_to_model, loa
 from geomprobe.distributed import barrier, dist_info, init_dist, on_every_rank
 from geomprobe.errors import DataError, UsageError
 from geomprobe.io import derived_seed, numpy_generator, parse_memory, torch_generator
-from geomprobe.lock import LOCK_NAME, DirectoryLock
+from geomprobe.lock import LOCK_NAME, directory_lock
 from geomprobe.models import ModelInfo, checkpoint_checksum, load_model, resolve_device
 from geomprobe.probe.grads import per_sample_grads
 from geomprobe.probe.memory import reproducible_chunk
@@ -287,7 +286,7 @@ def extract_gradients(
         out=plan.out, n=plan.n, P=plan.P, num_params=plan.layout.P, rank=plan.rank, world_size=plan.world
     )
     summaries = {k: KeySummary(k, plan.key_info[k]["t"], 0, plan.P) for k in plan.keys}
-    with _store_lock(plan, on_note):
+    with directory_lock(plan.out, plan.rank == 0, on_note, plan.world):
         manifest = _new_manifest(plan, command)
         old_sums = _open_store(plan, manifest, overwrite)
         on_every_rank(
@@ -490,26 +489,6 @@ def _new_manifest(plan: _Plan, command: list[str] | None) -> dict[str, Any]:
         "shards": [{"file": shard_name(j), "rows": [a, b]} for j, (a, b) in enumerate(plan.shard_ranges)],
         "complete": False,
     }
-
-
-@contextmanager
-def _store_lock(plan: _Plan, on_note: Callable[[str], None] | None) -> Iterator[None]:
-    """Hold ``out``'s lock file (:mod:`geomprobe.lock`) for the run: rank 0 takes it, every rank fails without it.
-
-    Released on every exit (an error, Ctrl-C); a lock left by a killed run is taken over with a note.
-    """
-    lock = DirectoryLock(plan.out)
-    note = on_every_rank(
-        plan.world,
-        lambda: lock.acquire() if plan.rank == 0 else None,
-        f"{plan.out} is being written by another geomprobe process (see rank 0's message)",
-    )
-    if note and on_note:
-        on_note(note)
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _open_store(plan: _Plan, manifest: dict[str, Any], overwrite: bool) -> dict[str, str | None]:
