@@ -23,10 +23,21 @@ def main(out: str) -> None:
     data = load_dataset("digits", "train", 8).subset([0, 1])
     ac, names, spec = build_scheduler().alphas_cumprod, select_parameters(unet), parse_timesteps("all")
     result = {}
-    for kind in ("diag", "rank1", "rankk", "full"):
+    for kind, method in (("diag", ""), ("rank1", ""), ("rankk", "power"), ("rankk", "lanczos"), ("full", "")):
         fisher = estimate_task_fisher(
-            kind, unet, names, data, ac, spec, 20, torch.Generator().manual_seed(5), rank=2, batch_size=8
+            kind,
+            unet,
+            names,
+            data,
+            ac,
+            spec,
+            20,
+            torch.Generator().manual_seed(5),
+            rank=2,
+            method=method or "power",
+            batch_size=8,
         )
+        kind = f"{kind}-{method}" if method else kind
         # every kind as its action on a fixed probe matrix (P, 3), plus its own numbers
         probe = torch.randn(fisher.P, 3, generator=torch.Generator().manual_seed(1))
         result[kind] = {"n": fisher.info.n, "mv": fisher.mv(probe)}

@@ -13,9 +13,9 @@ The kinds map to the fisher package's builders:
 Under an initialised torch.distributed process group (torchrun) every rank draws the same probe
 batches and takes rows [rank::world] of each. diag and rank1: the sums (n mu, column sums of g^2,
 sum of (mu^T g_i)^2) are all-reduced in float64; rankk by power iteration: each minibatch product
-G_b^T (G_b V) is the all-reduced sum of the ranks' rows; full: each rank's rows of G are gathered.
-So the Fisher equals one process's up to the order of float sums. rankk by Lanczos is computed
-whole on every rank (not sharded).
+G_b^T (G_b V) is the all-reduced sum of the ranks' rows; rankk by Lanczos: every rank runs the same
+Lanczos iteration on the all-reduced products G^T (G v); full: each rank's rows of G are gathered.
+So the Fisher equals one process's up to the order of float sums.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from geomprobe.io import DEFAULT_MAX_MEMORY
 from geomprobe.timesteps import TimestepSpec
 
 RANKK_METHODS = ("power", "lanczos")
+LANCZOS_TOL = 1e-6  # relative tolerance of the rank-k Lanczos estimate
 ESTIMATED_KINDS = ("diagonal", "rank1", "lowrank", "gram")  # the kinds of --fisher diag | rank1 | rankk | full
 SHARDED_KINDS = ("diagonal", "rank1", "gram")  # shared among torchrun ranks (module docstring; + power rankk)
 
@@ -88,8 +89,9 @@ def estimate_task_fisher(
     unet.eval()  # no dropout in these UNets, but keep the estimate independent of the mode
     try:
         batches = probe_batches(data, n, timesteps, generator, batch_size)
-        if kind in SHARDED_KINDS and group_world() > 1:
-            return _sharded(kind, unet, names, batches, alphas_cumprod, timesteps, max_memory)
+        if group_world() > 1 and (kind in SHARDED_KINDS or (kind == "lowrank" and method == "lanczos")):
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if kind == "lowrank" else 0
+            return _sharded(kind, unet, names, batches, alphas_cumprod, timesteps, max_memory, rank, seed)
         if kind == "lowrank" and method == "power":
             return _power_iteration(
                 unet, names, data, alphas_cumprod, timesteps, generator, rank, batch_size, power_iterations
@@ -118,6 +120,7 @@ def _from_batches(kind, unet, names, batches, alphas_cumprod, timesteps: Timeste
             k=rank,
             t_range=timesteps.text,
             seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)),
+            tol=LANCZOS_TOL,
         )
     G = torch.cat(
         [
@@ -130,7 +133,7 @@ def _from_batches(kind, unet, names, batches, alphas_cumprod, timesteps: Timeste
     )
 
 
-def _sharded(kind, unet, names, batches, alphas_cumprod, timesteps: TimestepSpec, max_memory):
+def _sharded(kind, unet, names, batches, alphas_cumprod, timesteps: TimestepSpec, max_memory, k=5, seed=0):
     """The diag or rank1 Fisher from this rank's rows [rank::world] of every probe batch, sums all-reduced (float64)."""
     import torch.distributed as dist
 
@@ -149,6 +152,8 @@ def _sharded(kind, unet, names, batches, alphas_cumprod, timesteps: TimestepSpec
     )
     info = local._derived_info()
     info.n = n
+    if kind == "lowrank":
+        return _sharded_lanczos(local, n, k, seed, info)
     if kind == "diagonal":
         d = local.diag().cpu()
         return DiagonalFisher((sum_over_ranks(d * local.n) / n).to(d.dtype), info)
@@ -233,3 +238,24 @@ def _sharded_power_iteration(unet, names, fresh, alphas_cumprod, timesteps: Time
         t_range=timesteps.text, param_names=list(layout.names), param_shapes=[list(s) for s in layout.shapes]
     )
     return stochastic_power_iteration(matmat, layout.P, k, iterations, 5, seed, torch.float32, info)
+
+
+def _sharded_lanczos(local, n: int, k: int, seed: int, info):
+    """Top-k eigenpairs by Lanczos on F v = (sum over ranks of G_r^T (G_r v)) / n; the same iteration on every rank."""
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator
+
+    from geomprobe.fisher import LowRankFisher
+    from geomprobe.fisher.spectrum import top_eigenpairs
+
+    products, mean_product = 0, local.linear_operator()  # this rank's (1/n_r) G_r^T G_r v, float64
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        nonlocal products
+        products += 1
+        return (sum_over_ranks(torch.from_numpy(mean_product.matvec(x) * local.n)) / n).numpy()
+
+    op = LinearOperator((local.P, local.P), matvec=matvec, rmatvec=matvec, dtype=np.float64)
+    evals, evecs = top_eigenpairs(op, k, seed=seed, tol=LANCZOS_TOL)
+    info.extra = {**info.extra, "method": "lanczos", "fisher_vector_products": products}
+    return LowRankFisher(torch.from_numpy(evals.copy()), torch.from_numpy(evecs.copy()), info)
