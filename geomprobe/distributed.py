@@ -1,8 +1,8 @@
 """torch.distributed under torchrun: the process group, rank slices of a batch, and rank agreement.
 
-Every multi-process command (``grads``, ``spectrum --ckpt``, ``train``) runs under PyTorch's own
-launcher, ``torchrun --nproc-per-node K -m geomprobe ...``; geomprobe has no launcher of its own.
-The process group is gloo on CPU and NCCL on CUDA. A plain process is rank 0 of a world of 1, and
+Every multi-process command (``grads``, ``spectrum --ckpt``, ``train``, ``continual``) runs under
+PyTorch's own launcher, ``torchrun --nproc-per-node K -m geomprobe ...``; geomprobe has no launcher
+of its own. The process group is gloo on CPU and NCCL (CUDA tensors) + gloo (CPU tensors) on CUDA. A plain process is rank 0 of a world of 1, and
 every helper here is then a no-op, so the single-process path runs exactly as without torchrun.
 """
 
@@ -22,15 +22,28 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+PROCESS_GROUP_TIMEOUT_MINUTES = 60  # rank 0 may train the FID classifier while the others wait
+
+
 def init_dist(world: int, device: torch.device) -> bool:
-    """Initialise the process group under torchrun (gloo on CPU, NCCL on CUDA); True if we did."""
+    """Initialise the process group under torchrun; True if we did.
+
+    On CPU the backend is gloo. On CUDA it is ``cpu:gloo,cuda:nccl`` (NCCL for CUDA tensors, gloo
+    for the CPU tensors that torchmetrics and the small agreement reductions use), and this rank's
+    GPU ``cuda:LOCAL_RANK`` is made current before any collective.
+    """
     if world <= 1:
         return False
+    import datetime
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         return False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MINUTES)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return True

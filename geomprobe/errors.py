@@ -1,7 +1,7 @@
 """The one exception type for mistakes a user can make.
 
 The CLI turns a :class:`GeomprobeError` into a one-line message and a non-zero exit code
-(see ``geomprobe.cli.main``); library callers can catch it like any other exception.
+(one place: ``geomprobe/cli/app.py``, ``_GeomprobeGroup.invoke``); library callers can catch it like any other exception.
 """
 
 from __future__ import annotations

@@ -83,6 +83,7 @@ class DirectoryLock:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self.fd: int | None = None
+        self.created = False  # acquire() made the directory: release() removes it again if left empty
 
     def acquire(self) -> str | None:
         """Take the lock; returns a one-line note when a stale lock was taken over, else None.
@@ -93,6 +94,7 @@ class DirectoryLock:
         """
         if self.directory.exists() and not self.directory.is_dir():
             raise UsageError(f"{self.directory} exists and is not a directory")
+        self.created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(20):  # another process may remove the file between our open and our flock
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -147,7 +149,10 @@ class DirectoryLock:
         )
 
     def release(self) -> None:
-        """Remove the lock file (if it is still ours) and release the lock; a no-op when not held."""
+        """Remove the lock file (if it is still ours) and release the lock; a no-op when not held.
+
+        A directory that :meth:`acquire` created and that is empty now is removed too.
+        """
         if self.fd is None:
             return
         try:
@@ -158,6 +163,8 @@ class DirectoryLock:
         finally:
             os.close(self.fd)
             self.fd = None
+        if self.created and not any(self.directory.iterdir()):  # a run that failed before writing anything
+            self.directory.rmdir()
 
     def __enter__(self) -> DirectoryLock:
         self.acquire()
@@ -165,6 +172,11 @@ class DirectoryLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def print_note(note: str) -> None:
+    """A lock note (a stale lock taken over) as one line on stderr."""
+    print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 @contextmanager

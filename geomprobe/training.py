@@ -51,7 +51,7 @@ from geomprobe.io import (
     raise_if_interrupted,
     torch_generator,
 )
-from geomprobe.lock import LOCK_NAME, directory_lock
+from geomprobe.lock import LOCK_NAME, directory_lock, print_note
 from geomprobe.models import (
     STAGING,
     TRAINING_COMPLETE,
@@ -316,7 +316,7 @@ def train(
     device = resolve_device(config.device)
     started = init_dist(world, device)
     try:
-        with directory_lock(out, rank == 0, None, world):  # one writer per checkpoint directory
+        with directory_lock(out, rank == 0, print_note, world):  # one writer per checkpoint directory
             return _train(config, Path(out), resume, progress, rank, world, local_device(device, world))
     finally:
         if started:

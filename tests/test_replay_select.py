@@ -244,3 +244,24 @@ def test_lowres_unet_replay_pool_is_the_thumbnail_refined_by_the_model(tiny_unet
     assert torch.equal(y, ey) and thumbs.shape == x.shape
     torch.testing.assert_close(x, ddim_refine(tiny_unet, sched, thumbs, ey, UNET_DECODE_T, 10, g))
     assert not torch.allclose(x, thumbs, atol=1e-3)  # the model changed the upsampled thumbnail
+
+
+def test_ddim_refine_starts_at_the_first_ddim_timestep_below_t_start():
+    # the first model call sees x_t0 = sqrt(abar_t0) x0 + sqrt(1 - abar_t0) eps at t0 = the largest DDIM t <= t_start
+    from geomprobe.diffusion import add_noise, ddim_refine
+
+    sched = build_scheduler()
+    calls = []
+
+    class Recorder(_PointMassDenoiser):
+        def forward(self, x_t, t, **kw):
+            calls.append((x_t.clone(), t.clone()))
+            return super().forward(x_t, t, **kw)
+
+    x0 = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    oracle = Recorder(torch.zeros(1, 4, 4), sched.alphas_cumprod)
+    ddim_refine(oracle, sched, x0, torch.zeros(2, dtype=torch.long), 300, 30, torch.Generator().manual_seed(9))
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
+    t0 = 297  # 30 DDIM steps of 1000: 0, 33, ..., 297, 330, ... (leading spacing)
+    assert calls[0][1].tolist() == [t0, t0] and len(calls) == 10
+    torch.testing.assert_close(calls[0][0], add_noise(x0, eps, torch.tensor([t0, t0]), sched.alphas_cumprod))

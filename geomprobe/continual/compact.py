@@ -8,7 +8,8 @@
 - ``lowres``: an r x r uint8 thumbnail per channel, r = floor(sqrt(N / C)) (at most the image
   side), made by area averaging; decoded by bilinear upsampling (a decoder that knows nothing).
 - ``lowres-unet``: the same thumbnail, decoded by the model itself: the upsampled thumbnail is
-  noised to t = :data:`UNET_DECODE_T` and denoised by DDIM with the exemplar's label
+  noised to the first DDIM timestep <= :data:`UNET_DECODE_T` (300 with 50 steps) and denoised by
+  DDIM with the exemplar's label
   (:func:`geomprobe.diffusion.ddim_refine`, SDEdit), using the model at the end of the previous
   task. This is seed 003's idea (store little, let the generative model's own representation
   carry the rest) in a pixel-space UNet, where a latent cannot be stored: the bottleneck is not

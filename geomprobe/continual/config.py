@@ -212,8 +212,9 @@ class ContinualConfig:
             raise UsageError(f"--replay-select {self.replay_select} chooses real exemplars: it needs --replay real")
         if self.replay_source == "compact":
             from geomprobe.continual.compact import min_code_bytes
+            from geomprobe.data import dataset_facts
 
-            smallest = min_code_bytes(self.replay_code, _dataset_facts()[self.dataset].channels)
+            smallest = min_code_bytes(self.replay_code, dataset_facts(self.dataset).channels)
             if self.budget_bytes < smallest:
                 raise UsageError(
                     f"--budget-bytes {self.budget_bytes} is smaller than one code ({self.replay_code}: {smallest} bytes)"

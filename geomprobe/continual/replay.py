@@ -135,7 +135,9 @@ def replay_pool(
         from geomprobe.continual.compact import compact_pool
 
         x, y = replay_pool_real(train, earlier, config.replay_per_class, gen, config.replay_select, unet, scheduler)
-        fit, _ = train.batch(torch.nonzero(torch.isin(train.labels, torch.tensor(earlier))).flatten())
+        fit = x[:0]  # the pca basis is fitted on the earlier tasks' training images; lowres codes fit nothing
+        if config.replay_code == "pca":
+            fit, _ = train.batch(torch.nonzero(torch.isin(train.labels, torch.tensor(earlier))).flatten())
         pool = compact_pool(fit, x, y, config.budget_bytes, config.replay_code)
         return pool.images(_unet_decoder(config, unet, scheduler, gen)), y
     return replay_pool_generated(unet, scheduler, earlier, config.replay_per_class, config.sample_steps, gen)

@@ -79,7 +79,7 @@ from geomprobe.io import (
     write_json,
     write_jsonl,
 )
-from geomprobe.lock import directory_lock
+from geomprobe.lock import directory_lock, print_note
 from geomprobe.models import build_scheduler, build_unet, checkpoint_checksum, load_checkpoint, resolve_device
 from geomprobe.timesteps import parse_timesteps
 
@@ -371,7 +371,7 @@ def run_continual(
     check_world(config, world)
     started = init_dist(world, resolve_device(device))
     try:
-        with directory_lock(out, rank == 0, None, world):  # one writer per run directory
+        with directory_lock(out, rank == 0, print_note, world):  # one writer per run directory
             return _run_seeds(config, Path(out), seeds, resume, progress, device, cache_dir, step_offset, max_memory)
     finally:
         if started:

@@ -23,7 +23,7 @@ from geomprobe.continual.metrics import evaluate_task
 from geomprobe.continual.replay import Pool, batch_sampler, replay_pool
 from geomprobe.continual.strategies import PenaltyTerm, combine_terms, flat_parameters, parameter_shapes
 from geomprobe.data import ImageDataset
-from geomprobe.distributed import any_rank, barrier, mean_over_ranks, rank_slice
+from geomprobe.distributed import any_rank, mean_over_ranks, on_every_rank, rank_slice
 from geomprobe.errors import DataError
 from geomprobe.io import (
     DEFAULT_MAX_MEMORY,
@@ -100,8 +100,8 @@ def run_task(run: SeedRun, k: int) -> None:
     )
     clock["train_s"] = time.time() - start
     start = time.time()
-    ckpt_dir = save_task_checkpoint(run, k) if run.writer else run.out / f"task-{k}"
-    barrier(run.world)
+    rank0_writes(run, lambda: save_task_checkpoint(run, k), f"the checkpoint task-{k}")
+    ckpt_dir = run.out / f"task-{k}"
     if run.penalty is not None:
         add_task_fisher(run, k, ckpt_dir)
     clock["fisher_s"] = time.time() - start
@@ -111,13 +111,19 @@ def run_task(run: SeedRun, k: int) -> None:
     if before is not None:
         start = time.time()
         after = earlier_energies(run, earlier, k)
-        if run.writer:
-            write_energy_records(run, k, before, after)
+        rank0_writes(run, lambda: write_energy_records(run, k, before, after), f"the energy records of task {k}")
         clock["energy_s"] = time.time() - start
-    if run.writer:
-        append_task_records(run, k, log_rows, clock, rows)
-    barrier(run.world)
+    rank0_writes(run, lambda: append_task_records(run, k, log_rows, clock, rows), f"the records of task {k}")
     run.unet.train()
+
+
+def rank0_writes(run: SeedRun, write: Callable[[], object], what: str) -> None:
+    """``write()`` on rank 0 alone; under torchrun every rank waits for it and raises if it failed.
+
+    :func:`geomprobe.distributed.on_every_rank` is the sync point, so no rank waits at a barrier for
+    a rank 0 that died of a full disk.
+    """
+    on_every_rank(run.world, write if run.writer else (lambda: None), f"rank 0 could not write {what}")
 
 
 INTRINSIC_FORGETTING = "intrinsic_forgetting.jsonl"
@@ -275,9 +281,7 @@ def add_task_fisher(run: SeedRun, k: int, ckpt_dir: Path) -> None:
     fisher.info.param_names, fisher.info.param_shapes = list(run.names), shapes
     fisher.info.extra = {**fisher.info.extra, "task": k, "classes": run.tasks[k], "seed": run.seed}
     path = run.out / f"fisher-task{k}.h5"
-    if run.writer:
-        fisher.save(path)
-    barrier(run.world)
+    rank0_writes(run, lambda: fisher.save(path), path.name)
     # the penalty is built from the file, exactly as a resumed run builds it (with the same checks)
     run.penalty.add(load_fisher(path, checksum, run.names, shapes), flat_parameters(run.unet, run.names).detach())
     run.penalty.to(run.device)
@@ -318,8 +322,7 @@ def evaluate_after_task(run: SeedRun, k: int) -> list[dict]:
                 "reference_split": "test",
             }
         )
-    if run.writer:
-        store_samples(run.out / SAMPLES, k, torch.cat(images), torch.cat(labels))
+    rank0_writes(run, lambda: store_samples(run.out / SAMPLES, k, torch.cat(images), torch.cat(labels)), SAMPLES)
     return rows
 
 
