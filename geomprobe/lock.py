@@ -174,6 +174,30 @@ class DirectoryLock:
         self.release()
 
 
+def is_locked(directory: str | Path) -> bool:
+    """True when a live process holds ``directory``'s lock (readers then leave its files alone).
+
+    A lock file that no process holds (a killed writer's) counts as unlocked. Where ``flock`` is not
+    available the answer is False: readers behave as before locks existed.
+    """
+    path = Path(directory) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except (ImportError, OSError):
+        return False
+    finally:
+        os.close(fd)  # closing drops our shared lock too
+
+
 def print_note(note: str) -> None:
     """A lock note (a stale lock taken over) as one line on stderr."""
     print(f"note: {note}", file=sys.stderr, flush=True)

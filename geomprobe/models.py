@@ -32,6 +32,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from geomprobe.errors import DataError, UsageError
 from geomprobe.io import CHECKPOINT_META, TRAIN_STATE
+from geomprobe.lock import is_locked
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -279,7 +280,11 @@ def model_layout(directory: str | Path) -> tuple[str, Path]:
     if not directory.is_dir():
         raise DataError(f"checkpoint directory not found: {directory}")
     if (directory / CHECKPOINT_META).is_file() or (directory / STAGING / CHECKPOINT_META).is_file():
-        finish_staged_checkpoint(directory)
+        if is_locked(directory):  # a live train owns the directory: read its last committed checkpoint only
+            if not (directory / CHECKPOINT_META).is_file():
+                raise DataError(f"{directory}: its first checkpoint is still being written (geomprobe.lock)")
+        else:
+            finish_staged_checkpoint(directory)
         layout, unet_dir = "geomprobe", directory / "unet"
     elif (directory / "model_index.json").is_file():
         layout, unet_dir = "pipeline", directory / "unet"

@@ -597,3 +597,28 @@ def test_train_and_continual_take_the_lock_of_their_out(tmp_path):
     # released: the lock file is gone and a run goes through
     result = train(TrainConfig(model="small1", image_size=8, steps=1, batch_size=4, device="cpu"), tmp_path / "ckpt")
     assert result.steps == 1 and not (tmp_path / "ckpt" / LOCK_NAME).exists()
+
+
+def test_a_reader_leaves_a_live_trainers_staging_alone(tmp_path, tiny_unet):
+    """load_model on a checkpoint directory whose trainer holds the lock reads the committed checkpoint
+    and neither rolls forward nor deletes the staging area the trainer is writing; without a live
+    lock holder it finishes the staging as before."""
+    import shutil
+
+    from geomprobe.models import STAGING, ModelInfo, build_scheduler, load_model, save_checkpoint
+
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, tiny_unet, build_scheduler(), ModelInfo("small1", "digits", 8, 1, 10, seed=0, step=1))
+    shutil.copytree(ck / "unet", ck / STAGING / "unet")  # an uncommitted checkpoint in progress
+    with DirectoryLock(ck):
+        load_model(ck, "cpu")
+        assert (ck / STAGING / "unet").is_dir()
+    load_model(ck, "cpu")  # no live writer: the uncommitted staging area is dropped
+    assert not (ck / STAGING).exists()
+    # the first checkpoint still being written: one line, nothing touched
+    first = tmp_path / "first"
+    (first / STAGING).mkdir(parents=True)
+    shutil.copy(ck / "geomprobe.json", first / STAGING / "geomprobe.json")
+    with DirectoryLock(first), pytest.raises(DataError, match="still being written"):
+        load_model(first, "cpu")
+    assert (first / STAGING / "geomprobe.json").is_file()
