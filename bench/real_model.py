@@ -2,7 +2,7 @@
 
 Builds the DDPM CIFAR-10 UNet (diffusers ``UNet2DModel``, 35.7M parameters, unconditional,
 attention at 16x16) with random weights as a diffusers pipeline directory (``unet/``,
-``scheduler/``, ``model_index.json``), loads it with ``geomprobe.models.load_model`` and times,
+``scheduler/``, ``model_index.json``), loads it with ``geomprobe.checkpoints.load_model`` and times,
 each route in a FRESH subprocess (so ``ru_maxrss`` is that route's peak):
 
 - ``fwdbwd``      one batched forward + backward of the mean loss over the rows (the reference)
@@ -127,7 +127,7 @@ CHEAP = ("fwdbwd", "per_sample", "mu_cstar", "fv")  # warmed up by one call of t
 
 def run_one(root: str, route: str, rows: int, max_memory: int, k: int) -> dict:
     """Child process: one call of ``route`` (after loading), its CPU and wall time and peak RSS."""
-    from geomprobe.models import load_model
+    from geomprobe.checkpoints import load_model
 
     torch.set_num_threads(1)
     ckpt = load_model(root)

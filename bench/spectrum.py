@@ -177,9 +177,9 @@ def rss_mib(field: str) -> float:
 
 def child(route: str, ckpt: str, n: int, t_value: int, repeat: int) -> None:
     """Run one route in this fresh process; print JSON with seconds and peak-RSS growth (MiB)."""
+    from geomprobe.checkpoints import load_checkpoint
     from geomprobe.diffusion import per_sample_loss
     from geomprobe.fisher import fisher_from_rows, rank1_from_model
-    from geomprobe.models import load_checkpoint
     from geomprobe.probe import ProbeBatch, per_sample_grads, select_parameters
 
     torch.set_num_threads(2)

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from geomprobe.analysis import analyze_store, write_spectrum
-from geomprobe.models import ModelInfo, build_scheduler, build_unet, save_checkpoint
+from geomprobe.checkpoints import ModelInfo, save_checkpoint
+from geomprobe.models import build_scheduler, build_unet
 from geomprobe.probe import ExtractConfig, GradientStore, extract_gradients
 
 

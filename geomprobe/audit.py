@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 import torch
 
+from geomprobe.checkpoints import checkpoint_checksum, load_model
 from geomprobe.data import DEFAULT_TASKS, task_splits
 from geomprobe.diffusion import predict_noise
 from geomprobe.errors import UsageError
@@ -38,7 +39,7 @@ from geomprobe.fisher import audit_math as am
 from geomprobe.fisher.rows import ConcatRows, StoreRows, gram_statistics
 from geomprobe.fisher.spectrum import mean_cosine_matrix
 from geomprobe.io import AUDIT_JSON, MANIFEST, atomic_path, derived_seed, parse_memory, write_json
-from geomprobe.models import checkpoint_checksum, load_model, resolve_device
+from geomprobe.models import resolve_device
 from geomprobe.probe.extract import ExtractConfig, extract_gradients, model_dataset, row_inputs, select_samples
 from geomprobe.probe.params import select_parameters
 from geomprobe.probe.products import ProbeBatch, mean_gradient

@@ -285,7 +285,8 @@ def compute_energies(
     ``alignment_t``: also |cos(g_i, mu_t)| at these t (:func:`gradient_alignment`; one per-sample gradient
     of every image per t, so mind the number of images).
     """
-    from geomprobe.models import checkpoint_checksum, load_model, resolve_device
+    from geomprobe.checkpoints import checkpoint_checksum, load_model
+    from geomprobe.models import resolve_device
 
     model = load_model(ckpt, resolve_device(device))
     name, data, rows = _scored_images(model.info, ckpt, dataset, split, classes, data_root)

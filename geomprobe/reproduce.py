@@ -200,7 +200,7 @@ def _extract_config(preset: ReproducePreset, ckpt: Path, seed: int, data_root: s
 
 def store_is_complete(store: Path, config) -> bool:
     """True when ``store`` holds a finished store of exactly ``config`` on the current checkpoint."""
-    from geomprobe.models import checkpoint_checksum
+    from geomprobe.checkpoints import checkpoint_checksum
     from geomprobe.probe.extract import stored_identity
     from geomprobe.probe.store import read_manifest
 

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
+from geomprobe.checkpoints import load_model
 from geomprobe.data import parse_classes
 from geomprobe.diffusion import ddim_sample, is_label_conditioned
 from geomprobe.errors import UsageError
 from geomprobe.images import image_grid, save_png
 from geomprobe.io import torch_generator
-from geomprobe.models import load_model, resolve_device
+from geomprobe.models import resolve_device
 
 DEFAULT_ROWS = 8
 DEFAULT_CLASS_ROWS = 10

@@ -29,6 +29,16 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from geomprobe.checkpoints import (
+    STAGING,
+    TRAINING_COMPLETE,
+    ModelInfo,
+    finish_staged_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    load_train_state,
+    save_checkpoint,
+)
 from geomprobe.data import DATASET_FACTS, ImageDataset, load_dataset, parse_classes
 from geomprobe.diffusion import per_sample_loss
 from geomprobe.distributed import (
@@ -52,20 +62,7 @@ from geomprobe.io import (
     torch_generator,
 )
 from geomprobe.lock import LOCK_NAME, directory_lock, print_note
-from geomprobe.models import (
-    STAGING,
-    TRAINING_COMPLETE,
-    ModelInfo,
-    build_scheduler,
-    build_unet,
-    finish_staged_checkpoint,
-    get_preset,
-    load_checkpoint,
-    load_optimizer_state,
-    load_train_state,
-    resolve_device,
-    save_checkpoint,
-)
+from geomprobe.models import build_scheduler, build_unet, get_preset, resolve_device
 
 
 @dataclass

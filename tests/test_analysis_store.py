@@ -57,7 +57,8 @@ ROW_KEYS = {
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
-    from geomprobe.models import ModelInfo, build_scheduler, build_unet, save_checkpoint
+    from geomprobe.checkpoints import ModelInfo, save_checkpoint
+    from geomprobe.models import build_scheduler, build_unet
     from geomprobe.probe import ExtractConfig, extract_gradients
 
     root = tmp_path_factory.mktemp("store")

@@ -16,12 +16,13 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from typer.testing import CliRunner
 
 from geomprobe.audit import AuditConfig, parse_checks, run_audit
+from geomprobe.checkpoints import ModelInfo, save_checkpoint
 from geomprobe.cli import app
 from geomprobe.errors import UsageError
 from geomprobe.fisher import audit_math as am
 from geomprobe.fisher.rows import TensorRows, gram_statistics
 from geomprobe.fisher.spectrum import rank1_residual_op_norm
-from geomprobe.models import ModelInfo, build_scheduler, save_checkpoint
+from geomprobe.models import build_scheduler
 from geomprobe.probe.store import GradientStore
 
 # --------------------------------------------------------------------------- linear-Gaussian closed forms

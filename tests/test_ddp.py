@@ -269,7 +269,7 @@ def test_resume_command_of_a_torchrun_rank(monkeypatch):
 def test_bf16_autocast_trains_float32_weights_close_to_fp32(tmp_path):
     """--precision bf16: the forward under bf16 autocast, weights and Adam in float32; the logged
     losses stay within 1% of the float32 run's over 20 steps (measured: 2e-4 relative)."""
-    from geomprobe.models import load_checkpoint
+    from geomprobe.checkpoints import load_checkpoint
 
     def config(precision):
         return TrainConfig(

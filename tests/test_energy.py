@@ -172,8 +172,8 @@ def test_energy_file_round_trip_and_checkpoint_check(tmp_path):
 
 
 def test_energy_cli(tmp_path, tiny_unet, one_thread):
+    from geomprobe.checkpoints import ModelInfo, checkpoint_checksum, save_checkpoint
     from geomprobe.cli import app
-    from geomprobe.models import ModelInfo, checkpoint_checksum, save_checkpoint
 
     ck = tmp_path / "ck"
     save_checkpoint(ck, tiny_unet, build_scheduler(), ModelInfo("small1", "digits", 8, 1, 10, seed=0, step=1))

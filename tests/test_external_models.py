@@ -16,10 +16,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from typer.testing import CliRunner
 
+from geomprobe.checkpoints import ModelInfo, checkpoint_checksum, load_model, save_checkpoint
 from geomprobe.cli import app
 from geomprobe.data import load_digits, resize_images
 from geomprobe.errors import DataError
-from geomprobe.models import ModelInfo, build_scheduler, checkpoint_checksum, load_model, save_checkpoint
+from geomprobe.models import build_scheduler
 from geomprobe.probe import GradientStore, per_sample_grads
 from geomprobe.timesteps import parse_timesteps, snr
 

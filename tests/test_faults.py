@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from geomprobe.checkpoints import load_model
 from geomprobe.cli import app
 from geomprobe.errors import DataError, UsageError
-from geomprobe.models import load_model
 from geomprobe.training import TrainConfig, read_train_log, train
 
 ROOT = Path(__file__).resolve().parents[1]

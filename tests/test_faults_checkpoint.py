@@ -15,10 +15,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from geomprobe.checkpoints import load_model
 from geomprobe.cli import app
 from geomprobe.errors import DataError
 from geomprobe.fisher import Rank1Fisher, load_fisher
-from geomprobe.models import load_model
 from geomprobe.training import TrainConfig, train
 
 runner = CliRunner()

@@ -32,10 +32,11 @@ import torch
 from diffusers import UNet2DModel
 from typer.testing import CliRunner
 
+from geomprobe.checkpoints import ModelInfo, checkpoint_checksum, save_checkpoint
 from geomprobe.cli import app
 from geomprobe.errors import DataError, UsageError
 from geomprobe.lock import LOCK_NAME, DirectoryLock, directory_lock
-from geomprobe.models import ModelInfo, build_scheduler, checkpoint_checksum, save_checkpoint
+from geomprobe.models import build_scheduler
 from geomprobe.probe import ExtractConfig, GradientStore, extract_gradients
 from geomprobe.probe import shards as shards_module
 from geomprobe.probe.integrity import manifest_checksum, read_manifest, write_manifest
@@ -605,7 +606,8 @@ def test_a_reader_leaves_a_live_trainers_staging_alone(tmp_path, tiny_unet):
     lock holder it finishes the staging as before."""
     import shutil
 
-    from geomprobe.models import STAGING, ModelInfo, build_scheduler, load_model, save_checkpoint
+    from geomprobe.checkpoints import STAGING, ModelInfo, load_model, save_checkpoint
+    from geomprobe.models import build_scheduler
 
     ck = tmp_path / "ck"
     save_checkpoint(ck, tiny_unet, build_scheduler(), ModelInfo("small1", "digits", 8, 1, 10, seed=0, step=1))

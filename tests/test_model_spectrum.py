@@ -28,7 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ckpt_and_store(tmp_path_factory):
-    from geomprobe.models import ModelInfo, build_scheduler, build_unet, save_checkpoint
+    from geomprobe.checkpoints import ModelInfo, save_checkpoint
+    from geomprobe.models import build_scheduler, build_unet
     from geomprobe.probe import ExtractConfig, extract_gradients
 
     root = tmp_path_factory.mktemp("model")

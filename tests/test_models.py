@@ -6,17 +6,10 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
+from geomprobe.checkpoints import ModelInfo, load_checkpoint, save_checkpoint
 from geomprobe.diffusion import add_noise, ddim_sample, per_sample_loss
 from geomprobe.errors import DataError, UsageError
-from geomprobe.models import (
-    ModelInfo,
-    build_scheduler,
-    build_unet,
-    count_parameters,
-    load_checkpoint,
-    resolve_device,
-    save_checkpoint,
-)
+from geomprobe.models import build_scheduler, build_unet, count_parameters, resolve_device
 
 
 def test_preset_sizes_match_design():

@@ -16,10 +16,11 @@ import torch
 from diffusers import UNet2DModel
 from typer.testing import CliRunner
 
+from geomprobe.checkpoints import ModelInfo, checkpoint_checksum, save_checkpoint
 from geomprobe.cli import app
 from geomprobe.data import load_dataset
 from geomprobe.errors import DataError, UsageError
-from geomprobe.models import ModelInfo, build_scheduler, checkpoint_checksum, save_checkpoint
+from geomprobe.models import build_scheduler
 from geomprobe.probe import (
     ExtractConfig,
     GradientStore,
@@ -116,7 +117,7 @@ def test_reader_layout_and_metadata(ckpt, store_dir):
 
 def test_rows_reproducible_from_store_alone(ckpt, store_dir):
     """Recompute rows from the stored x0, noise, label and t and the checkpoint."""
-    from geomprobe.models import load_checkpoint
+    from geomprobe.checkpoints import load_checkpoint
 
     st = GradientStore(store_dir)
     ck = load_checkpoint(ckpt)
@@ -128,7 +129,7 @@ def test_rows_reproducible_from_store_alone(ckpt, store_dir):
 
 
 def test_true_target_band_float16_and_projection(ckpt, tmp_path):
-    from geomprobe.models import load_checkpoint
+    from geomprobe.checkpoints import load_checkpoint
 
     out = tmp_path / "band"
     extract(ckpt, out, t="low-snr", target="true", dtype="float16", samples=12)
@@ -348,7 +349,7 @@ def test_torchrun_two_processes_equal_single_process(ckpt, tmp_path):
 
 def test_probe_batches_mean_gradient_equals_store_mean(ckpt, store_dir):
     """mean_gradient over probe_batches (no G) == the mean of the stored rows; inputs equal the store's."""
-    from geomprobe.models import load_checkpoint
+    from geomprobe.checkpoints import load_checkpoint
     from geomprobe.probe import mean_gradient, probe_batches
     from geomprobe.timesteps import parse_timesteps
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from geomprobe.models import ModelInfo, build_scheduler, build_unet, save_checkpoint
+from geomprobe.checkpoints import ModelInfo, save_checkpoint
+from geomprobe.models import build_scheduler, build_unet
 from geomprobe.probe import ExtractConfig, GradientStore, extract_gradients
 from geomprobe.probe.memory import chunk_size_for, reproducible_chunk
 

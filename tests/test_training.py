@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from geomprobe.checkpoints import load_checkpoint
 from geomprobe.errors import UsageError
-from geomprobe.models import load_checkpoint
 from geomprobe.training import TrainConfig, read_train_log, train
 
 

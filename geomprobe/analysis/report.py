@@ -152,9 +152,9 @@ def select_entries(store: Any, t_range: str | None) -> list[tuple[int | str, lis
 def _load_model(store: Any, notes: list[str], device: str = "cpu"):
     """The store's model (checksum verified), or None with a note when it is not available.
 
-    Any layout :func:`geomprobe.models.load_model` reads; the model's own notes join ``notes``.
+    Any layout :func:`geomprobe.checkpoints.load_model` reads; the model's own notes join ``notes``.
     """
-    from geomprobe.models import checkpoint_checksum, load_model
+    from geomprobe.checkpoints import checkpoint_checksum, load_model
 
     ckpt = getattr(store, "checkpoint", {}) or {}
     path = ckpt.get("path")

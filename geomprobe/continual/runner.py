@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from geomprobe.checkpoints import checkpoint_checksum, load_checkpoint
 from geomprobe.continual.config import (  # noqa: F401 - re-exported: the runner's public names
     COMPARE_STRATEGIES,
     FEATURE_CHOICES,
@@ -80,7 +81,7 @@ from geomprobe.io import (
     write_jsonl,
 )
 from geomprobe.lock import directory_lock, print_note
-from geomprobe.models import build_scheduler, build_unet, checkpoint_checksum, load_checkpoint, resolve_device
+from geomprobe.models import build_scheduler, build_unet, resolve_device
 from geomprobe.timesteps import parse_timesteps
 
 

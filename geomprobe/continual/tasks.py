@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from geomprobe.checkpoints import ModelInfo, checkpoint_checksum, save_checkpoint
 from geomprobe.continual.config import ContinualConfig
 from geomprobe.continual.distill import DistillationTerm
 from geomprobe.continual.metrics import evaluate_task
@@ -37,7 +38,6 @@ from geomprobe.io import (
     torch_generator,
     write_json,
 )
-from geomprobe.models import ModelInfo, checkpoint_checksum, save_checkpoint
 from geomprobe.timesteps import TimestepSpec
 from geomprobe.training import training_loop
 

@@ -238,7 +238,7 @@ def load_fisher(
 
     Args:
         path: the HDF5 file.
-        checksum: when given, the ``checkpoint_checksum`` (models.py) of the model the caller means the
+        checksum: when given, the ``checkpoint_checksum`` (checkpoints.py) of the model the caller means the
             Fisher to belong to; the file's ``checkpoint.checksum`` must equal it.
         names: when given, the caller's parameter names in flat order (``ParamLayout.names``); the
             file's recorded names must equal them.

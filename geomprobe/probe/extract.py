@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from geomprobe.checkpoints import ModelInfo, checkpoint_checksum, load_model
 from geomprobe.data import DIGITS_IMAGE_SIZES, ResizedDataset, fit_to_model, load_dataset, parse_classes
 from geomprobe.distributed import barrier, dist_info, init_dist, on_every_rank
 from geomprobe.errors import DataError, UsageError
 from geomprobe.io import derived_seed, numpy_generator, parse_memory, torch_generator
 from geomprobe.lock import LOCK_NAME, directory_lock
-from geomprobe.models import ModelInfo, checkpoint_checksum, load_model, resolve_device
+from geomprobe.models import resolve_device
 from geomprobe.probe.grads import per_sample_grads
 from geomprobe.probe.memory import reproducible_chunk
 from geomprobe.probe.params import ParamLayout, param_layout, select_parameters
