@@ -22,6 +22,37 @@ def tiny_unet():
     return build_unet("small1", 8, 1, 10)
 
 
+def micro_unet(num_classes: int | None = 10, attention: bool = False):
+    """A UNet2DModel of a few thousand parameters at 8 px, 1 channel (fixed seed): blocks of 4 and 8
+    channels, ``num_classes`` class embeddings (None: unconditional), attention in the second block."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D" if attention else "DownBlock2D"),
+        up_block_types=("AttnUpBlock2D" if attention else "UpBlock2D", "UpBlock2D"),
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        **({"attention_head_dim": 4} if attention else {"add_attention": False}),
+        num_class_embeds=num_classes,
+    )
+
+
+@pytest.fixture(scope="module")
+def micro_ckpt(tmp_path_factory):
+    """A geomprobe checkpoint of :func:`micro_unet` (one per test module: tests may damage theirs)."""
+    from geomprobe.checkpoints import ModelInfo, save_checkpoint
+    from geomprobe.models import build_scheduler
+
+    path = tmp_path_factory.mktemp("ckpt") / "micro"
+    save_checkpoint(path, micro_unet(), build_scheduler(), ModelInfo("micro", "digits", 8, 1, 10, 0, 0))
+    return path
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test (two OpenMP threads spin against other jobs on a shared machine)."""

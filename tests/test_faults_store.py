@@ -28,8 +28,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
-from diffusers import UNet2DModel
 from typer.testing import CliRunner
 
 from geomprobe.checkpoints import ModelInfo, checkpoint_checksum, save_checkpoint
@@ -49,24 +47,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A micro UNet (about 10k parameters) for digits at 8 px."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        add_attention=False,
-        num_class_embeds=10,
-    )
-    path = tmp_path_factory.mktemp("ckpt") / "micro"
-    save_checkpoint(path, unet, build_scheduler(), ModelInfo("micro", "digits", 8, 1, 10, 0, 0))
-    return path
+def ckpt(micro_ckpt):
+    """A micro UNet checkpoint for digits at 8 px (conftest.micro_ckpt)."""
+    return micro_ckpt
 
 
 def _args(ckpt, out, extra: str = "") -> list[str]:
@@ -606,8 +589,7 @@ def test_a_reader_leaves_a_live_trainers_staging_alone(tmp_path, tiny_unet):
     lock holder it finishes the staging as before."""
     import shutil
 
-    from geomprobe.checkpoints import STAGING, ModelInfo, load_model, save_checkpoint
-    from geomprobe.models import build_scheduler
+    from geomprobe.checkpoints import STAGING, load_model
 
     ck = tmp_path / "ck"
     save_checkpoint(ck, tiny_unet, build_scheduler(), ModelInfo("small1", "digits", 8, 1, 10, seed=0, step=1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from conftest import micro_unet
 
 from geomprobe.diffusion import per_sample_loss
 from geomprobe.errors import UsageError
@@ -19,23 +19,6 @@ from geomprobe.probe import (
     select_parameters,
     true_fisher_target,
 )
-
-
-def micro_unet(num_classes: int = 10) -> UNet2DModel:
-    """A UNet2DModel with a few thousand parameters (8 px, blocks of 4 and 8 channels)."""
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        add_attention=False,
-        num_class_embeds=num_classes,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -222,19 +205,7 @@ def test_frozen_model_and_engine_fallback(setup):
 @pytest.mark.parametrize("engine", ["vmap", "layerwise"])
 def test_attention_unet_rows_equal_loop(engine):
     """A UNet with attention blocks (as the cl preset): token-wise Linear layers in both engines."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        attention_head_dim=4,
-        num_class_embeds=10,
-    )
+    unet = micro_unet(attention=True)
     ac = build_scheduler().alphas_cumprod
     g = torch.Generator().manual_seed(4)
     x0, noise = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)

@@ -13,10 +13,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DModel
 from typer.testing import CliRunner
 
-from geomprobe.checkpoints import ModelInfo, checkpoint_checksum, save_checkpoint
+from geomprobe.checkpoints import checkpoint_checksum
 from geomprobe.cli import app
 from geomprobe.data import load_dataset
 from geomprobe.errors import DataError, UsageError
@@ -34,24 +33,9 @@ MEM = "256M"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A checkpoint of a micro UNet (a few thousand parameters) for digits at 8 px."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        add_attention=False,
-        num_class_embeds=10,
-    )
-    path = tmp_path_factory.mktemp("ckpt") / "micro"
-    save_checkpoint(path, unet, build_scheduler(), ModelInfo("micro", "digits", 8, 1, 10, 0, 0))
-    return path
+def ckpt(micro_ckpt):
+    """A micro UNet checkpoint for digits at 8 px (conftest.micro_ckpt)."""
+    return micro_ckpt
 
 
 def extract(ckpt, out, overwrite=False, progress=None, **kw):
