@@ -578,7 +578,7 @@ def _check_band_ewc(ctx: _Ctx) -> list[dict]:
 
     c = ctx.config
     base = c.continual if c.continual is not None else ContinualConfig(dataset=ctx.config.dataset or ctx.info.dataset)
-    results, mus = {}, {}
+    results, mus, strengths = {}, {}, {}
     for band in BANDS:
         cfg = replace(base, fisher="rank1", gd=True, t_range=band)
         out = ctx.out / "band-ewc" / band
@@ -586,7 +586,10 @@ def _check_band_ewc(ctx: _Ctx) -> list[dict]:
         results[band] = run_continual(
             cfg, out, seeds=list(c.seeds), resume=out.exists(), device=ctx.device, max_memory=ctx.max_memory
         )
-        mus[band] = [load_fisher(out / f"seed-{s}" / "fisher-task0.h5").mu.double().numpy() for s in c.seeds]
+        fishers = [load_fisher(out / f"seed-{s}" / "fisher-task0.h5") for s in c.seeds]
+        mus[band] = [f.mu.double().numpy() for f in fishers]
+        # the rank-1 Fisher's one eigenvalue c* ||mu||^2: with lambda fixed, the band sets the penalty's strength too
+        strengths[band] = [f.c_star * float(np.dot(m, m)) for f, m in zip(fishers, mus[band], strict=True)]
     rows = []
     for band in BANDS:
         r = results[band]
@@ -601,6 +604,8 @@ def _check_band_ewc(ctx: _Ctx) -> list[dict]:
                 "forgetting_se": r.forgetting[1],
                 "mu_norm": float(np.mean([np.linalg.norm(m) for m in mus[band]])),
                 "cos_to_all": float(np.mean(cos)),
+                "penalty_eigenvalue": float(np.mean(strengths[band])),
+                "penalty_eigenvalue_range": [float(min(strengths[band])), float(max(strengths[band]))],
                 "after_tasks": int(last),
                 "seeds": list(c.seeds),
                 "run": str((ctx.out / "band-ewc" / band).relative_to(ctx.out)),
@@ -729,11 +734,22 @@ def _band_ewc_verdict(be: list[dict]) -> list[dict[str, str]]:
         {
             "claim": "§3 averaging the Fisher over all t is as good as the theorem's low-SNR regime",
             "measurement": f"AFID@T all-t {a['afid']:.2f} ± {a['afid_se'] or 0:.2f}, best band {best['band']} "
-            f"{best['afid']:.2f} ± {best['afid_se'] or 0:.2f} (critique if a band beats all-t by > 2 SE)",
+            f"{best['afid']:.2f} ± {best['afid_se'] or 0:.2f} (critique if a band beats all-t by > 2 SE)"
+            + _strength_note(a, best),
             "supports": supports,
         }
     )
     return found
+
+
+def _strength_note(all_t: dict, band: dict) -> str:
+    """The penalty strengths beside the §3 verdict: at a fixed lambda a band changes c* ||mu||^2 too."""
+    if "penalty_eigenvalue" not in all_t or "penalty_eigenvalue" not in band:
+        return ""
+    return (
+        f"; penalty eigenvalue c*||mu||^2 all-t {all_t['penalty_eigenvalue']:.3g}, {band['band']} "
+        f"{band['penalty_eigenvalue']:.3g} (same lambda: the band also sets the penalty's strength)"
+    )
 
 
 UNIT_INTERVAL_STATS = ("measured_sin", "lambda1_over_trace", "lambda2_over_lambda1")

@@ -324,6 +324,14 @@ def test_band_ewc_check_runs_every_band_and_figures_read_audit_json(ckpt, tmp_pa
         )
         assert r["forgetting"] == pytest.approx(summary["forgetting"]["mean"]) and r["mu_norm"] > 0
     assert rows["all"]["cos_to_all"] == pytest.approx(1.0)
+    # the penalty's strength: the rank-1 Fisher's eigenvalue c* ||mu||^2 from the Fisher files, independently
+    from geomprobe.fisher import load_fisher
+
+    for band, r in rows.items():
+        files = [load_fisher(tmp_path / "a" / "band-ewc" / band / f"seed-{s}" / "fisher-task0.h5") for s in (0, 1)]
+        lam1 = [float(f.c_star) * float(f.mu.double().pow(2).sum()) for f in files]
+        assert r["penalty_eigenvalue"] == pytest.approx(sum(lam1) / 2, rel=1e-9)
+        assert r["penalty_eigenvalue_range"] == pytest.approx([min(lam1), max(lam1)], rel=1e-9)
     assert any(v["claim"].startswith("§3") for v in doc["verdicts"])
     report = make_figures([tmp_path / "a"], tmp_path / "fig")
     made = {f.name for f in report.made}
