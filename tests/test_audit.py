@@ -336,6 +336,11 @@ def test_band_ewc_check_runs_every_band_and_figures_read_audit_json(ckpt, tmp_pa
     report = make_figures([tmp_path / "a"], tmp_path / "fig")
     made = {f.name for f in report.made}
     assert "audit_band_ewc" in made and (tmp_path / "fig" / "audit_band_ewc.png").exists()
+    # the band runs share one strategy name: never drawn as continual runs (Fig. 4/5/7 would mix them)
+    assert not made & {"fig4_average_fid", "fig5_samples_across_tasks", "table1"}
+    from geomprobe.figures.runs import runs_under
+
+    assert runs_under(tmp_path / "a")["continual"] == []  # so figures --from AUDIT is one run
     assert (tmp_path / "fig" / "audit_band_ewc.txt").read_text().startswith("Audit check 4")
 
 

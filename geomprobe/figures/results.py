@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from geomprobe.errors import DataError
-from geomprobe.io import CHECKPOINT_META, COSINE_MAPS, MANIFEST, METRICS, SPECTRUM_JSON
+from geomprobe.io import AUDIT_JSON, CHECKPOINT_META, COSINE_MAPS, MANIFEST, METRICS, SPECTRUM_JSON
 
 SPECTRUM_COMMAND = "geomprobe spectrum --grads STORE (after geomprobe grads --ckpt CKPT --t 100..900 --out STORE)"
 CONTINUAL_COMMAND = "geomprobe continual --dataset digits --compare --out runs/cl"
@@ -438,11 +438,20 @@ def read_metrics(paths: Iterable[Path], dataset: str | None = None) -> dict[str,
 
 
 def metrics_files(run_dirs: Iterable[str | Path]) -> list[Path]:
-    """The metrics.jsonl of each continual run under ``run_dirs`` (not the per-seed copies below it)."""
-    paths = find_files(run_dirs, METRICS)
+    """The metrics.jsonl of each continual run under ``run_dirs`` (not the per-seed copies below it).
+
+    An audit's band runs (``AUDIT/band-ewc/<band>/``) are left out: they share one strategy name and
+    are drawn by the audit's own figure (``audit_band_ewc``), never as continual runs.
+    """
+    paths = [p for p in find_files(run_dirs, METRICS) if not in_audit(p)]
     # the runner writes each seed's rows to seed-{s}/metrics.jsonl and all of them again one level up
     found = set(paths)
     return [p for p in paths if not any(parent / METRICS in found for parent in p.parents[1:])]
+
+
+def in_audit(path: Path) -> bool:
+    """True for a file under ``AUDIT/band-ewc/`` of a directory holding an audit.json."""
+    return any(p.name == "band-ewc" and (p.parent / AUDIT_JSON).is_file() for p in path.parents)
 
 
 def find_continual(run_dirs: Iterable[str | Path]) -> dict[str, ContinualRuns]:

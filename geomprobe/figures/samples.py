@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from geomprobe.errors import DataError
-from geomprobe.figures.results import CONTINUAL_COMMAND, find_files, order_strategies
+from geomprobe.figures.results import CONTINUAL_COMMAND, find_files, in_audit, order_strategies
 from geomprobe.figures.style import FigureOutput, new_figure, save_figure, write_caption
 from geomprobe.io import MANIFEST, SAMPLES
 
@@ -92,7 +92,7 @@ def read_samples(path: str | Path) -> StoredSamples:
 
 def find_sample_grids(run_dirs: Iterable[str | Path]) -> list[StoredSamples]:
     """Every stored ``samples.h5`` under ``run_dirs``; DataError saying what is needed when there is none."""
-    paths = find_files(run_dirs, SAMPLES)
+    paths = [p for p in find_files(run_dirs, SAMPLES) if not in_audit(p)]  # an audit's band runs: its own figure
     if not paths:
         raise DataError(SAMPLES_NEEDED)
     return [read_samples(p) for p in paths]
