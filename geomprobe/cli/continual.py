@@ -31,6 +31,7 @@ def continual(
     steps_per_task: int = config_option("steps_per_task", "--steps"),
     batch_size: int = config_option("batch_size"),
     lr: float = config_option("lr"),
+    precision: str = config_option("precision"),
     fisher: str = config_option("fisher"),
     gd: bool = config_option("gd", "--gd/--no-gd"),
     non_continual: bool = config_option("non_continual", "--non-continual"),

@@ -70,6 +70,9 @@ class ContinualConfig:
     steps_per_task: int = _opt(500, "optimiser steps per task (quick preset: 500)")
     batch_size: int = _opt(128, "images of the current task per step")
     lr: float = _opt(1e-3, "Adam learning rate (restarted at each task)")
+    precision: str = _opt(
+        "fp32", "fp32 | bf16 (bf16 autocast of the training forward; weights and the Fisher stay float32)"
+    )
     fisher: str = _opt("none", "EWC Fisher: none | diag | rank1 | rankk | full")
     gd: bool = _opt(False, "generative distillation from the previous task's model")
     non_continual: bool = _opt(False, "train on all tasks seen so far (upper bound)")
@@ -170,6 +173,7 @@ class ContinualConfig:
             "fid_features": (FEATURE_CHOICES, "unknown --fid-features"),
             "rankk_method": (("power", "lanczos"), "unknown --rankk-method"),
             "lambda_units": (("paper", "raw"), "unknown --lambda-units"),
+            "precision": (("fp32", "bf16"), "unknown --precision"),
             "replay_select": (SELECT_CHOICES, "unknown --replay-select"),
             "replay_code": (CODE_CHOICES, "unknown --code"),
         }

@@ -39,7 +39,7 @@ from geomprobe.io import (
     write_json,
 )
 from geomprobe.timesteps import TimestepSpec
-from geomprobe.training import training_loop
+from geomprobe.training import PRECISIONS, training_loop
 
 Progress = Callable[[int, dict], None]  # (global steps done, fields)
 
@@ -233,6 +233,7 @@ def train_task(run: SeedRun, k: int, terms: list, next_batch) -> list[dict]:
         log_every=10,
         progress=on_step,
         stop_requested=lambda: any_rank(run.world, interrupt_requested()),
+        autocast=PRECISIONS[run.config.precision],
     )
     run.unet.eval()
     return log_rows
