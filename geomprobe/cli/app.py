@@ -93,8 +93,14 @@ class _GeomprobeGroup(TyperGroup):
 
         previous = signal.getsignal(signal.SIGINT)
         installed = _prepare_process()
+        self.interrupt_reported = False
         try:
             return super().main(*args, **kwargs)
+        except SystemExit as exc:
+            # typer turns a Ctrl-C outside a command (parsing, teardown) into a silent exit 130: say it here
+            if exc.code == 130 and not self.interrupt_reported:
+                _print_interrupt(_command_name(sys.argv[1:]), None)
+            raise
         finally:
             if "torch.distributed" in sys.modules:  # never import torch just to exit
                 from geomprobe.distributed import close_dist
@@ -129,9 +135,8 @@ class _GeomprobeGroup(TyperGroup):
             )
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:  # under torchrun every rank stops; rank 0 alone says so
-            Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0").print(
-                _interrupt_message(ctx, exc), highlight=False, soft_wrap=True
-            )
+            _print_interrupt(ctx.invoked_subcommand or "", getattr(exc, "step", None))
+            self.interrupt_reported = True
             raise typer.Exit(130) from None
         except MemoryError:  # an allocation the checks could not foresee (they refuse what cannot fit)
             Console(stderr=True).print(
@@ -152,12 +157,22 @@ class _GeomprobeGroup(TyperGroup):
 _RESUME_FLAG = {"train", "continual"}
 
 
-def _interrupt_message(ctx, exc: BaseException) -> str:
+def _command_name(argv: list[str]) -> str:
+    """The subcommand of a command line (its first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def _print_interrupt(name: str, step: int | None) -> None:
+    """The interrupt line on stderr (rank 0 alone under torchrun)."""
+    Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0").print(
+        _interrupt_message(name, step), highlight=False, soft_wrap=True
+    )
+
+
+def _interrupt_message(name: str, step: int | None) -> str:
     """One line: what was kept and the exact command that continues (the original argv, + --resume)."""
     from geomprobe.io import resume_command
 
-    name = ctx.invoked_subcommand or ""
-    step = getattr(exc, "step", None)
     kept = f" at step {step} (checkpoint saved)" if step is not None else ""
     if name in _RESUME_FLAG:
         return f"interrupted{kept}; resume with: {resume_command(add_resume=True)}"
