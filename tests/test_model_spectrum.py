@@ -97,7 +97,7 @@ def test_block_gram_statistics_equal_the_dense_gram_matrix():
     G = rng.standard_normal((9, sum(sizes))).astype(np.float32)
     starts = dict(zip(names, np.cumsum([0, *sizes[:-1]]), strict=True))
 
-    def gradients(block_names):  # two chunks of rows, like a model's probe batches
+    def gradients(block_names, out=None):  # two chunks of rows, like a model's probe batches (ignores out)
         rows = np.concatenate([G[:, starts[n] : starts[n] + sizes[names.index(n)]] for n in block_names], 1)
         yield 0, torch.from_numpy(rows[:5])
         yield 5, torch.from_numpy(rows[5:])
@@ -109,6 +109,61 @@ def test_block_gram_statistics_equal_the_dense_gram_matrix():
     np.testing.assert_allclose(stats.K, G64 @ G64.T / 9, rtol=1e-5, atol=1e-6)  # float32 products of float32 rows
     np.testing.assert_allclose(stats.column_sum, G64.sum(0), rtol=1e-12)
     np.testing.assert_allclose(stats.column_sumsq, (G64**2).sum(0), rtol=1e-12)
+
+
+def test_parameter_blocks_keep_tensors_whole_when_that_costs_no_extra_pass():
+    blocks = parameter_blocks(["a", "b", "c", "d"], [3, 4, 2, 5], width=7)  # 14 columns: 2 blocks either way
+    assert [b.pieces for b in blocks] == [(("a", 0, 3), ("b", 0, 4)), (("c", 0, 2), ("d", 0, 5))]
+    assert [b.columns for b in blocks] == [(0, 7), (7, 14)]
+    cut = parameter_blocks(["a", "b", "c"], [4, 4, 4], width=6)  # whole tensors: 3 blocks; cut: 2
+    assert len(cut) == 2 and cut[0].pieces == (("a", 0, 4), ("b", 0, 2))
+
+
+@pytest.mark.parametrize(
+    "width", [2502, 20_000, 97]
+)  # whole-tensor blocks (5 or 1, rows written in place); cut tensors
+def test_block_gram_statistics_of_a_model_equal_a_float64_per_sample_loop(width):
+    """model_gradients + block_gram_statistics == K, column sums, sums of squares of an explicit float64 loop."""
+    from conftest import micro_unet
+
+    from geomprobe.diffusion import per_sample_loss
+    from geomprobe.fisher.blockgram import model_gradients
+    from geomprobe.models import build_scheduler
+    from geomprobe.probe import ProbeBatch, select_parameters
+
+    unet = micro_unet(num_classes=None, attention=True)
+    ac = build_scheduler(1000).alphas_cumprod
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        ProbeBatch(
+            torch.randn(b, 1, 8, 8, generator=g),
+            torch.randn(b, 1, 8, 8, generator=g),
+            torch.randint(0, 1000, (b,), generator=g),
+            torch.zeros(b, dtype=torch.long),
+        )
+        for b in (3, 2)
+    ]
+    names = select_parameters(unet)
+    params = dict(unet.named_parameters())
+    sizes = [params[n].numel() for n in names]
+    blocks = parameter_blocks(names, sizes, width)
+    assert (width == 97) == any(a != 0 or b != params[n].numel() for blk in blocks for n, a, b in blk.pieces)
+    stats = block_gram_statistics(model_gradients(unet, batches, ac), names, sizes, 5, blocks=blocks)
+
+    unet64 = micro_unet(num_classes=None, attention=True).double()
+    rows = []
+    for b in batches:
+        for i in range(len(b)):
+            unet64.zero_grad(set_to_none=True)
+            sl = slice(i, i + 1)
+            per_sample_loss(
+                unet64, b.x0[sl].double(), b.noise[sl].double(), b.t[sl], b.y[sl], ac.double()
+            ).sum().backward()
+            rows.append(torch.cat([dict(unet64.named_parameters())[n].grad.reshape(-1) for n in names]))
+    G = torch.stack(rows).numpy()
+    np.testing.assert_allclose(stats.K, G @ G.T / 5, rtol=2e-4, atol=1e-6 * np.abs(G @ G.T).max())  # float32 rows
+    np.testing.assert_allclose(stats.column_sum, G.sum(0), rtol=2e-4, atol=1e-5 * np.abs(G).max())
+    np.testing.assert_allclose(stats.column_sumsq, (G**2).sum(0), rtol=2e-4, atol=1e-5 * (G**2).max())
 
 
 def test_mean_gradients_spill_to_disk_and_give_the_same_cosines():
