@@ -91,3 +91,50 @@ def test_implicit_fisher_of_an_attention_unet_matches_its_dense_reference(attent
     fisher = ImplicitFisher.from_model(unet, names, batches, ac)
     check_against_dense(fisher, G.T @ G / G.shape[0], rtol=2e-4, eig_rtol=1e-3, vec_atol=1e-2, dense=False)
     assert np.isfinite(fisher.to_rank1().c_star)
+
+
+@pytest.mark.parametrize("budget", [2**30, 0, "one batch"])  # records kept for all, none, the first batch only
+@pytest.mark.parametrize("conditional", [False, True])
+def test_mean_and_projections_equal_the_rows_mean_and_products(budget, conditional):
+    """mu and all mu^T g_i from one pass (layer records reused) == a float64 explicit per-sample loop."""
+    from conftest import micro_unet
+
+    from geomprobe.diffusion import per_sample_loss
+    from geomprobe.probe import mean_and_projections
+    from geomprobe.probe.engines.layerwise import layer_records, layerwise_owners
+    from geomprobe.probe.losses import probe_inputs
+
+    unet = micro_unet(num_classes=3 if conditional else None, attention=True)
+    ac = build_scheduler().alphas_cumprod
+    g = torch.Generator().manual_seed(5)
+    batches = [
+        ProbeBatch(
+            torch.randn(b, 1, 8, 8, generator=g),
+            torch.randn(b, 1, 8, 8, generator=g),
+            torch.randint(0, 1000, (b,), generator=g),
+            torch.randint(0, 3, (b,), generator=g),
+        )
+        for b in (3, 4)
+    ]
+    names = select_parameters(unet)
+    if budget == "one batch":
+        b0 = batches[0]
+        owners = layerwise_owners(unet, names)
+        budget = layer_records(unet, owners, probe_inputs(unet, b0.x0, b0.noise, b0.t, b0.y, ac))[1].nbytes()
+    mu, dots = mean_and_projections(unet, names, batches, ac, budget)
+
+    unet64 = micro_unet(num_classes=3 if conditional else None, attention=True).double()
+    params = dict(unet64.named_parameters())
+    rows = []
+    for b in batches:
+        for i in range(len(b)):
+            unet64.zero_grad(set_to_none=True)
+            s = slice(i, i + 1)
+            per_sample_loss(unet64, b.x0[s].double(), b.noise[s].double(), b.t[s], b.y[s], ac.double()).sum().backward()
+            rows.append(torch.cat([params[n].grad.reshape(-1) for n in names]))
+    G = torch.stack(rows)
+    ref_mu = G.mean(0)
+    torch.testing.assert_close(mu.double(), ref_mu, rtol=1e-4, atol=1e-5 * ref_mu.abs().max().item())
+    ref_dots = G @ ref_mu
+    torch.testing.assert_close(dots.double(), ref_dots, rtol=1e-4, atol=1e-5 * ref_dots.abs().max().item())
+    assert all(p.requires_grad for p in unet.parameters())

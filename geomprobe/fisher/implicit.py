@@ -62,6 +62,10 @@ class PerSampleGradients(Protocol):
         """Mu = G^T 1 / n: (P,)."""
         ...
 
+    def mean_and_projections(self, max_memory: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu (P,), G mu (n,)): what the rank-1 Fisher needs (a source may share work between the two)."""
+        ...
+
     def row_blocks(self, max_memory: int) -> Iterator[torch.Tensor]:
         """Consecutive (b, P) blocks of G (rows 0..n-1 in order), each within ``max_memory`` bytes."""
         ...
@@ -92,6 +96,10 @@ class FunctionGradients:
 
     def mean(self) -> torch.Tensor:
         return self.vjp(torch.full((self.n,), 1.0 / self.n, dtype=self.dtype))
+
+    def mean_and_projections(self, max_memory: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mu = self.mean()
+        return mu, self.jvp(mu)
 
     def row_blocks(self, max_memory: int) -> Iterator[torch.Tensor]:
         rows = rows_per_block(self.P, max_memory, live_blocks=2, bytes_per_value=self.theta.element_size())
@@ -152,6 +160,12 @@ class ModelGradients:
         from geomprobe.probe import mean_gradient
 
         return mean_gradient(self.unet, self.names, self.batches, alphas_cumprod=self.alphas_cumprod).cpu()
+
+    def mean_and_projections(self, max_memory: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, G mu) from one forward + backward per batch while the layer records fit in ``max_memory``."""
+        from geomprobe.probe import mean_and_projections
+
+        return mean_and_projections(self.unet, self.names, self.batches, self.alphas_cumprod, max_memory)
 
     def row_blocks(self, max_memory: int) -> Iterator[torch.Tensor]:
         from geomprobe.probe import ProbeBatch, per_sample_grads
@@ -330,9 +344,16 @@ class ImplicitFisher(FisherMatrix):
         return torch.from_numpy(evals.copy()), torch.from_numpy(evecs.copy())
 
     def to_rank1(self) -> Rank1Fisher:
-        """Rank1Fisher(mu, c*): mu by one backward per batch, all mu^T g_i by one jvp (paper eq. 6)."""
-        mu = self.mean()
-        dots = self.gradients.jvp(mu).double()
+        """Rank1Fisher(mu, c*) (paper eq. 6) from mu and all mu^T g_i.
+
+        One pass over the batches where the source can share it
+        (:meth:`PerSampleGradients.mean_and_projections`); with mu already known, one jvp.
+        """
+        if self._mu is None:
+            self._mu, dots = self.gradients.mean_and_projections(self.max_memory)
+        else:
+            dots = self.gradients.jvp(self._mu)
+        mu, dots = self._mu, dots.double()
         c_star = rank1_scale(float(dots.pow(2).mean()), float(mu.double().pow(2).sum()))
         return Rank1Fisher(mu.cpu(), c_star - (1.0 if self.centered else 0.0), self._derived_info())
 

@@ -11,6 +11,7 @@ Public API (shapes: B samples, P selected parameters, rows concatenate parameter
     mean_gradient(unet, names, x0 | batches, noise, t, y, alphas_cumprod, target=None) -> (P,)
     weighted_gradient(unet, names, batch, alphas_cumprod, w) -> (P,)                   w: (B,)
     directional_derivatives(unet, names, x0, noise, t, y, alphas_cumprod, v) -> (B,)   v: (P,)
+    mean_and_projections(unet, names, batches, alphas_cumprod, max_memory) -> (mu (P,), G mu (n,))
     true_fisher_target(unet, x0, noise, t, y, alphas_cumprod, xi) -> (B, C, H, W)
     RandomProjection(P, K, seed).project(G) -> (B, K)
     GradientStore(path): .timesteps .n(t) .P .iter_blocks(t, rows) .load(t) .labels(t) .meta(t)
@@ -35,6 +36,7 @@ from geomprobe.probe.params import ParamLayout, param_layout, select_parameters
 from geomprobe.probe.products import (
     ProbeBatch,
     directional_derivatives,
+    mean_and_projections,
     mean_gradient,
     per_sample_losses,
     true_fisher_target,
@@ -54,6 +56,7 @@ __all__ = [
     "directional_derivatives",
     "extract_gradients",
     "key_for",
+    "mean_and_projections",
     "mean_gradient",
     "param_layout",
     "parse_memory",

@@ -3,6 +3,7 @@
     mean_gradient            G^T 1 / n     one batched backward per batch
     weighted_gradient        G^T w         one backward of sum_i w_i l_i
     directional_derivatives  G v           one forward-mode jvp of the (B,) loss vector
+    mean_and_projections     mu, G mu      one forward + backward per batch (layer records reused)
     per_sample_losses        (l_i)_i       one forward, no gradients
     true_fisher_target       eps_theta(x_t).detach() + xi, the "true Fisher" regression target
 
@@ -21,7 +22,13 @@ from torch.func import jvp
 from geomprobe.diffusion import per_sample_loss, predict_noise
 from geomprobe.errors import UsageError
 from geomprobe.probe.autodiff import autodiff_safe
-from geomprobe.probe.engines.layerwise import LayerwiseUnsupported, layerwise_directional, layerwise_owners
+from geomprobe.probe.engines.layerwise import (
+    LayerwiseUnsupported,
+    directional_from_records,
+    layer_records,
+    layerwise_directional,
+    layerwise_owners,
+)
 from geomprobe.probe.losses import functional_losses, on_device, probe_inputs
 from geomprobe.probe.params import device_of, flat_row, param_layout, split_state
 
@@ -161,6 +168,74 @@ def directional_derivatives(
     elif route == "layerwise":
         raise UsageError("the layerwise route needs Conv2d, Linear, GroupNorm or Embedding parameters only")
     return _jvp_directional(unet, names, inputs, tangents)
+
+
+def mean_and_projections(
+    unet: torch.nn.Module,
+    names: Sequence[str],
+    batches: Sequence[ProbeBatch],
+    alphas_cumprod: torch.Tensor,
+    max_memory: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu (P,), all mu^T g_i (n,)), float32: the two products of the rank-1 Fisher (paper eq. 6).
+
+    With the layerwise route (every selected parameter in a Conv2d, Linear, GroupNorm or
+    Embedding), each batch's one forward + backward gives both its share of mu (the parameter
+    gradients) and the layer inputs and output gradients that mu^T g_i needs once mu is known
+    (:func:`~geomprobe.probe.engines.layerwise.directional_from_records`). Those records are kept
+    while their total stays within ``max_memory`` bytes; the batches beyond are run a second time.
+    So the cost is one forward + backward per batch plus one forward per layer when the records fit,
+    and at most :func:`mean_gradient` + :func:`directional_derivatives` (two passes) otherwise.
+    Otherwise equal to those two (float rounding).
+    """
+    names, batches = list(names), list(batches)
+    owners = layerwise_owners(unet, names)
+    if owners is not None:
+        try:
+            return _mean_and_projections_layerwise(unet, names, owners, batches, alphas_cumprod, max_memory)
+        except LayerwiseUnsupported:
+            pass
+    mu = mean_gradient(unet, names, batches, alphas_cumprod=alphas_cumprod)
+    dots = [
+        directional_derivatives(unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, mu, b.target) for b in batches
+    ]
+    return mu.cpu(), torch.cat([d.cpu() for d in dots])
+
+
+def _mean_and_projections_layerwise(unet, names, owners, batches, alphas_cumprod, max_memory):
+    """:func:`mean_and_projections` through the layer records of each batch's forward + backward."""
+    params = dict(unet.named_parameters())
+    selected = [params[n] for n in names]
+    frozen = [p for p in selected if not p.requires_grad]
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in selected]
+    kept, held, n = [], 0, 0
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with autodiff_safe(unet):
+            for b in batches:
+                inputs = probe_inputs(unet, b.x0, b.noise, b.t, b.y, alphas_cumprod, b.target)
+                grads, records = layer_records(unet, owners, inputs, selected)
+                for a, g in zip(acc, grads, strict=True):
+                    a += g.float()
+                held += records.nbytes()
+                kept.append(records if held <= max_memory else None)
+                n += len(b)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    if n == 0:
+        raise UsageError("mean_and_projections got no samples")
+    mu = torch.cat([a.reshape(-1) for a in acc]) / n
+    layout = param_layout(unet, names)
+    tangents = {k: v.to(params[k].dtype) for k, v in layout.view(mu).items()}
+    dots = []
+    for b, records in zip(batches, kept, strict=True):
+        if records is None:
+            dots.append(directional_derivatives(unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, mu, b.target))
+        else:
+            dots.append(directional_from_records(owners, records, tangents))
+    return mu.cpu(), torch.cat([d.cpu() for d in dots])
 
 
 def _jvp_directional(

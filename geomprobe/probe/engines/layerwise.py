@@ -13,6 +13,7 @@ back to the vmap engine.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -78,12 +79,12 @@ def layerwise_grads(
             p.requires_grad_(False)
 
 
-def _forward_backward_to_outputs(unet, owners: Owners, batch: NoisedBatch):
+def _forward_backward_to_outputs(unet, owners: Owners, batch: NoisedBatch, params: Sequence[torch.Tensor] = ()):
     """One batched forward with hooks on the owner modules and one backward of sum_i l_i to their outputs.
 
     Returns (losses (b,), {module name: (input, output, group-norm stats)}, [d sum l / d output per
-    owner, in ``owners`` order]). Samples do not interact in the UNet, so row i of each output
-    gradient is sample i's own.
+    owner, in ``owners`` order], [d sum l / d p for each of ``params`` (the same backward)]). Samples
+    do not interact in the UNet, so row i of each output gradient is sample i's own.
     """
     records: dict[str, list] = {m: [] for m in owners}
 
@@ -102,7 +103,7 @@ def _forward_backward_to_outputs(unet, owners: Owners, batch: NoisedBatch):
             outputs = [rec[1] for m in owners for rec in records[m]]
             if any(not o.requires_grad for o in outputs):
                 raise LayerwiseUnsupported("a selected module's output does not require grad")
-            grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            grads = torch.autograd.grad(losses.sum(), [*outputs, *params], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
@@ -110,16 +111,16 @@ def _forward_backward_to_outputs(unet, owners: Owners, batch: NoisedBatch):
         if len(recs) != 1:
             raise LayerwiseUnsupported(f"module {mname} ran {len(recs)} times in one forward")
     single = {mname: recs[0] for mname, recs in records.items()}
-    return (
-        losses,
-        single,
-        [g if g is not None else torch.zeros_like(single[m][1]) for m, g in zip(owners, grads_out, strict=True)],
-    )
+    grads_out = [g if g is not None else torch.zeros_like(single[m][1]) for m, g in zip(owners, grads, strict=False)]
+    grads_params = [
+        g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads[len(owners) :], strict=True)
+    ]
+    return losses, single, grads_out, grads_params
 
 
 def _layerwise_chunk(unet, owners: Owners, offsets, batch: NoisedBatch, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` (b, P) with per-sample gradients for one chunk; return the (b,) losses."""
-    losses, records, grads_out = _forward_backward_to_outputs(unet, owners, batch)
+    losses, records, grads_out, _ = _forward_backward_to_outputs(unet, owners, batch)
     with torch.no_grad():  # closed-form per-sample gradients: nothing below needs autograd
         for gout, (mname, (m, attrs)) in zip(grads_out, owners.items(), strict=True):
             inp, _, stats = records[mname]
@@ -140,13 +141,43 @@ def layerwise_directional(unet, owners: Owners, batch: NoisedBatch, tangents: di
     direction v>: one extra convolution / matmul / normalisation per layer. First-order only, so it
     runs through any attention kernel. ``tangents``: {parameter name: direction of its shape}.
     """
-    _, records, grads_out = _forward_backward_to_outputs(unet, owners, batch)
-    dots = torch.zeros(batch.n, dtype=torch.float64, device=batch.x_t.device)
+    return directional_from_records(owners, layer_records(unet, owners, batch)[1], tangents)
+
+
+@dataclass
+class LayerRecords:
+    """What one batched forward + backward leaves for the products of its samples' gradients.
+
+    ``inputs``: each owner module's input; ``grads_out``: d sum_i l_i / d (its output), in ``owners``
+    order (row i is sample i's own).
+    """
+
+    inputs: list[torch.Tensor]
+    grads_out: list[torch.Tensor]
+
+    def nbytes(self) -> int:
+        """Bytes held (each storage counted once: modules may share an input)."""
+        storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in [*self.inputs, *self.grads_out]}
+        return int(sum(storages.values()))
+
+
+def layer_records(
+    unet, owners: Owners, batch: NoisedBatch, params: Sequence[torch.Tensor] = ()
+) -> tuple[list[torch.Tensor], LayerRecords]:
+    """One forward + backward: (d sum_i l_i / d p for each of ``params``, the owners' :class:`LayerRecords`)."""
+    _, records, grads_out, grads_params = _forward_backward_to_outputs(unet, owners, batch, params)
+    inputs = [records[mname][0] for mname in owners]
+    return grads_params, LayerRecords([x.detach() for x in inputs], [g.detach() for g in grads_out])
+
+
+def directional_from_records(owners: Owners, records: LayerRecords, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All v^T g_i, (b,) float32, from a batch's :class:`LayerRecords` (see :func:`layerwise_directional`)."""
+    dots = None
     with torch.no_grad():
-        for gout, (mname, (m, attrs)) in zip(grads_out, owners.items(), strict=True):
-            inp = records[mname][0]
+        for inp, gout, (m, attrs) in zip(records.inputs, records.grads_out, owners.values(), strict=True):
             vw, vb = tangents.get(attrs.get("weight", "")), tangents.get(attrs.get("bias", ""))
-            dots += (_module_with(m, inp, vw, vb) * gout).flatten(1).sum(1, dtype=torch.float64)
+            term = (_module_with(m, inp, vw, vb) * gout).flatten(1).sum(1, dtype=torch.float64)
+            dots = term if dots is None else dots + term
     return dots.float()
 
 
