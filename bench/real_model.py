@@ -97,7 +97,9 @@ def route_fn(name: str, unet, ac, batches, max_memory: int, k: int):
             per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, ac, max_memory=max_memory) for b in batches
         ]
     if name == "mu_cstar":  # a fresh object per call: mu is cached on the object
-        return lambda: {"c_star": ImplicitFisher.from_model(unet, names, batches, ac).to_rank1().c_star}
+        return lambda: {
+            "c_star": ImplicitFisher.from_model(unet, names, batches, ac, max_memory=max_memory).to_rank1().c_star
+        }
     if name == "fv":
         v = torch.randn(fisher.P, generator=torch.Generator().manual_seed(2))
         return lambda: fisher.mv(v)
@@ -125,11 +127,14 @@ def route_fn(name: str, unet, ac, batches, max_memory: int, k: int):
 CHEAP = ("fwdbwd", "per_sample", "mu_cstar", "fv")  # warmed up by one call of their own
 
 
-def run_one(root: str, route: str, rows: int, max_memory: int, k: int) -> dict:
+def run_one(root: str, route: str, rows: int, max_memory: int, k: int, malloc: str) -> dict:
     """Child process: one call of ``route`` (after loading), its CPU and wall time and peak RSS."""
+    from geomprobe.allocator import retain_freed_memory
     from geomprobe.checkpoints import load_model
 
     torch.set_num_threads(1)
+    if malloc == "retain":
+        retain_freed_memory()  # as the geomprobe command runs (geomprobe/allocator.py)
     ckpt = load_model(root)
     unet, ac = ckpt.unet, ckpt.scheduler.alphas_cumprod
     fn = route_fn(route, unet, ac, probe_batches(unet, rows), max_memory, k)
@@ -160,11 +165,17 @@ def main(argv=None) -> None:
     ap.add_argument("--routes", default="fwdbwd,per_sample,mu_cstar,fv")
     ap.add_argument("--max-memory", default="8G")
     ap.add_argument("--k", type=int, default=5)
+    ap.add_argument(
+        "--malloc",
+        choices=("retain", "default"),
+        default="retain",
+        help="retain: glibc keeps freed memory, as the geomprobe command sets it (geomprobe/allocator.py)",
+    )
     ap.add_argument("--child", nargs=2, metavar=("ROOT", "ROUTE"))
     args = ap.parse_args(argv)
     budget = parse_memory(args.max_memory)
     if args.child:
-        print(json.dumps(run_one(args.child[0], args.child[1], args.rows, budget, args.k)))
+        print(json.dumps(run_one(args.child[0], args.child[1], args.rows, budget, args.k, args.malloc)))
         return
     with tempfile.TemporaryDirectory() as root:
         write_pipeline(root)
@@ -182,6 +193,8 @@ def main(argv=None) -> None:
                 args.max_memory,
                 "--k",
                 str(args.k),
+                "--malloc",
+                args.malloc,
             ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
@@ -197,6 +210,7 @@ def print_table(results: list[dict], args) -> None:
     ref = next((r["cpu"] for r in results if r["route"] == "fwdbwd"), None)
     print(
         f"\nDDPM CIFAR-10 UNet, {args.rows} rows at 32 px, threads=1, --max-memory {args.max_memory}, "
+        f"malloc {args.malloc}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print("| route | CPU s | / fwd+bwd | wall s | peak RSS MiB | notes |\n|---|---:|---:|---:|---:|---|")
