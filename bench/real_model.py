@@ -6,7 +6,7 @@ attention at 16x16) with random weights as a diffusers pipeline directory (``une
 each route in a FRESH subprocess (so ``ru_maxrss`` is that route's peak):
 
 - ``fwdbwd``      one batched forward + backward of the mean loss over the rows (the reference)
-- ``per_sample``  per-sample gradients of all parameters (what ``grads`` stores), B rows
+- ``per_sample``  per-sample gradients of all parameters (what ``grads`` stores), B rows, one reused buffer
 - ``mu_cstar``    ``ImplicitFisher.to_rank1()``: mu by one backward, all mu^T g_i (layerwise route)
 - ``fv``          one Fisher-vector product ``ImplicitFisher.mv(v)``
 - ``lanczos``     ``ImplicitFisher.to_low_rank(k)`` (Lanczos; reports the number of products)
@@ -92,10 +92,15 @@ def route_fn(name: str, unet, ac, batches, max_memory: int, k: int):
                 per_sample_loss(unet, b.x0, b.noise, b.t, b.y, ac).mean().backward()
 
         return fwdbwd
-    if name == "per_sample":
-        return lambda: [
-            per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, ac, max_memory=max_memory) for b in batches
-        ]
+    if name == "per_sample":  # one (B, P) buffer reused across batches, as the grads command does
+        out = torch.empty(len(batches[0]), fisher.P)
+
+        def per_sample():
+            for b in batches:
+                buf = out if len(b) == out.shape[0] else None
+                per_sample_grads(unet, names, b.x0, b.noise, b.t, b.y, ac, max_memory=max_memory, out=buf)
+
+        return per_sample
     if name == "mu_cstar":  # a fresh object per call: mu is cached on the object
         return lambda: {
             "c_star": ImplicitFisher.from_model(unet, names, batches, ac, max_memory=max_memory).to_rank1().c_star

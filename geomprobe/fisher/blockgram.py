@@ -206,7 +206,9 @@ def block_gram_statistics(
     if blocks is None:
         blocks = parameter_blocks(names, sizes, block_columns(n, P, max_memory))
     K = np.zeros((n, n))
-    column_sum, column_sumsq = np.zeros(P), np.zeros(P)
+    # zero-filled now (torch.zeros touches its pages): numpy's lazily mapped np.zeros would take its
+    # page faults one small slab at a time in add_column_statistics, 0.5 s per vector at P = 35.7M
+    column_sum, column_sumsq = (torch.zeros(P, dtype=torch.float64).numpy() for _ in range(2))
     layout_sizes = dict(zip(names, sizes, strict=True))
     buffer = torch.empty(n * max((b.size for b in blocks), default=0), dtype=torch.float32)  # reused: no page faults
     for done, block in enumerate(blocks, 1):
@@ -221,18 +223,28 @@ def block_gram_statistics(
 def model_gradients(
     unet: torch.nn.Module, batches: Sequence, alphas_cumprod: torch.Tensor, max_memory: int = DEFAULT_MAX_MEMORY
 ) -> GradientChunks:
-    """The ``gradients`` callback of :func:`block_gram_statistics` for a UNet on probe batches (rows in order)."""
+    """The ``gradients`` callback of :func:`block_gram_statistics` for a UNet on probe batches (rows in order).
+
+    Rows per per-sample-gradient call: :func:`~geomprobe.probe.memory.chunk_size_for` of the block's
+    parameters within ``max_memory``, from the model's activation size measured once.
+    """
     from geomprobe.probe import per_sample_grads
+    from geomprobe.probe.memory import activation_bytes_per_sample, chunk_size_for
     from geomprobe.probe.params import device_of
 
     device = device_of(unet)
+    params = dict(unet.named_parameters())
+    sample_shape = tuple(batches[0].x0.shape[1:]) if batches else ()
+    activations = activation_bytes_per_sample(unet, sample_shape) if batches else 0
 
     def chunks(names: list[str], out: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        P = sum(params[n].numel() for n in names)
+        rows_per_call = chunk_size_for(unet, P, sample_shape, max_memory, activation_bytes=activations)
         first = 0
         for b in batches:
             dest = out[first : first + len(b)] if out is not None and out.device == device else None
             rows = per_sample_grads(
-                unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, b.target, max_memory=max_memory, out=dest
+                unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, b.target, chunk_size=rows_per_call, out=dest
             )
             yield first, rows.cpu()
             first += len(b)

@@ -56,14 +56,19 @@ def chunk_size_for(
     sample_shape: Sequence[int],
     max_memory: int | None = DEFAULT_MAX_MEMORY,
     cap: int = 256,
+    activation_bytes: int | None = None,
 ) -> int:
     """How many samples one ``vmap(grad)`` call may hold within ``max_memory`` bytes (>= 1).
 
     Estimate per sample: ``3 x activations + 2 x P x 4 bytes`` (see the module constants).
-    ``max_memory=None`` means :data:`~geomprobe.io.DEFAULT_MAX_MEMORY`.
+    ``max_memory=None`` means :data:`~geomprobe.io.DEFAULT_MAX_MEMORY`. ``activation_bytes``: the
+    model's :func:`activation_bytes_per_sample` when the caller knows it (else one batch-1 forward
+    measures it).
     """
     budget = DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
-    per = _ACTIVATION_FACTOR * activation_bytes_per_sample(unet, sample_shape) + _GRAD_FACTOR * 4 * P
+    if activation_bytes is None:
+        activation_bytes = activation_bytes_per_sample(unet, sample_shape)
+    per = _ACTIVATION_FACTOR * activation_bytes + _GRAD_FACTOR * 4 * P
     return int(max(1, min(cap, budget // max(1, int(per)))))
 
 
