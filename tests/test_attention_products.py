@@ -93,14 +93,20 @@ def test_implicit_fisher_of_an_attention_unet_matches_its_dense_reference(attent
     assert np.isfinite(fisher.to_rank1().c_star)
 
 
-@pytest.mark.parametrize("budget", [2**30, 0, "one batch"])  # records kept for all, none, the first batch only
+@pytest.mark.parametrize(
+    "budget, second_passes", [(2**30, 0), (0, 2), ("one batch", 1)]
+)  # records kept for all, none, the first batch only
 @pytest.mark.parametrize("conditional", [False, True])
-def test_mean_and_projections_equal_the_rows_mean_and_products(budget, conditional):
-    """mu and all mu^T g_i from one pass (layer records reused) == a float64 explicit per-sample loop."""
+def test_mean_and_projections_equal_the_rows_mean_and_products(budget, second_passes, conditional, monkeypatch):
+    """mu and all mu^T g_i from one pass (layer records reused) == a float64 explicit per-sample loop.
+
+    The batches whose records exceed the budget take a second pass (counted); frozen parameters
+    (the down blocks here) are differentiated and frozen again.
+    """
     from conftest import micro_unet
 
     from geomprobe.diffusion import per_sample_loss
-    from geomprobe.probe import mean_and_projections
+    from geomprobe.probe import mean_and_projections, products
     from geomprobe.probe.engines.layerwise import layer_records, layerwise_owners
     from geomprobe.probe.losses import probe_inputs
 
@@ -116,12 +122,21 @@ def test_mean_and_projections_equal_the_rows_mean_and_products(budget, condition
         )
         for b in (3, 4)
     ]
-    names = select_parameters(unet)
+    names = select_parameters(unet)  # all parameters, then the down blocks frozen
+    for p in unet.down_blocks.parameters():
+        p.requires_grad_(False)
+    calls = []
+    second_pass = products.directional_derivatives
+    monkeypatch.setattr(products, "directional_derivatives", lambda *a, **k: calls.append(1) or second_pass(*a, **k))
     if budget == "one batch":
         b0 = batches[0]
         owners = layerwise_owners(unet, names)
         budget = layer_records(unet, owners, probe_inputs(unet, b0.x0, b0.noise, b0.t, b0.y, ac))[1].nbytes()
     mu, dots = mean_and_projections(unet, names, batches, ac, budget)
+    assert len(calls) == second_passes
+    assert [p.requires_grad for p in unet.down_blocks.parameters()] == [False] * len(
+        list(unet.down_blocks.parameters())
+    )
 
     unet64 = micro_unet(num_classes=3 if conditional else None, attention=True).double()
     params = dict(unet64.named_parameters())
@@ -137,4 +152,4 @@ def test_mean_and_projections_equal_the_rows_mean_and_products(budget, condition
     torch.testing.assert_close(mu.double(), ref_mu, rtol=1e-4, atol=1e-5 * ref_mu.abs().max().item())
     ref_dots = G @ ref_mu
     torch.testing.assert_close(dots.double(), ref_dots, rtol=1e-4, atol=1e-5 * ref_dots.abs().max().item())
-    assert all(p.requires_grad for p in unet.parameters())
+    assert all(p.requires_grad for p in unet.up_blocks.parameters())

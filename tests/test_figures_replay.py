@@ -15,23 +15,26 @@ from geomprobe.figures.replay import table_replay
 def _run(root, name, replay, code="pca", budget=0, per_class=16, intrinsic=None, finished=True, seeds=(0, 1, 2)):
     """A continual run directory as the runner leaves it (only what the table reads)."""
     d = root / name
-    config = dict(
-        replay=replay, replay_code=code, budget_bytes=budget, replay_per_class=per_class, replay_select="random"
-    )
-    (d).mkdir()
-    (d / "manifest.json").write_text(json.dumps({"tool": "geomprobe continual", "config": config}))
+    config = dict(replay=replay, replay_code=code, budget_bytes=budget, replay_per_class=per_class)
+    config.update(replay_select="random", dataset="digits", image_size=16)
+    manifest = json.dumps({"tool": "geomprobe continual", "config": config})
+    d.mkdir()
+    (d / "manifest.json").write_text(manifest)
+    (d / "metrics.jsonl").write_text("")
     for s in seeds:
-        (d / f"seed-{s}" / "task-0").mkdir(parents=True)
-        (d / f"seed-{s}" / "task-0" / "geomprobe.json").write_text(json.dumps({"channels": 1, "image_size": 16}))
+        (d / f"seed-{s}").mkdir()
+        (d / f"seed-{s}" / "manifest.json").write_text(manifest)  # the runner writes one per seed too
+        (d / f"seed-{s}" / "metrics.jsonl").write_text("")
         if intrinsic is not None:
             rows = [{"spearman": r, "increase_by_quantile": q} for r, q in intrinsic[s]]
             (d / f"seed-{s}" / "intrinsic_forgetting.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
+        se = (lambda v: v) if len(seeds) > 1 else (lambda v: None)  # the runner writes null for one seed
         summary = {
             "seeds": list(seeds),
-            "afid": {"1": {"mean": 30.0, "stderr": 1.0}, "5": {"mean": 12.5, "stderr": 0.5}},
-            "forgetting": {"mean": -1.0, "stderr": 0.25},
-            "final_accuracy": {"mean": 0.9, "stderr": 0.01},
+            "afid": {"1": {"mean": 30.0, "stderr": se(1.0)}, "5": {"mean": 12.5, "stderr": se(0.5)}},
+            "forgetting": {"mean": -1.0, "stderr": se(0.25)},
+            "final_accuracy": {"mean": 0.9, "stderr": se(0.01)},
         }
         (d / "summary.json").write_text(json.dumps(summary))
     return d
@@ -64,7 +67,7 @@ def test_memory_per_exemplar_and_the_intrinsic_forgetting_means(tmp_path):
     assert float(rows["real"]["increase_q4_mean"]) == pytest.approx(np.mean(q4), rel=1e-5)
     assert rows["pca"]["rho_mean"] == "" and float(rows["pca"]["afid_mean"]) == 12.5  # AFID at the final task
     assert (
-        "| compact lowres-unet 32 B, select random | 25 | 128 | 3200 |"
+        "| unet | compact lowres-unet 32 B, select random | 25 | 128 | 3200 | 12.50 ± 0.50 (T = 5) |"
         in (tmp_path / "out" / "table_replay.md").read_text()
     )
 
@@ -74,3 +77,21 @@ def test_an_unfinished_replay_run_or_no_replay_run_is_one_clear_error(tmp_path):
         table_replay([_run(tmp_path, "half", "real", finished=False)], tmp_path / "out")
     with pytest.raises(DataError, match="needs continual runs with replay"):
         table_replay([_run(tmp_path, "gd", "none"), tmp_path / "missing"], tmp_path / "out")
+
+
+def test_one_seed_missing_values_and_a_parent_directory(tmp_path):
+    """null errors (one seed), a null rho, a task change with fewer than 4 energy bins; runs found below a parent."""
+    rows = {0: [(None, [0.5, None, 1.5]), (0.25, [1.0, 2.0, 3.0, 4.0])]}
+    _run(tmp_path, "one", "real", intrinsic=rows, seeds=(0,))
+    _run(tmp_path, "gd", "none")
+    table_replay([tmp_path], tmp_path / "out")
+    row = _csv(tmp_path / "out")["one"]
+    assert row["afid_se"] == "" and row["seeds"] == "1"
+    assert float(row["rho_mean"]) == pytest.approx(0.25)  # the null rho left out
+    assert float(row["increase_q1_mean"]) == pytest.approx(0.75)
+    assert float(row["increase_q2_mean"]) == pytest.approx(2.0)  # the null bin left out
+    assert float(row["increase_q4_mean"]) == pytest.approx(4.0)  # the short row padded
+    assert (
+        "| one | real images, select random | 256 | 16 | 4096 | 12.50 (T = 5) |"
+        in (tmp_path / "out" / "table_replay.md").read_text()
+    )

@@ -148,7 +148,15 @@ def test_block_gram_statistics_of_a_model_equal_a_float64_per_sample_loop(width)
     sizes = [params[n].numel() for n in names]
     blocks = parameter_blocks(names, sizes, width)
     assert (width == 97) == any(a != 0 or b != params[n].numel() for blk in blocks for n, a, b in blk.pieces)
-    stats = block_gram_statistics(model_gradients(unet, batches, ac), names, sizes, 5, blocks=blocks)
+    written_in_place = []
+
+    def gradients(block_names, out=None):  # model_gradients, recording whether each chunk landed in ``out``
+        for first, rows in model_gradients(unet, batches, ac)(block_names, out):
+            written_in_place.append(out is not None and rows.data_ptr() == out[first].data_ptr())
+            yield first, rows
+
+    stats = block_gram_statistics(gradients, names, sizes, 5, blocks=blocks)
+    assert all(written_in_place) == (width != 97) and any(written_in_place) == (width != 97)
 
     unet64 = micro_unet(num_classes=None, attention=True).double()
     rows = []
@@ -164,6 +172,20 @@ def test_block_gram_statistics_of_a_model_equal_a_float64_per_sample_loop(width)
     np.testing.assert_allclose(stats.K, G @ G.T / 5, rtol=2e-4, atol=1e-6 * np.abs(G @ G.T).max())  # float32 rows
     np.testing.assert_allclose(stats.column_sum, G.sum(0), rtol=2e-4, atol=1e-5 * np.abs(G).max())
     np.testing.assert_allclose(stats.column_sumsq, (G**2).sum(0), rtol=2e-4, atol=1e-5 * (G**2).max())
+
+
+def test_block_rows_skip_an_empty_chunk():
+    """A gradients callback may yield an empty trailing chunk (first == n): nothing to copy, no IndexError."""
+    from geomprobe.fisher.blockgram import block_rows
+
+    G = torch.arange(12.0).view(3, 4)
+    block = parameter_blocks(["a"], [4], width=4)[0]
+
+    def gradients(names, out=None):
+        yield 0, G
+        yield 3, G[:0]
+
+    np.testing.assert_array_equal(block_rows(block, gradients, {"a": 4}, torch.empty(3, 4)).numpy(), G.numpy())
 
 
 def test_mean_gradients_spill_to_disk_and_give_the_same_cosines():

@@ -5,7 +5,8 @@ uniformly from the ``--t-range`` timesteps, fresh Gaussian noise, all from one s
 The kinds map to the fisher package's builders:
 
     diag   diagonal_from_model        per-sample gradients in chunks, squares averaged
-    rank1  rank1_from_model           mu by a batched backward, mu^T g_i by one jvp (paper eq. 6)
+    rank1  rank1_from_model           mu and all mu^T g_i from one pass (paper eq. 6; under torchrun:
+                                      mu all-reduced first, then mu^T g_i by a second pass)
     rankk  power_iteration_from_model stochastic power iteration on fresh minibatches (App. E.4.1),
            or lowrank_from_model      Lanczos on the n fixed samples (``method="lanczos"``)
     full   GramFisher(G)              the n x P per-sample gradients (exact empirical Fisher)
@@ -108,7 +109,7 @@ def _from_batches(kind, unet, names, batches, alphas_cumprod, timesteps: Timeste
     from geomprobe.probe import per_sample_grads
 
     if kind == "rank1":
-        return rank1_from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text)
+        return rank1_from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text, max_memory=max_memory)
     if kind == "diagonal":
         return diagonal_from_model(unet, names, batches, alphas_cumprod, t_range=timesteps.text, max_memory=max_memory)
     if kind == "lowrank":

@@ -165,7 +165,7 @@ def _spectrum_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attempt
 
 def _continual_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attempts) -> None:
     """Fig. 4, the per-task FID curves (fig7), Tables 1, 5, 6 and the replay table from every metrics.jsonl."""
-    from geomprobe.figures.replay import is_replay_run, table_replay
+    from geomprobe.figures.replay import replay_run_dirs, table_replay
 
     try:
         runs = find_continual(run_dirs)
@@ -181,8 +181,8 @@ def _continual_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attemp
     attempt("table1", lambda: table1_final_afid(runs, out_dir))
     attempt("table5", lambda: table5_low_rank(runs, out_dir))
     attempt("table6", lambda: table6_finetune(runs, out_dir))
-    if any(is_replay_run(Path(d)) for d in run_dirs):
-        attempt("table_replay", lambda: table_replay([Path(d) for d in run_dirs], out_dir))
+    if replay_run_dirs(run_dirs):
+        attempt("table_replay", lambda: table_replay(run_dirs, out_dir))
 
 
 def _audit_figures(run_dirs: Sequence[Path], out_dir: Path, attempt: _Attempts) -> None:

@@ -18,7 +18,8 @@ blocks = ceil(P / P_b) with
     P_b = (max_memory - 8 n^2 - 24 P) / (4 n)       (about max_memory / (4 n) values)
 
 Blocks hold whole parameter tensors when that takes no extra pass; each chunk of per-sample
-gradients is then written straight into the block's rows. Otherwise tensors are cut into column
+gradients of a CPU model is then written straight into the block's rows (a CUDA model's chunk is
+computed on the device and copied). Otherwise tensors are cut into column
 ranges (a cut tensor's per-sample gradient is computed once per range and its chunk, sized by the
 same budget, comes on top of the block).
 """
@@ -153,8 +154,8 @@ def block_rows(
     filled = 0
     for first, rows in gradients(block.names, out if whole else None):
         filled += rows.shape[0]
-        if whole and rows.data_ptr() == out[first].data_ptr():
-            continue  # written in place
+        if rows.shape[0] == 0 or (whole and rows.data_ptr() == out[first].data_ptr()):
+            continue  # nothing, or written in place
         column = 0
         for name, a, b in block.pieces:
             out[first : first + rows.shape[0], column : column + b - a] = rows[:, offsets[name] + a : offsets[name] + b]

@@ -3,7 +3,7 @@
 Each builder is a named use of :class:`geomprobe.fisher.implicit.ImplicitFisher` (the matrix-free
 Fisher of the model's DDPM loss on the probe batches):
 
-    rank1_from_model           mu by one backward per batch, all mu^T g_i by one jvp (paper eq. 6)
+    rank1_from_model           mu and all mu^T g_i (paper eq. 6), one pass while the layer records fit max_memory
     lowrank_from_model         top-k eigenpairs by Lanczos on jvp/vjp Fisher-vector products
     diagonal_from_model        column means of G^2 from per-sample gradients in memory-bounded chunks
     power_iteration_from_model the stochastic power iteration of paper App. E.4.1 on fresh minibatches
@@ -37,9 +37,15 @@ def rank1_from_model(
     alphas_cumprod: torch.Tensor,
     centered: bool = False,
     t_range: str = "",
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> Rank1Fisher:
-    """Rank1Fisher(mu, c*) with c* = mean((mu^T g_i)^2) / ||mu||^4 (centered: c* - 1); memory O(P)."""
-    return ImplicitFisher.from_model(unet, names, batches, alphas_cumprod, centered, t_range=t_range).to_rank1()
+    """Rank1Fisher(mu, c*) with c* = mean((mu^T g_i)^2) / ||mu||^4 (centered: c* - 1).
+
+    Memory: O(P) plus the layer records kept within ``max_memory`` bytes
+    (:func:`geomprobe.probe.mean_and_projections`).
+    """
+    fisher = ImplicitFisher.from_model(unet, names, batches, alphas_cumprod, centered, max_memory, t_range)
+    return fisher.to_rank1()
 
 
 def lowrank_from_model(

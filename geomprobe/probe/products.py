@@ -28,6 +28,7 @@ from geomprobe.probe.engines.layerwise import (
     layer_records,
     layerwise_directional,
     layerwise_owners,
+    requiring_grad,
 )
 from geomprobe.probe.losses import functional_losses, on_device, probe_inputs
 from geomprobe.probe.params import device_of, flat_row, param_layout, split_state
@@ -185,8 +186,9 @@ def mean_and_projections(
     (:func:`~geomprobe.probe.engines.layerwise.directional_from_records`). Those records are kept
     while their total stays within ``max_memory`` bytes; the batches beyond are run a second time.
     So the cost is one forward + backward per batch plus one forward per layer when the records fit,
-    and at most :func:`mean_gradient` + :func:`directional_derivatives` (two passes) otherwise.
-    Otherwise equal to those two (float rounding).
+    and at most :func:`mean_gradient` + :func:`directional_derivatives` (two passes) otherwise; the
+    peak memory is the kept records plus one batch's forward + backward. The values equal those two
+    functions' (float rounding).
     """
     names, batches = list(names), list(batches)
     owners = layerwise_owners(unet, names)
@@ -206,27 +208,20 @@ def _mean_and_projections_layerwise(unet, names, owners, batches, alphas_cumprod
     """:func:`mean_and_projections` through the layer records of each batch's forward + backward."""
     params = dict(unet.named_parameters())
     selected = [params[n] for n in names]
-    frozen = [p for p in selected if not p.requires_grad]
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in selected]
     kept, held, n = [], 0, 0
-    try:
-        for p in frozen:
-            p.requires_grad_(True)
-        with autodiff_safe(unet):
-            for b in batches:
-                inputs = probe_inputs(unet, b.x0, b.noise, b.t, b.y, alphas_cumprod, b.target)
-                grads, records = layer_records(unet, owners, inputs, selected)
-                for a, g in zip(acc, grads, strict=True):
-                    a += g.float()
-                held += records.nbytes()
-                kept.append(records if held <= max_memory else None)
-                n += len(b)
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
+    with requiring_grad(selected), autodiff_safe(unet):
+        for b in batches:
+            inputs = probe_inputs(unet, b.x0, b.noise, b.t, b.y, alphas_cumprod, b.target)
+            grads, records = layer_records(unet, owners, inputs, selected)
+            for a, g in zip(acc, grads, strict=True):
+                a += g.float()
+            held += records.nbytes()
+            kept.append(records if held <= max_memory else None)
+            n += len(b)
     if n == 0:
         raise UsageError("mean_and_projections got no samples")
-    mu = torch.cat([a.reshape(-1) for a in acc]) / n
+    mu = flat_row(dict(zip(names, acc, strict=True)), names) / n
     layout = param_layout(unet, names)
     tangents = {k: v.to(params[k].dtype) for k, v in layout.view(mu).items()}
     dots = []

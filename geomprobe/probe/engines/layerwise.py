@@ -12,7 +12,8 @@ back to the vmap engine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -67,13 +68,20 @@ def layerwise_grads(
     """
     offsets = dict(zip(layout.names, layout.slices, strict=True))
     params = dict(unet.named_parameters())
-    frozen = [params[n] for n in layout.names if not params[n].requires_grad]
-    for p in frozen:  # the backward must reach the selected modules' outputs
-        p.requires_grad_(True)
-    try:
+    with requiring_grad([params[n] for n in layout.names]):  # the backward must reach the selected modules
         for a in range(0, batch.n, chunk_size):
             b = min(a + chunk_size, batch.n)
             losses[a:b] = _layerwise_chunk(unet, owners, offsets, batch.rows(a, b), out[a:b])
+
+
+@contextmanager
+def requiring_grad(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """The frozen ones among ``params`` require grad inside the block and are frozen again after it."""
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
     finally:
         for p in frozen:
             p.requires_grad_(False)
