@@ -5,8 +5,8 @@ uniformly from the ``--t-range`` timesteps, fresh Gaussian noise, all from one s
 The kinds map to the fisher package's builders:
 
     diag   diagonal_from_model        per-sample gradients in chunks, squares averaged
-    rank1  rank1_from_model           mu and all mu^T g_i from one pass (paper eq. 6; under torchrun:
-                                      mu all-reduced first, then mu^T g_i by a second pass)
+    rank1  rank1_from_model           mu and all mu^T g_i from one pass (paper eq. 6; under torchrun
+                                      each rank's gradient sum is all-reduced inside that pass)
     rankk  power_iteration_from_model stochastic power iteration on fresh minibatches (App. E.4.1),
            or lowrank_from_model      Lanczos on the n fixed samples (``method="lanczos"``)
     full   GramFisher(G)              the n x P per-sample gradients (exact empirical Fisher)
@@ -158,9 +158,8 @@ def _sharded(kind, unet, names, batches, alphas_cumprod, timesteps: TimestepSpec
     if kind == "diagonal":
         d = local.diag().cpu()
         return DiagonalFisher((sum_over_ranks(d * local.n) / n).to(d.dtype), info)
-    mu_local = local.mean().cpu()
-    mu = (sum_over_ranks(mu_local * local.n) / n).to(mu_local.dtype)
-    dots_sq = float(sum_over_ranks(local.gradients.jvp(mu).double().pow(2).sum()))
+    mu, dots = local.gradients.mean_and_projections(max_memory, lambda total, _: (sum_over_ranks(total) / n).float())
+    dots_sq = float(sum_over_ranks(dots.double().pow(2).sum()))
     c_star = rank1_scale(dots_sq / n, float(mu.double().pow(2).sum()))
     return Rank1Fisher(mu, c_star, info)
 

@@ -62,8 +62,13 @@ class PerSampleGradients(Protocol):
         """Mu = G^T 1 / n: (P,)."""
         ...
 
-    def mean_and_projections(self, max_memory: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu (P,), G mu (n,)): what the rank-1 Fisher needs (a source may share work between the two)."""
+    def mean_and_projections(
+        self, max_memory: int, reduce_mean: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu (P,), G mu (n,)): what the rank-1 Fisher needs (a source may share work between the two).
+
+        ``reduce_mean(G^T 1, n)`` -> mu (default G^T 1 / n; torchrun ranks all-reduce here).
+        """
         ...
 
     def row_blocks(self, max_memory: int) -> Iterator[torch.Tensor]:
@@ -97,8 +102,8 @@ class FunctionGradients:
     def mean(self) -> torch.Tensor:
         return self.vjp(torch.full((self.n,), 1.0 / self.n, dtype=self.dtype))
 
-    def mean_and_projections(self, max_memory: int) -> tuple[torch.Tensor, torch.Tensor]:
-        mu = self.mean()
+    def mean_and_projections(self, max_memory: int, reduce_mean=None) -> tuple[torch.Tensor, torch.Tensor]:
+        mu = self.mean() if reduce_mean is None else reduce_mean(self.mean() * self.n, self.n).to(self.dtype)
         return mu, self.jvp(mu)
 
     def row_blocks(self, max_memory: int) -> Iterator[torch.Tensor]:
@@ -161,11 +166,12 @@ class ModelGradients:
 
         return mean_gradient(self.unet, self.names, self.batches, alphas_cumprod=self.alphas_cumprod).cpu()
 
-    def mean_and_projections(self, max_memory: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def mean_and_projections(self, max_memory: int, reduce_mean=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, G mu) from one forward + backward per batch while the layer records fit in ``max_memory``."""
         from geomprobe.probe import mean_and_projections
 
-        return mean_and_projections(self.unet, self.names, self.batches, self.alphas_cumprod, max_memory)
+        ac = self.alphas_cumprod
+        return mean_and_projections(self.unet, self.names, self.batches, ac, max_memory, reduce_mean)
 
     def row_blocks(self, max_memory: int) -> Iterator[torch.Tensor]:
         from geomprobe.probe import ProbeBatch, per_sample_grads

@@ -13,7 +13,7 @@ g_i is the gradient of sample i's loss over the parameters ``names`` in :func:`p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -177,8 +177,13 @@ def mean_and_projections(
     batches: Sequence[ProbeBatch],
     alphas_cumprod: torch.Tensor,
     max_memory: int,
+    reduce_mean: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu (P,), all mu^T g_i (n,)), float32: the two products of the rank-1 Fisher (paper eq. 6).
+
+    ``reduce_mean(gradient sum (P,), rows)`` turns the sum over these batches into mu; the default
+    divides by the rows. Torchrun ranks holding disjoint rows pass an all-reduce here, so every rank
+    projects its own rows on the global mu.
 
     With the layerwise route (every selected parameter in a Conv2d, Linear, GroupNorm or
     Embedding), each batch's one forward + backward gives both its share of mu (the parameter
@@ -191,20 +196,24 @@ def mean_and_projections(
     functions' (float rounding).
     """
     names, batches = list(names), list(batches)
+    reduce_mean = reduce_mean or (lambda total, rows: total / rows)
     owners = layerwise_owners(unet, names)
     if owners is not None:
         try:
-            return _mean_and_projections_layerwise(unet, names, owners, batches, alphas_cumprod, max_memory)
+            return _mean_and_projections_layerwise(
+                unet, names, owners, batches, alphas_cumprod, max_memory, reduce_mean
+            )
         except LayerwiseUnsupported:
             pass
-    mu = mean_gradient(unet, names, batches, alphas_cumprod=alphas_cumprod)
+    rows = sum(len(b) for b in batches)
+    mu = reduce_mean(mean_gradient(unet, names, batches, alphas_cumprod=alphas_cumprod) * rows, rows)
     dots = [
         directional_derivatives(unet, names, b.x0, b.noise, b.t, b.y, alphas_cumprod, mu, b.target) for b in batches
     ]
     return mu.cpu(), torch.cat([d.cpu() for d in dots])
 
 
-def _mean_and_projections_layerwise(unet, names, owners, batches, alphas_cumprod, max_memory):
+def _mean_and_projections_layerwise(unet, names, owners, batches, alphas_cumprod, max_memory, reduce_mean):
     """:func:`mean_and_projections` through the layer records of each batch's forward + backward."""
     params = dict(unet.named_parameters())
     selected = [params[n] for n in names]
@@ -221,7 +230,7 @@ def _mean_and_projections_layerwise(unet, names, owners, batches, alphas_cumprod
             n += len(b)
     if n == 0:
         raise UsageError("mean_and_projections got no samples")
-    mu = flat_row(dict(zip(names, acc, strict=True)), names) / n
+    mu = reduce_mean(flat_row(dict(zip(names, acc, strict=True)), names), n).to(acc[0])
     layout = param_layout(unet, names)
     tangents = {k: v.to(params[k].dtype) for k, v in layout.view(mu).items()}
     dots = []
