@@ -179,7 +179,7 @@ def _row(run: ReplayRun) -> tuple[list[str], list]:
         run.label,
         str(each),
         str(per_class),
-        str(each * per_class) + (f" (+ basis {basis})" if basis else ""),
+        str(each * per_class) + (f" (+ {basis} shared basis)" if basis else ""),
         f"{_format(*afid)} (T = {final})",
         _format(*forgetting),
         _format(100 * acc[0], 100 * acc[1]),
